@@ -1,0 +1,155 @@
+"""The ``evoprune`` command line: a thin layer over the library.
+
+Owns argument parsing and the error contract: a :class:`~evoprune.errors.UserError`
+(or a bad argument) prints one ``evoprune: error: ...`` line on stderr and exits
+with code 2, without a traceback and without writing anything. Commands whose
+result is data print it as JSON on their last stdout line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import UserError
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="alias (smollm2-135m), run dir, .gguf file, local HF dir or hub id (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+
+
+def _progress() -> bool:
+    return not os.environ.get("EVOPRUNE_NO_PROGRESS")
+
+
+def _load(args):
+    import torch
+
+    from .models import load_model
+
+    return load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device, progress=_progress())
+
+
+def _emit(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def cmd_info(args) -> int:
+    lm = _load(args)
+    info = {"model": args.model, **lm.adapter.info(lm.model), "dropped_layers": list(lm.dropped)}
+    width = max(len(k) for k in info)
+    for k, v in info.items():
+        print(f"{k:<{width}}  {v}")
+    _emit(info)
+    return 0
+
+
+def _drop_arg(text: str | None):
+    from .genome import GenomeError, parse_layer_list
+
+    try:
+        return parse_layer_list(text)
+    except GenomeError as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_ppl(args) -> int:
+    from .data.sources import get_text
+    from .evaluate.perplexity import perplexity, tokenize_text, windows
+
+    drop = _drop_arg(args.drop)
+    text = get_text(args.dataset, "eval")  # data errors before the (slow) model load
+    lm = _load(args)
+    pattern = lm.adapter.pattern(lm.model, drop)
+    ids = tokenize_text(lm.tokenizer, text)
+    windows(ids, args.seqlen, args.max_windows)  # validate before compute
+    with lm.adapter.dropped(lm.model, pattern):
+        res = perplexity(lm.model, ids=ids, seqlen=args.seqlen, max_windows=args.max_windows,
+                         batch_size=args.batch_size, progress=_progress(), desc=f"ppl {args.dataset}")
+    print(f"{args.dataset}: ppl {res.ppl:.4f} over {res.tokens} predicted tokens ({res.windows} x {res.seqlen})",
+          file=sys.stderr)
+    _emit({"model": args.model, "dataset": args.dataset, "ppl": res.ppl, "nll": res.nll, "tokens": res.tokens,
+           "windows": res.windows, "seqlen": res.seqlen, "dropped_layers": list(pattern.dropped)})
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import check_out_dir, export_dropped
+
+    drop = _drop_arg(args.drop)
+    check_out_dir(args.out, args.overwrite)
+    model_spec = args.run or args.model
+    args.model = model_spec
+    lm = _load(args)
+    lm.adapter.pattern(lm.model, drop)
+    rec = export_dropped(lm, drop, args.out, overwrite=args.overwrite)
+    print(f"exported {rec['n_layers']}-layer model to {args.out} (reload check: max |dlogit| = {rec['max_abs_diff']:.2e})",
+          file=sys.stderr)
+    _emit(rec)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    ap = argparse.ArgumentParser(prog="evoprune", description="Search-based pruning of Hugging Face causal LMs.")
+    ap.add_argument("--version", action="version", version=f"evoprune {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("info", help="show a model's shape (layers, heads, KV heads, hidden, intermediate, params)")
+    _add_model(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("ppl", help="perplexity on a held-out text (non-overlapping windows)")
+    _add_model(p)
+    p.add_argument("--dataset", default="wikitext2", help="wikitext2 | c4 | text:PATH | jsonl:PATH[:field]")
+    p.add_argument("--drop", default=None, help="comma-separated block indices to drop, e.g. 3,13")
+    p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default: %(default)s)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("export", help="write a pruned model as a plain Hugging Face directory")
+    p.add_argument("run", nargs="?", default=None, help="a run directory (instead of --model)")
+    _add_model(p)
+    p.add_argument("--drop", default=None, help="comma-separated block indices to drop")
+    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="dense vs pruned perplexity and an export round trip on the bundled model")
+    _add_model(p)
+    p.add_argument("--out", default="demo_out", help="where the demo writes (default: %(default)s)")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=4)
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"evoprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evoprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

