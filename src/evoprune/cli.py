@@ -30,6 +30,12 @@ def _progress() -> bool:
 
 def _load(args):
     import torch
+    from transformers.utils import logging as hf_logging
+
+    # per-tensor loading bars would precede (and clutter) one-line error messages
+    hf_logging.disable_progress_bar()
+    if not os.environ.get("EVOPRUNE_VERBOSE"):
+        hf_logging.set_verbosity_error()
 
     from .models import load_model
 

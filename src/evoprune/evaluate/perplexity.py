@@ -64,8 +64,10 @@ def windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> t
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Summed NLL (nats) of each row of ``ids`` [B, T] given ``logits`` [B, T, V]; shape [B]."""
-    lp = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
-    return lp.sum(dim=1)
+    b, t, v = logits.shape
+    # [B*T, V] rows: the class-dim-1 layout of a transposed view loses ~1e-4 nats per token
+    lp = F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), ids[:, 1:].reshape(-1), reduction="none")
+    return lp.view(b, t - 1).double().sum(dim=1)
 
 
 @torch.no_grad()

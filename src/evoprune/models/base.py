@@ -61,6 +61,7 @@ class Adapter:
     """
 
     blocks: str = "model.layers"
+    norm: str = "model.norm"  # final norm applied to the last block's output
     attn: str = "self_attn"
     q: str = "q_proj"
     k: str = "k_proj"
@@ -84,6 +85,9 @@ class Adapter:
         """The decoder blocks as the model currently runs them."""
         parent, attr = self._parent(model)
         return getattr(parent, attr)
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.norm)
 
     def n_layers(self, model: nn.Module) -> int:
         return len(self.get_blocks(model))

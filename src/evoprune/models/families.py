@@ -51,6 +51,7 @@ class OPTAdapter(Adapter):
     """OPT: blocks under ``model.decoder.layers``, MHA (no GQA), ReLU MLP ``fc1``/``fc2``."""
 
     blocks: str = "model.decoder.layers"
+    norm: str = "model.decoder.final_layer_norm"
     o: str = "out_proj"
     mlp: str = ""
     mlp_in: tuple[str, ...] = ("fc1",)

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,8 @@ def _gguf_to_cache(gguf: Path, dest: Path, progress: bool) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     d, f = str(gguf.parent), gguf.name
+    if progress:
+        print(f"evoprune: first use of {gguf.name}: de-quantizing to fp32 in {dest} (once, ~30 s)", file=sys.stderr)
     config = AutoConfig.from_pretrained(d, gguf_file=f)
     adapter_for_type(config.model_type)
     src = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)

