@@ -22,6 +22,7 @@ import json
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -289,12 +290,16 @@ def cluster_chunks(embeddings: np.ndarray, clusters: int, random_state: int) -> 
     Raises ``ValueError`` if a cluster comes out empty (too few distinct chunks).
     """
     from sklearn.cluster import KMeans  # lazy: sklearn import is slow
+    from sklearn.exceptions import ConvergenceWarning
 
     n = embeddings.shape[0]
     if n < clusters:
         raise ValueError(f"{n} chunks but {clusters} clusters requested; use more text, fewer "
                          f"--clusters, or a smaller --chunk-sentences")
-    raw = KMeans(n_clusters=int(clusters), random_state=int(random_state), n_init=10).fit_predict(embeddings)
+    with warnings.catch_warnings():
+        # duplicate points make KMeans warn and leave clusters empty; we raise instead
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        raw = KMeans(n_clusters=int(clusters), random_state=int(random_state), n_init=10).fit_predict(embeddings)
     order: dict[int, int] = {}
     for lab in raw.tolist():
         order.setdefault(lab, len(order))
@@ -374,12 +379,16 @@ def ccds(text: str, tokenizer: Any, *, clusters: int = 5, samples_per_cluster: i
         for j in range(clusters):
             ids: list[int] = []
             used: list[int] = []
+            empty_run = 0  # guards against a cluster whose chunks all tokenize to nothing
             while len(ids) < seqlen:
                 c = next_chunk(j)
                 if c not in token_cache:
                     token_cache[c] = _tokenize(tokenizer, [text[spans[c][0]:spans[c][1]]])[0]
                 ids.extend(token_cache[c])
                 used.append(c)
+                empty_run = 0 if token_cache[c] else empty_run + 1
+                if empty_run > len(members[j]):
+                    raise ValueError(f"cluster {j} of calibration text{where} has no tokens")
             rows.append(torch.tensor(ids[:seqlen], dtype=torch.long))
             cids.append(j)
             sample_chunks.append(used)

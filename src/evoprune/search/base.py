@@ -63,7 +63,8 @@ def _dec(x: float | str) -> float:
 
 
 def _json_roundtrip(obj: Any) -> Any:
-    return json.loads(json.dumps(obj))
+    # default=: some bit generators (e.g. MT19937) keep numpy arrays in their state.
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist()))
 
 
 class Strategy:
@@ -185,10 +186,23 @@ class Strategy:
         }
 
     def load_state_dict(self, d: dict) -> None:
-        """Restore a :meth:`state_dict`; the strategy must have the same method, space and options."""
+        """Restore a :meth:`state_dict`; the strategy must have the same method, space and options.
+
+        Raises ``ValueError`` (:class:`SearchError`) on a mismatch or a malformed
+        state; after a malformed-state error the strategy is half-loaded and must
+        be discarded.
+        """
+        if not isinstance(d, dict):
+            raise SearchError(f"corrupted search state (expected a JSON object, got {type(d).__name__})")
         for field, mine in (("method", self.name), ("space", self.space.to_dict()), ("options", self._options_dict())):
             if d.get(field) != mine:
                 raise SearchError(f"state was saved with {field}={d.get(field)!r}, this search has {field}={mine!r}")
+        try:
+            self._load(d)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise SearchError(f"corrupted search state ({type(e).__name__}: {e})") from e
+
+    def _load(self, d: dict) -> None:
         bg = self.rng.bit_generator
         if d["rng"].get("bit_generator") != bg.state.get("bit_generator"):
             raise SearchError(
@@ -198,7 +212,7 @@ class Strategy:
         self.generation = int(d["generation"])
         self.n_evaluations = int(d["n_evaluations"])
         self._done = bool(d["done"])
-        self._memo = {k: _dec(v) for k, v in d["memo"].items()}
+        self._memo = {pattern_from_key(k).key: _dec(v) for k, v in d["memo"].items()}
         self._pending = [pattern_from_key(k) for k in d["pending"]]
         self._best = None if d["best"] is None else (d["best"][0], _dec(d["best"][1]))
         self._load_extra_state(d["extra"])

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..genome import DropPattern
 from ..space import SearchError
 from . import register
