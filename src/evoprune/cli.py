@@ -101,6 +101,40 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _search_config(args):
+    from .run import SearchConfig
+
+    fields = {f for f in SearchConfig.__dataclass_fields__}
+    return SearchConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+
+
+def cmd_search(args) -> int:
+    from .run import run_search
+
+    if args.budget_from:
+        from .record import RunDir
+
+        res = RunDir(args.budget_from).read_result()
+        if res is None:
+            raise UserError(f"--budget-from {args.budget_from}: run has no result.json")
+        args.budget = int(res["evaluations"])
+    cfg = _search_config(args)
+    res = run_search(cfg, args.out, progress=_progress())
+    _emit(res)
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from .record import RunDir
+    from .run import SearchConfig, run_search
+
+    run = RunDir(args.run)
+    cfg = SearchConfig.from_dict(run.read_config())
+    res = run_search(cfg, args.run, resume=True, progress=_progress())
+    _emit(res)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -135,11 +169,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="dense vs pruned perplexity and an export round trip on the bundled model")
+    p = sub.add_parser("search", help="search for a pruning pattern (writes a resumable run directory)")
+    _add_model(p)
+    p.add_argument("--method", default="evop", help="evop | sleb | shortgpt | exhaustive | random (default: %(default)s)")
+    p.add_argument("--space", default="layers", help="search space (default: %(default)s)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sparsity", type=float, help="fraction of blocks to drop: k = round(s*N), halves up")
+    g.add_argument("--drop-count", type=int, help="number of blocks to drop (k)")
+    p.add_argument("--calib", default="wikitext2", help="calibration source: wikitext2 | c4 | text:PATH | jsonl:PATH")
+    p.add_argument("--sampling", default="ccds", help="ccds | random (default: %(default)s)")
+    p.add_argument("--nsamples", type=int, help="random sampling: number of windows (default 5)")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration sample (default 2048)")
+    p.add_argument("--clusters", type=int, help="ccds: KMeans clusters (default 5)")
+    p.add_argument("--samples-per-cluster", type=int, help="ccds: samples per cluster (default 1)")
+    p.add_argument("--chunk-sentences", type=int, help="ccds: sentences per chunk (default 60)")
+    p.add_argument("--embedder", help="ccds: sentence encoder id/path (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--calib-from", help="reuse the calibration set of another run directory")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--batch-size", type=int, help="calibration samples per forward (default 1)")
+    p.add_argument("--population", type=int, help="evop: population size S (default 20)")
+    p.add_argument("--generations", type=int, help="evop: generations G (default 10)")
+    p.add_argument("--mutation-rate", type=float, help="evop: bit-flip probability per block (default 0.05)")
+    p.add_argument("--elite-fraction", type=float, help="evop: fraction kept per generation (default 0.3)")
+    p.add_argument("--crossover", help="evop: uniform | one_point (default uniform)")
+    p.add_argument("--protect-ends", action="store_true", default=None, help="sleb: never drop the first/last block")
+    p.add_argument("--budget", type=int, help="random: number of evaluations (default 100)")
+    p.add_argument("--budget-from", help="random: use the evaluation count of this finished run")
+    p.add_argument("--force", action="store_true", default=None, help="exhaustive: run even above the size limit")
+    p.add_argument("--out", required=True, help="run directory (resumed if it holds the same search)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("resume", help="continue a killed search from its run directory")
+    p.add_argument("run", help="run directory")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("demo", help="EvoP search, dense vs pruned perplexity and export on the bundled model")
     _add_model(p)
     p.add_argument("--out", default="demo_out", help="where the demo writes (default: %(default)s)")
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=4)
+    p.add_argument("--seqlen", type=int, default=512, help="held-out window length (default: %(default)s)")
+    p.add_argument("--max-windows", type=int, default=4, help="held-out windows per dataset (default: %(default)s)")
+    p.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration sample (default: %(default)s)")
+    p.add_argument("--population", type=int, default=12, help="EvoP population (default: %(default)s)")
+    p.add_argument("--generations", type=int, default=4, help="EvoP generations (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
     return ap
 

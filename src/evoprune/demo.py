@@ -1,9 +1,10 @@
 """``evoprune demo``: the guided tour on the bundled SmolLM2-135M.
 
 Owns the demo flow only; every step calls the same library functions as the
-CLI commands. Shows dense vs layer-dropped held-out perplexity on WikiText-2
-and C4 (bounded windows), then exports the pruned model, reloads it with stock
-``transformers`` and checks the logits.
+CLI commands: a CCDS-calibrated EvoP layer-drop search at 20% sparsity with a
+small budget (a run directory under ``--out``), held-out WikiText-2 and C4
+perplexity of dense vs pruned (bounded windows), and an export of the pruned
+model that is reloaded with stock ``transformers`` and checked.
 """
 from __future__ import annotations
 
@@ -20,42 +21,53 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def run_demo(args) -> int:
+    import os
+
     from transformers.utils import logging as hf_logging
 
     from .data.sources import get_text
     from .evaluate.perplexity import perplexity, tokenize_text
     from .export import export_dropped
     from .models import load_model
+    from .run import SearchConfig, run_search
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    progress = not os.environ.get("EVOPRUNE_NO_PROGRESS")
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"[demo] loading {args.model} ...", file=sys.stderr)
+    cfg = SearchConfig(method="evop", model=args.model, sparsity=0.2, calib="wikitext2", sampling="ccds",
+                       clusters=5, samples_per_cluster=1, seqlen=args.calib_seqlen, population=args.population,
+                       generations=args.generations, seed=0, device=args.device)
+    print(f"[demo] EvoP search: drop 20% of the blocks of {args.model}; CCDS calibration "
+          f"(5 clusters x 1 sample x {cfg.seqlen} tokens of wikitext2 valid); population {cfg.population}, "
+          f"{cfg.generations} generations -> {out / 'run'}", file=sys.stderr)
+    res = run_search(cfg, out / "run", progress=progress)
+    drop = res["dropped_layers"]
+    print(f"[demo] held-out perplexity, dense vs pruned ({args.max_windows} windows x {args.seqlen} tokens)",
+          file=sys.stderr)
     lm = load_model(args.model, device=args.device)
-    info = lm.adapter.info(lm.model)
-    print(f"[demo] {info['layers']} blocks, {info['params'] / 1e6:.1f} M params", file=sys.stderr)
-    drop = (3, 13) if info["layers"] > 13 else (1,)
     rows, results = [], {}
     for ds in ("wikitext2", "c4"):
         ids = tokenize_text(lm.tokenizer, get_text(ds, "eval"))
-        dense = perplexity(lm.model, ids=ids, seqlen=args.seqlen, max_windows=args.max_windows, desc=f"dense {ds}")
+        dense = perplexity(lm.model, ids=ids, seqlen=args.seqlen, max_windows=args.max_windows, desc=f"dense {ds}",
+                           progress=progress)
         with lm.adapter.dropped(lm.model, drop):
             pruned = perplexity(lm.model, ids=ids, seqlen=args.seqlen, max_windows=args.max_windows,
-                                desc=f"drop {ds}")
-        rows.append([ds, f"{dense.ppl:.2f}", f"{pruned.ppl:.2f}", f"{pruned.ppl / dense.ppl:.3f}", str(dense.tokens)])
+                                desc=f"pruned {ds}", progress=progress)
+        rows.append([ds, f"{dense.ppl:.2f}", f"{pruned.ppl:.2f}", f"{pruned.ppl / dense.ppl:.2f}x", str(dense.tokens)])
         results[ds] = {"dense": dense.to_dict(), "pruned": pruned.to_dict()}
-    exp_dir = out / "model"
-    rec = export_dropped(lm, drop, exp_dir, overwrite=True)
+    rec = export_dropped(lm, drop, out / "model", overwrite=True, extra={"run": str(out / "run")})
+    n = res["n_layers"]
     print()
-    print(f"Dense vs blocks {','.join(map(str, drop))} dropped ({args.model}, seqlen {args.seqlen}, "
-          f"first {args.max_windows} held-out windows)")
-    print(_table(rows, ["dataset", "dense ppl", "pruned ppl", "ratio", "tokens"]))
-    print(f"\nexported {rec['n_layers']}-layer model to {exp_dir} ({rec['params'] / 1e6:.1f} M params); "
+    print(f"EvoP on {args.model}: dropped {len(drop)} of {n} blocks {drop} "
+          f"(calibration loss {res['calib_loss']:.3f}, {res['evaluations']} evaluations, "
+          f"{res['token_layers']:.3g} token-layers, {res['wall_s']:.0f} s)")
+    print(_table(rows, ["held-out", "dense ppl", "pruned ppl", "ratio", "tokens"]))
+    print(f"exported {rec['n_layers']}-layer model ({rec['params'] / 1e6:.1f} M params) to {out / 'model'}; "
           f"reloaded with AutoModelForCausalLM: max |logit diff| = {rec['max_abs_diff']:.1e}")
-    summary = {"model": args.model, "dropped_layers": list(drop), "ppl": results, "export": rec,
-               "wall_s": round(time.time() - t0, 1)}
+    summary = {"model": args.model, "search": res, "ppl": results, "export": rec, "wall_s": round(time.time() - t0, 1)}
     (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps({"demo": str(out / "demo.json"), "wall_s": summary["wall_s"]}))
+    print(json.dumps({"demo": str(out / "demo.json"), "dropped_layers": drop, "wall_s": summary["wall_s"]}))
     return 0

@@ -160,10 +160,11 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
     gguf = resolve_alias(spec)
     alias = spec.lower() if gguf else None
     p = Path(spec).expanduser()
-    if gguf is None and p.is_dir() and (p / "evoprune_run.json").is_file():
-        from ..record import load_run_model  # a run directory: base model + its result
+    if gguf is None and p.is_dir():
+        from ..record import is_run_dir, load_run_model
 
-        return load_run_model(p, dtype=dtype, device=device, progress=progress)
+        if is_run_dir(p):  # base model + the run's result
+            return load_run_model(p, dtype=dtype, device=device, progress=progress)
     if gguf is None and p.suffix == ".gguf":
         if not p.is_file():
             raise UserError(f"model file not found: {spec}")

@@ -1,0 +1,164 @@
+"""EvoP paper analogues on the bundled SmolLM2-135M (issue 3): Fig. 1(a), Tables 2/3, Table 4.
+
+Every search is a real ``run_search`` run directory under ``--work``; held-out
+perplexity is computed once per (pattern, dataset). Writes its sections of
+docs/RESULTS.md.
+
+    python benchmarks/evop_tables.py --parts fig1,tables,ablation
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import md_table, write_section  # noqa: E402
+
+from evoprune.data.sources import get_text  # noqa: E402
+from evoprune.evaluate.perplexity import perplexity, tokenize_text  # noqa: E402
+from evoprune.models import load_model  # noqa: E402
+from evoprune.record import RunDir  # noqa: E402
+from evoprune.run import SearchConfig, run_search  # noqa: E402
+
+
+def search(work: Path, name: str, **kw) -> dict:
+    cfg = SearchConfig(model="smollm2-135m", **kw)
+    t = time.time()
+    res = run_search(cfg, work / name, progress=False)
+    print(f"  {name}: drop {res['dropped_layers']} loss {res['calib_loss']:.4f} evals {res['evaluations']} "
+          f"({time.time() - t:.0f} s)", file=sys.stderr, flush=True)
+    return res
+
+
+def sleb_prefixes(work: Path, name: str, ks: list[int], **kw) -> dict[int, dict]:
+    """One greedy SLEB run to max(ks); the pattern after step j is what a k=j run returns (greedy is prefix-stable)."""
+    res = search(work, name, method="sleb", drop_count=max(ks), **kw)
+    rows = RunDir(work / name).read_history()
+    out = {}
+    for g in range(max(ks)):
+        best = min((r for r in rows if r["generation"] == g), key=lambda r: r["loss"])
+        k = g + 1
+        if k in ks:
+            out[k] = {"dropped_layers": best["dropped"], "calib_loss": best["loss"], "evaluations":
+                      sum(1 for r in rows if r["generation"] <= g), "token_layers": best["token_layers"]}
+    assert out[max(ks)]["dropped_layers"] == res["dropped_layers"]
+    return out
+
+
+class HeldOut:
+    """Held-out perplexity of drop patterns, memoized; one model load for the whole script."""
+
+    def __init__(self, seqlen: int, windows: int):
+        self.lm = load_model("smollm2-135m")
+        self.seqlen, self.windows = seqlen, windows
+        self.ids = {ds: tokenize_text(self.lm.tokenizer, get_text(ds, "eval")) for ds in ("wikitext2", "c4")}
+        self.memo: dict = {}
+
+    def __call__(self, drop, ds: str) -> float:
+        key = (tuple(drop), ds)
+        if key not in self.memo:
+            with self.lm.adapter.dropped(self.lm.model, list(drop)):
+                self.memo[key] = perplexity(self.lm.model, ids=self.ids[ds], seqlen=self.seqlen,
+                                            max_windows=self.windows, progress=False).ppl
+        return self.memo[key]
+
+
+def fig1(args, work: Path) -> str:
+    common = dict(calib="wikitext2", sampling="random", nsamples=args.fig1_samples, seqlen=args.fig1_seqlen, seed=0)
+    rows = []
+    for k in (1, 2, 3):
+        ex = search(work, f"fig1-exhaustive-k{k}", method="exhaustive", drop_count=k, force=True, **common)
+        sl = search(work, f"fig1-sleb-k{k}", method="sleb", drop_count=k, **common)
+        ev = search(work, f"fig1-evop-k{k}", method="evop", drop_count=k, population=args.population,
+                    generations=args.generations, calib_from=str(work / f"fig1-exhaustive-k{k}"),
+                    **{**common, "sampling": "random"})
+        rows.append([k, f"{sl['calib_loss']:.4f} {sl['dropped_layers']}", f"{ev['calib_loss']:.4f} {ev['dropped_layers']}",
+                     f"{ex['calib_loss']:.4f} {ex['dropped_layers']}", f"{sl['evaluations']} / {ev['evaluations']} / "
+                     f"{ex['evaluations']}",
+                     "yes" if abs(ev["calib_loss"] - ex["calib_loss"]) < 1e-9 else "no",
+                     "yes" if abs(sl["calib_loss"] - ex["calib_loss"]) < 1e-9 else "no"])
+    body = (f"### Fig. 1(a) analogue: calibration loss vs k (SLEB, EvoP, exhaustive optimum)\n\n"
+            f"Calibration: {args.fig1_samples} random window(s) x {args.fig1_seqlen} tokens of wikitext2 valid "
+            f"(seed 0), the same set for all three methods (small so that C(30,3) = 4060 patterns are affordable). "
+            f"EvoP: population {args.population}, {args.generations} generations.\n\n"
+            + md_table(["k", "SLEB loss [dropped]", "EvoP loss [dropped]", "exhaustive optimum", "evaluations S/E/X",
+                        "EvoP optimal?", "SLEB optimal?"], rows))
+    return body
+
+
+def tables(args, work: Path, held: HeldOut, ks=(3, 6, 9)) -> str:
+    rows = []
+    evop_kw = dict(population=args.population, generations=args.generations)
+    for calib in ("wikitext2", "c4"):
+        ccds_kw = dict(calib=calib, sampling="ccds", clusters=5, samples_per_cluster=1, seqlen=args.calib_seqlen, seed=0)
+        rand_kw = dict(calib=calib, sampling="random", nsamples=5, seqlen=args.calib_seqlen, seed=0)
+        sleb = sleb_prefixes(work, f"t2-{calib}-sleb", list(ks), **rand_kw)
+        rows.append([calib, "dense", 0, "-", "-", f"{held([], 'wikitext2'):.2f}", f"{held([], 'c4'):.2f}"])
+        for k in ks:
+            sg = search(work, f"t2-{calib}-shortgpt-k{k}", method="shortgpt", drop_count=k, **rand_kw)
+            ev = search(work, f"t2-{calib}-evop-k{k}", method="evop", drop_count=k, **evop_kw, **ccds_kw)
+            for name, r in (("SLEB", sleb[k]), ("ShortGPT", sg), ("EvoP (CCDS+EPPS)", ev)):
+                d = r["dropped_layers"]
+                rows.append([calib, name, k, f"{r['calib_loss']:.4f}", ",".join(map(str, d)),
+                             f"{held(d, 'wikitext2'):.2f}", f"{held(d, 'c4'):.2f}"])
+    body = (f"### Tables 2/3 analogue: held-out perplexity after dropping k of 30 blocks\n\n"
+            f"Calibration: 5 samples x {args.calib_seqlen} tokens (SLEB and ShortGPT: random windows as in SLEB; "
+            f"EvoP: CCDS, 5 clusters x 1 sample, all-MiniLM-L6-v2). EvoP: population {args.population}, "
+            f"{args.generations} generations, mutation 0.05, elite 0.3, seed 0. SLEB's k=3 and k=6 patterns are the "
+            f"first steps of its greedy k=9 run (identical to separate runs). Calibration loss is on each method's own "
+            f"calibration set, so compare it only within a method. Held-out: first {held.windows} windows x "
+            f"{held.seqlen} tokens of wikitext2 test and of c4 eval docs 0-999.\n\n"
+            + md_table(["calib", "method", "k", "calib loss", "dropped", "wikitext2 ppl", "c4 ppl"], rows))
+    return body
+
+
+def ablation(args, work: Path, held: HeldOut, ks=(3, 6, 9)) -> str:
+    rows = []
+    calib = "wikitext2"
+    ccds_kw = dict(calib=calib, sampling="ccds", clusters=5, samples_per_cluster=1, seqlen=args.calib_seqlen, seed=0)
+    rand_kw = dict(calib=calib, sampling="random", nsamples=5, seqlen=args.calib_seqlen, seed=0)
+    sleb_ccds = sleb_prefixes(work, "t4-sleb-ccds", list(ks), calib_from=str(work / f"t2-{calib}-evop-k3"), **ccds_kw)
+    for k in ks:
+        full = search(work, f"t2-{calib}-evop-k{k}", method="evop", drop_count=k, population=args.population,
+                      generations=args.generations, **ccds_kw)
+        noccds = search(work, f"t4-evop-random-k{k}", method="evop", drop_count=k, population=args.population,
+                        generations=args.generations, **rand_kw)
+        for name, r in (("EvoP (CCDS + EPPS)", full), ("w/o CCDS (random sampling + EPPS)", noccds),
+                        ("w/o EPPS (CCDS + SLEB search)", sleb_ccds[k])):
+            d = r["dropped_layers"]
+            rows.append([name, k, ",".join(map(str, d)), f"{held(d, 'wikitext2'):.2f}", f"{held(d, 'c4'):.2f}"])
+    return (f"### Table 4 analogue: ablation (wikitext2 calibration)\n\nSame settings as Tables 2/3.\n\n"
+            + md_table(["variant", "k", "dropped", "wikitext2 ppl", "c4 ppl"], rows))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--parts", default="fig1,tables,ablation")
+    ap.add_argument("--work", default="bench_runs/evop")
+    ap.add_argument("--calib-seqlen", type=int, default=256)
+    ap.add_argument("--fig1-samples", type=int, default=1)
+    ap.add_argument("--fig1-seqlen", type=int, default=128)
+    ap.add_argument("--population", type=int, default=16)
+    ap.add_argument("--generations", type=int, default=6)
+    ap.add_argument("--heldout-seqlen", type=int, default=512)
+    ap.add_argument("--heldout-windows", type=int, default=8)
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    parts = args.parts.split(",")
+    if "fig1" in parts:
+        write_section("evop-fig1", fig1(args, work))
+    if "tables" in parts or "ablation" in parts:
+        held = HeldOut(args.heldout_seqlen, args.heldout_windows)
+        if "tables" in parts:
+            write_section("evop-tables", tables(args, work, held))
+        if "ablation" in parts:
+            write_section("evop-ablation", ablation(args, work, held))
+
+
+if __name__ == "__main__":
+    main()

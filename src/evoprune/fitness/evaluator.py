@@ -1,0 +1,305 @@
+"""Fitness of a drop pattern: mean calibration NLL, naive or from cached dense hidden states.
+
+Owns
+- :func:`dense_states`, the one place that captures hidden states from a dense
+  forward (block inputs and the final-norm input, via forward pre-hooks); the
+  evaluator's prefix cache and ShortGPT's Block Influence both use it;
+- :class:`Evaluation`, what one fitness evaluation returns (loss + cost);
+- :class:`NLLEvaluator`, which scores :class:`~evoprune.genome.DropPattern`\\ s
+  on a :class:`~evoprune.data.calibration.CalibSet`.
+
+Cost unit: *token-layers* = input tokens x decoder blocks actually run. Only
+decoder blocks count (embedding, final norm and LM head are not), so a naive
+forward of an ``n_layers``-block model over the calibration set costs
+``n_samples * seqlen * n_kept`` token-layers.
+
+Prefix cache (``prefix_cache=True``): the dense model is run once over the
+calibration set and the input hidden state ``H_i`` of every block ``i`` (plus
+``H_N``, the final-norm input) is kept. Blocks before a candidate's first dropped
+block ``f`` are those of the dense model, so the candidate's hidden state entering
+its first kept block after ``f`` is exactly ``H_f``; only the kept blocks
+``>= f`` are run. No HF internals are touched: the model runs inside
+``adapter.dropped(model, pattern ∪ {0..f-1})`` (so rotary embeddings, masks and
+per-layer config are built by the model itself for the blocks that run) and a
+forward pre-hook swaps ``H_f`` in as the ``hidden_states`` input of the first
+block that runs (or of the final norm when none runs). The losses equal the
+naive ones bit for bit on CPU as long as the cache was built with the same
+batching, which the evaluator guarantees.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..data.calibration import CalibSet
+from ..evaluate.perplexity import window_nll
+from ..genome import DropPattern
+from ..models.loading import LoadedModel
+
+__all__ = ["DenseBatch", "Evaluation", "NLLEvaluator", "dense_states"]
+
+
+# -- hidden-state plumbing --------------------------------------------------------
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The ``hidden_states`` input of a block/norm call (positional arg 0 or keyword)."""
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    raise RuntimeError("cannot find the hidden_states input of a decoder block call")
+
+
+def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with the ``hidden_states`` input replaced by ``h``."""
+    old = _hidden_arg(args, kwargs)
+    if old.shape != h.shape:
+        raise RuntimeError(f"cached hidden state has shape {tuple(h.shape)}, the model fed {tuple(old.shape)}")
+    if args:
+        return (h, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` sample ranges of each batch."""
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [(s, min(s + int(batch_size), n)) for s in range(0, n, int(batch_size))]
+
+
+@dataclass(frozen=True)
+class DenseBatch:
+    """One calibration batch after a dense forward.
+
+    - ``start``: index of the batch's first sample in the calibration set;
+    - ``ids``: token ids ``[B, T]`` on the model device;
+    - ``states``: ``n_layers + 1`` tensors ``[B, T, hidden]`` (model dtype, model
+      device): ``states[i]`` is the input of block ``i``, ``states[n_layers]`` the
+      input of the final norm (= the last block's output);
+    - ``logits``: ``[B, T, vocab]``.
+    """
+
+    start: int
+    ids: torch.Tensor
+    states: list[torch.Tensor]
+    logits: torch.Tensor
+
+
+@torch.no_grad()
+def dense_states(lm: LoadedModel, calib: CalibSet, batch_size: int = 1) -> Iterator[DenseBatch]:
+    """Run the model as loaded over ``calib`` and yield every block's input hidden state.
+
+    One dense forward per batch costs ``B * seqlen * n_layers`` token-layers. Hooks
+    live only for the duration of each forward (removed in ``finally``), so the
+    caller may run the model between yields. Captured tensors are clones: nothing
+    the model does later can alter them.
+    """
+    model, adapter = lm.model, lm.adapter
+    blocks = list(adapter.get_blocks(model))
+    norm = adapter.final_norm(model)
+    device = _device(model)
+    for s, e in _batches(calib.n_samples, batch_size):
+        ids = calib.input_ids[s:e].to(device)
+        states: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
+
+        def capture(i: int) -> Callable:
+            def hook(module, args, kwargs):
+                states[i] = _hidden_arg(args, kwargs).detach().clone()
+
+            return hook
+
+        handles = [b.register_forward_pre_hook(capture(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        handles.append(norm.register_forward_pre_hook(capture(len(blocks)), with_kwargs=True))
+        try:
+            logits = model(input_ids=ids, use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [i for i, t in enumerate(states) if t is None]
+        if missing:
+            raise RuntimeError(f"dense forward did not call blocks/norm {missing} (of {len(blocks)} blocks + norm)")
+        yield DenseBatch(start=s, ids=ids, states=states, logits=logits)
+
+
+@contextlib.contextmanager
+def _no_blocks(lm: LoadedModel) -> Iterator[None]:
+    """Run the model with an empty block list, then put the blocks back.
+
+    For candidates whose remaining work is zero blocks (e.g. every block from the
+    first dropped one on is dropped), which :class:`DropPattern` cannot express.
+    Config is left alone: no block runs, so the masks and per-layer config the
+    model still builds are never used. Zero-copy and reversed in ``finally``.
+    """
+    path, _, attr = lm.adapter.blocks.rpartition(".")
+    parent = lm.model.get_submodule(path) if path else lm.model
+    blocks = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList())
+    try:
+        yield
+    finally:
+        setattr(parent, attr, blocks)
+
+
+# -- evaluation ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Result of scoring one pattern.
+
+    - ``loss``: mean NLL in nats per predicted token over all calibration samples;
+    - ``tokens``: predicted tokens, ``n_samples * (seqlen - 1)``;
+    - ``token_layers``: input tokens x decoder blocks actually run for this
+      evaluation (the prefix cache's setup cost is not included).
+    """
+
+    loss: float
+    tokens: int
+    token_layers: int
+
+
+class NLLEvaluator:
+    """Mean next-token NLL of ``lm`` with a pattern dropped, on ``calib``.
+
+    ``evaluate(pattern)`` returns an :class:`Evaluation`. Modes:
+
+    - ``prefix_cache=False`` (naive): every batch runs through all kept blocks;
+      ``token_layers = n_samples * seqlen * len(pattern.kept)``.
+    - ``prefix_cache=True``: the first :meth:`evaluate` (or :meth:`prepare`) runs
+      the dense model once and caches every block's input hidden state, costing
+      :attr:`dense_token_layers`, reported as :attr:`setup_token_layers`. A
+      pattern whose first dropped block is ``f`` then runs only its kept blocks
+      ``>= f``: ``token_layers = n_samples * seqlen * (len(pattern.kept) - f)``
+      (0 for the dense pattern). Same loss as naive (bitwise on CPU).
+
+    Memory of the prefix cache: ``(n_layers + 1) * n_samples * seqlen * hidden *
+    bytes`` on the model device, ``bytes`` = 4 for fp32 models (SmolLM2-135M,
+    4 x 512 tokens: 31 * 2048 * 576 * 4 B = 146 MB; a 7B model at 32 x 4096 hidden
+    with 5 x 2048 tokens: 5.5 GB). Use ``prefix_cache=False`` when it does not fit.
+
+    The model is used in place (zero-copy drops, hooks) and always restored;
+    don't run it concurrently from elsewhere while an evaluation is in progress.
+    ``n_evaluations`` and ``spent_token_layers`` (setup + all evaluations) are
+    running totals.
+    """
+
+    def __init__(self, lm: LoadedModel, calib: CalibSet, *, batch_size: int = 1, prefix_cache: bool = True,
+                 progress: bool = False) -> None:
+        if calib.seqlen < 2:
+            raise ValueError(f"calibration samples need >= 2 tokens to predict one, got seqlen {calib.seqlen}")
+        self.lm = lm
+        self.calib = calib
+        self.batch_size = int(batch_size)
+        self.batches = _batches(calib.n_samples, batch_size)
+        self.prefix_cache = bool(prefix_cache)
+        self.progress = bool(progress)
+        self.n_layers = lm.n_layers
+        self.n_evaluations = 0
+        self.spent_token_layers = 0
+        # _cache[b][i]: input hidden state of block i (i == n_layers: final-norm input) for batch b
+        self._cache: list[list[torch.Tensor]] | None = None
+
+    # -- sizes ---------------------------------------------------------------
+    @property
+    def tokens(self) -> int:
+        """Predicted tokens per evaluation, ``n_samples * (seqlen - 1)``."""
+        return self.calib.n_samples * (self.calib.seqlen - 1)
+
+    @property
+    def dense_token_layers(self) -> int:
+        """Cost of one naive dense forward: ``n_samples * seqlen * n_layers``."""
+        return self.calib.n_tokens * self.n_layers
+
+    @property
+    def setup_token_layers(self) -> int:
+        """Token-layers spent building the prefix cache (0 until it is built, or without one)."""
+        return self.dense_token_layers if self._cache is not None else 0
+
+    # -- prefix cache --------------------------------------------------------
+    def prepare(self) -> None:
+        """Build the prefix cache now (otherwise the first :meth:`evaluate` does). No-op in naive mode."""
+        if not self.prefix_cache or self._cache is not None:
+            return
+        if self.lm.adapter.n_layers(self.lm.model) != self.n_layers:
+            raise RuntimeError("the model's block count changed since the evaluator was built")
+        cache = []
+        for batch in self._bar(dense_states(self.lm, self.calib, self.batch_size), "caching hidden states"):
+            cache.append(batch.states)
+        self._cache = cache
+        self.spent_token_layers += self.dense_token_layers
+
+    def _hidden_at(self, block: int, batch_index: int) -> torch.Tensor:
+        """Dense input hidden state of ``block`` (``n_layers``: final-norm input) for one batch, ``[B, T, hidden]``."""
+        assert self._cache is not None
+        return self._cache[batch_index][block]
+
+    # -- evaluation ----------------------------------------------------------
+    def evaluate(self, pattern: DropPattern) -> Evaluation:
+        """Score ``pattern`` (validated against the model; :class:`UserError` if it does not fit)."""
+        pattern = self.lm.adapter.pattern(self.lm.model, pattern)
+        if not self.prefix_cache:
+            ev = self._run_from(pattern, 0, None)
+        else:
+            self.prepare()
+            f = pattern.first_dropped
+            ev = self._run_from(pattern, f, lambda b: self._hidden_at(f, b))
+        self.n_evaluations += 1
+        self.spent_token_layers += ev.token_layers
+        return ev
+
+    @torch.no_grad()
+    def _run_from(self, pattern: DropPattern, start: int,
+                  source: Callable[[int], torch.Tensor] | None) -> Evaluation:
+        """Loss of ``pattern`` running only its kept blocks ``>= start``.
+
+        ``source(batch_index)`` gives the hidden state entering position ``start``
+        under ``pattern`` (the output of its kept blocks ``< start``), ``[B, T,
+        hidden]``; ``None`` only with ``start == 0`` (the embeddings feed block 0).
+        Extension point: a shared-prefix cache passes a deeper ``start`` and its
+        own ``source``.
+        """
+        lm, model, adapter = self.lm, self.lm.model, self.lm.adapter
+        if source is None and start != 0:
+            raise ValueError("a start block > 0 needs a hidden-state source")
+        run = [i for i in pattern.kept if i >= start]
+        skipped = tuple(sorted(set(range(self.n_layers)) - set(run)))
+        if run:
+            target = adapter.get_blocks(model)[run[0]]
+            scope = adapter.dropped(model, DropPattern(self.n_layers, skipped))
+        else:
+            target = adapter.final_norm(model)
+            scope = _no_blocks(lm)
+        current = [0]
+
+        def feed(module, args, kwargs):
+            # clone: a block that updated its input in place must not corrupt the cache
+            return _with_hidden(args, kwargs, source(current[0]).clone())
+
+        device = _device(model)
+        total = 0.0
+        with scope:
+            handle = target.register_forward_pre_hook(feed, with_kwargs=True) if source is not None else None
+            try:
+                for b, (s, e) in enumerate(self._bar(self.batches, "eval")):
+                    current[0] = b
+                    ids = self.calib.input_ids[s:e].to(device)
+                    logits = model(input_ids=ids, use_cache=False).logits
+                    total += float(window_nll(logits, ids).sum())
+            finally:
+                if handle is not None:
+                    handle.remove()
+        return Evaluation(loss=total / self.tokens, tokens=self.tokens, token_layers=self.calib.n_tokens * len(run))
+
+    def _bar(self, it, desc: str):
+        if not self.progress:
+            return it
+        from tqdm.auto import tqdm
+
+        return tqdm(it, desc=desc, total=len(self.batches), unit="batch", leave=False)

@@ -1,0 +1,215 @@
+"""Fitness evaluation (naive vs prefix-cached NLL, token-layer accounting) and Block Influence."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from evoprune import DropPattern, load_model, perplexity
+from evoprune.data.calibration import CalibSet
+from evoprune.errors import UserError
+from evoprune.fitness import NLLEvaluator
+from evoprune.prune import block_influence
+from tests.conftest import FAMILIES, TINY_VOCAB
+
+N = 6  # tiny models have 6 blocks
+# nothing dropped, first/last block, all trailing blocks, all but one, both ends, interior
+EDGE_PATTERNS = [(), (0,), (5,), (3, 4, 5), (1, 2, 3, 4, 5), (0, 1, 2, 3, 4), (0, 5), (2, 4)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and when other processes share the
+    # 2 CPUs, spinning worker threads make these tests ~10x slower. Restored afterwards.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def _calib(n=3, seqlen=24, seed=0) -> CalibSet:
+    ids = torch.randint(0, TINY_VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+    return CalibSet(input_ids=ids, cluster_ids=(-1,) * n, meta={})
+
+
+def _random_patterns(count: int, seed: int) -> list[DropPattern]:
+    rng = random.Random(seed)
+    return [DropPattern(N, tuple(rng.sample(range(N), rng.randint(1, N - 1)))) for _ in range(count)]
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def _n_hooks(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_equals_naive(tiny_dirs, family):
+    """Same loss (<= 1e-6 relative) on edge and random patterns; batch size 2 leaves a ragged last batch."""
+    lm = load_model(str(tiny_dirs[family]))
+    calib = _calib()
+    naive = NLLEvaluator(lm, calib, batch_size=2, prefix_cache=False)
+    cached = NLLEvaluator(lm, calib, batch_size=2, prefix_cache=True)
+    patterns = [DropPattern(N, d) for d in EDGE_PATTERNS] + _random_patterns(10, seed=FAMILIES.index(family))
+    losses = set()
+    for p in patterns:
+        a, b = naive.evaluate(p), cached.evaluate(p)
+        assert _rel(b.loss, a.loss) <= 1e-6, (p, a, b)
+        assert a.tokens == b.tokens == 3 * 23
+        assert a.token_layers == 3 * 24 * len(p.kept)
+        assert b.token_layers == 3 * 24 * sum(1 for i in p.kept if i >= p.first_dropped)
+        losses.add(round(a.loss, 9))
+    assert len(losses) > len(patterns) // 2  # the patterns really are different models
+
+
+def test_token_layers_exact(tiny_dirs):
+    lm = load_model(str(tiny_dirs["llama"]))
+    calib = _calib()  # 3 x 24 = 72 tokens
+    naive = NLLEvaluator(lm, calib, prefix_cache=False)
+    cached = NLLEvaluator(lm, calib, prefix_cache=True)
+    assert naive.dense_token_layers == cached.dense_token_layers == 72 * 6
+    assert cached.setup_token_layers == 0  # lazy: nothing spent yet
+    expect = {  # dropped: (naive, cached)
+        (): (6 * 72, 0),
+        (0,): (5 * 72, 5 * 72),
+        (5,): (5 * 72, 0),
+        (2, 4): (4 * 72, 2 * 72),
+        (1, 3): (4 * 72, 3 * 72),
+        (3, 4, 5): (3 * 72, 0),
+        (0, 1, 2, 3, 4): (72, 72),
+    }
+    for dropped, (tn, tc) in expect.items():
+        assert naive.evaluate(DropPattern(N, dropped)).token_layers == tn
+        assert cached.evaluate(DropPattern(N, dropped)).token_layers == tc
+    assert cached.setup_token_layers == 6 * 72
+    assert naive.setup_token_layers == 0
+    assert cached.n_evaluations == naive.n_evaluations == len(expect)
+    assert naive.spent_token_layers == sum(t for t, _ in expect.values())
+    assert cached.spent_token_layers == 6 * 72 + sum(t for _, t in expect.values())
+
+
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_token_layers_match_blocks_run(tiny_dirs, prefix_cache):
+    """The reported cost is what ran: count real block calls with hooks."""
+    lm = load_model(str(tiny_dirs["qwen2"]))
+    calib = _calib()
+    ev = NLLEvaluator(lm, calib, batch_size=2, prefix_cache=prefix_cache)
+    ev.prepare()
+    calls = [0] * N
+
+    def counter(i):
+        def hook(module, args):
+            calls[i] += args[0].shape[0] * args[0].shape[1]  # tokens in this call
+
+        return hook
+
+    handles = [b.register_forward_pre_hook(counter(i)) for i, b in enumerate(lm.adapter.get_blocks(lm.model))]
+    try:
+        for p in [DropPattern(N, d) for d in EDGE_PATTERNS] + _random_patterns(5, seed=7):
+            calls[:] = [0] * N
+            res = ev.evaluate(p)
+            start = p.first_dropped if prefix_cache else 0
+            assert calls == [72 if (i in p.kept and i >= start) else 0 for i in range(N)], p
+            assert sum(calls) == res.token_layers
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "opt"])
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_dense_equals_perplexity(tiny_dirs, family, prefix_cache):
+    lm = load_model(str(tiny_dirs[family]))
+    calib = _calib(n=2, seqlen=32)
+    ev = NLLEvaluator(lm, calib, prefix_cache=prefix_cache)
+    got = ev.evaluate(DropPattern(N))
+    ref = perplexity(lm.model, ids=calib.input_ids.reshape(-1), seqlen=32, progress=False)
+    assert _rel(got.loss, ref.nll) <= 1e-6
+    assert got.tokens == ref.tokens == 2 * 31
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_model_restored_after_evaluation(tiny_dirs, family):
+    lm = load_model(str(tiny_dirs[family]))
+    model, adapter = lm.model, lm.adapter
+    ids = _calib().input_ids
+    with torch.no_grad():
+        before = model(input_ids=ids, use_cache=False).logits
+    blocks = adapter.get_blocks(model)
+    ev = NLLEvaluator(lm, _calib(), prefix_cache=True)
+    for d in EDGE_PATTERNS:
+        ev.evaluate(DropPattern(N, d))
+    assert adapter.get_blocks(model) is blocks and len(blocks) == N
+    assert model.config.num_hidden_layers == N
+    assert _n_hooks(model) == 0
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, use_cache=False).logits, before)
+
+    # a failure mid-evaluation still restores the model and removes the hook
+    def boom(block, batch_index):
+        raise RuntimeError("boom")
+
+    ev._hidden_at = boom
+    for d in [(2, 4), (3, 4, 5)]:  # hook on a block / on the final norm
+        with pytest.raises(RuntimeError, match="boom"):
+            ev.evaluate(DropPattern(N, d))
+        assert adapter.get_blocks(model) is blocks
+        assert model.config.num_hidden_layers == N
+        assert _n_hooks(model) == 0
+
+
+def test_cache_is_what_feeds_the_blocks(tiny_dirs):
+    """Negative control: corrupting the cached state changes the loss, so the hook really replaces the input."""
+    lm = load_model(str(tiny_dirs["mistral"]))
+    ev = NLLEvaluator(lm, _calib(), prefix_cache=True)
+    p = DropPattern(N, (2, 4))
+    good = ev.evaluate(p).loss
+    orig = ev._hidden_at
+    ev._hidden_at = lambda f, b: orig(f, b) * 0.5
+    assert _rel(ev.evaluate(p).loss, good) > 1e-3
+    ev._hidden_at = orig
+    assert ev.evaluate(p).loss == good  # the cache itself was not modified
+
+
+def test_bad_inputs(tiny_dirs):
+    lm = load_model(str(tiny_dirs["llama"]))
+    ev = NLLEvaluator(lm, _calib())
+    with pytest.raises(UserError):
+        ev.evaluate(DropPattern(8, (1,)))
+    with pytest.raises(ValueError):
+        NLLEvaluator(lm, _calib(seqlen=1))
+    with pytest.raises(ValueError):
+        NLLEvaluator(lm, _calib(), batch_size=0)
+
+
+def _make_identity(lm, i: int) -> None:
+    """Zero the residual-writing projections of block ``i`` so that it returns its input unchanged."""
+    block = lm.adapter.get_blocks(lm.model)[i]
+    mods = [lm.adapter.attention(block).get_submodule(lm.adapter.o),
+            lm.adapter.mlp_module(block).get_submodule(lm.adapter.mlp_out)]
+    with torch.no_grad():
+        for m in mods:
+            m.weight.zero_()
+            if m.bias is not None:
+                m.bias.zero_()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_influence(tiny_dirs, family):
+    lm = load_model(str(tiny_dirs[family]))
+    calib = _calib(n=3, seqlen=24)
+    scores, tl = block_influence(lm, calib)
+    assert len(scores) == N and tl == 72 * N
+    assert all(0.0 <= s <= 2.0 for s in scores)
+    assert min(scores) > 1e-4  # random blocks all change the residual stream
+    batched, _ = block_influence(lm, calib, batch_size=2)
+    assert batched == pytest.approx(scores, abs=1e-6)
+
+    _make_identity(lm, 3)
+    scores, _ = block_influence(lm, calib)
+    assert scores[3] == pytest.approx(0.0, abs=1e-6)
+    assert min(range(N), key=scores.__getitem__) == 3
+    assert sorted(scores)[1] > 1e-4

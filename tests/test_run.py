@@ -1,0 +1,159 @@
+"""Run directories: results, history, bad input, and kill -9 / resume equivalence."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def _cmd(*args):
+    return [sys.executable, "-m", "evoprune.cli", *args]
+
+
+def _env(delay=0.0):
+    return {**os.environ, "EVOPRUNE_NO_PROGRESS": "1", "EVOPRUNE_EVAL_DELAY_S": str(delay)}
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory):
+    """A 12-block tiny llama: C(12, 4) = 495 patterns, so a GA run has enough distinct evaluations to kill."""
+    from tests.conftest import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("deep") / "llama12", "llama", n_layers=12)
+
+
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory):
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    words = "alpha beta gamma delta epsilon the quick brown fox jumps over lazy dog".split()
+    import random as _r  # test data only
+
+    g = _r.Random(0)
+    p.write_text(" ".join(g.choice(words) for _ in range(3000)))
+    return p
+
+
+def _search_args(model, calib, out, method="evop", extra=()):
+    return ["search", "--model", str(model), "--method", method, "--drop-count", "2", "--calib", f"text:{calib}",
+            "--sampling", "random", "--nsamples", "3", "--seqlen", "48", "--seed", "3", "--population", "8",
+            "--generations", "5", "--out", str(out), *extra]
+
+
+def _history(run):
+    return (Path(run) / "history.jsonl").read_text()
+
+
+def test_search_writes_run(tiny_dirs, calib_text, tmp_path):
+    run = tmp_path / "run"
+    r = subprocess.run(_cmd(*_search_args(tiny_dirs["llama"], calib_text, run)), env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((run / "result.json").read_text())
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == res
+    assert {"method", "model", "sparsity", "n_layers", "dropped_layers", "calib_loss", "calib_ppl", "evaluations",
+            "token_layers", "wall_s", "seed"} <= set(res)
+    rows = [json.loads(l) for l in _history(run).splitlines()]
+    assert len(rows) == res["evaluations"] and len(res["dropped_layers"]) == 2
+    assert min(r["loss"] for r in rows) == res["calib_loss"]
+    assert rows[-1]["token_layers"] == res["token_layers"]
+    assert all(b["token_layers"] == a["token_layers"] + b["eval_token_layers"] for a, b in zip(rows, rows[1:]))
+    dense = 3 * 48 * 6  # the prefix cache: one dense forward over 3 x 48 tokens, 6 blocks
+    assert rows[0]["token_layers"] == dense + rows[0]["eval_token_layers"]
+    for r in rows:  # a candidate runs only its kept blocks from its first dropped block on
+        assert r["eval_token_layers"] == 3 * 48 * sum(1 for i in range(r["dropped"][0], 6) if i not in r["dropped"])
+    # a run directory is a model spec: ppl and export use its best pattern
+    out = tmp_path / "exp"
+    r = subprocess.run(_cmd("export", str(run), "--out", str(out)), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "pruning.json").read_text())["dropped_layers"] == res["dropped_layers"]
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+@pytest.mark.parametrize("kill_after", [[0], [3], [9, 20]])
+def test_kill_and_resume_equals_uninterrupted(deep_model, calib_text, tmp_path, kill_after):
+    ref = tmp_path / "ref"
+    args = _search_args(deep_model, calib_text, ref)
+    args[args.index("--drop-count") + 1] = "4"
+    args[args.index("--generations") + 1] = "10"
+    subprocess.run(_cmd(*args), env=_env(), check=True, capture_output=True, timeout=300)
+    assert json.loads((ref / "result.json").read_text())["evaluations"] > 25
+    run = tmp_path / "killed"
+    args[args.index("--out") + 1] = str(run)
+    for i, n in enumerate(kill_after):
+        cmd = _cmd(*args) if i == 0 else _cmd("resume", str(run))
+        p = subprocess.Popen(cmd, env=_env(0.05), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            h = run / "history.jsonl"
+            lines = h.read_text().count("\n") if h.exists() else 0
+            if (n == 0 and (run / "config.json").exists()) or (n > 0 and lines >= n):
+                break
+            time.sleep(0.01)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert not (run / "result.json").exists()
+    r = subprocess.run(_cmd("resume", str(run)), env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    a, b = json.loads((ref / "result.json").read_text()), json.loads((run / "result.json").read_text())
+    for key in ("dropped_layers", "calib_loss", "evaluations", "token_layers"):
+        assert a[key] == b[key], key
+    assert _history(ref) == _history(run)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--sparsity", "1.5"], "sparsity must be in (0, 1)"),
+    (["--method", "nosuch"], "unknown method"),
+])
+def test_bad_search_input(tiny_dirs, calib_text, tmp_path, extra, needle):
+    args = _search_args(tiny_dirs["llama"], calib_text, tmp_path / "r")
+    args = [a for a in args if a not in ("--drop-count", "2")] if "--sparsity" in extra else args
+    if "--method" in extra:
+        i = args.index("--method")
+        del args[i:i + 2]
+    r = subprocess.run(_cmd(*args, *extra), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_k_and_calib(tiny_dirs, calib_text, tmp_path):
+    args = _search_args(tiny_dirs["llama"], calib_text, tmp_path / "r")
+    i = args.index("--drop-count")
+    args[i + 1] = "6"
+    r = subprocess.run(_cmd(*args), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "cannot drop 6 of 6" in r.stderr, r.stderr
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    args = _search_args(tiny_dirs["llama"], short, tmp_path / "r2")
+    r = subprocess.run(_cmd(*args), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "calibration" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_resume_bad_dirs_left_intact(tiny_dirs, calib_text, tmp_path):
+    notrun = tmp_path / "notrun"
+    notrun.mkdir()
+    (notrun / "x.txt").write_text("keep")
+    r = subprocess.run(_cmd("resume", str(notrun)), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "not an evoprune run" in r.stderr
+    assert [p.name for p in notrun.iterdir()] == ["x.txt"]
+    run = tmp_path / "run"
+    subprocess.run(_cmd(*_search_args(tiny_dirs["llama"], calib_text, run)), env=_env(), check=True,
+                   capture_output=True)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    # same --out with different arguments
+    args = _search_args(tiny_dirs["llama"], calib_text, run, extra=["--mutation-rate", "0.2"])
+    r = subprocess.run(_cmd(*args), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "different arguments" in r.stderr and "mutation_rate" in r.stderr
+    # corrupted state
+    (run / "result.json").unlink()
+    (run / "state").write_text("{not json")
+    r = subprocess.run(_cmd("resume", str(run)), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "corrupted state" in r.stderr, r.stderr
+    assert (run / "state").read_text() == "{not json"
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name not in ("state", "result.json")} == \
+        {k: v for k, v in before.items() if k not in ("state", "result.json")}
