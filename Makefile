@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	EVOPRUNE_NO_PROGRESS=$${EVOPRUNE_NO_PROGRESS:-} $(VENV)/bin/evoprune demo --out demo_out
 
+# two workers, one torch thread each: most tests are process start-up and small forwards
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

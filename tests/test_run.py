@@ -157,3 +157,29 @@ def test_resume_bad_dirs_left_intact(tiny_dirs, calib_text, tmp_path):
     assert (run / "state").read_text() == "{not json"
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.name not in ("state", "result.json")} == \
         {k: v for k, v in before.items() if k not in ("state", "result.json")}
+
+
+def test_ccds_search_and_calib_reuse(tiny_dirs, tmp_path):
+    """A CCDS-calibrated search (real MiniLM encoder) saves its sample set; --calib-from reuses it exactly."""
+    topics = ["The river flows past the old mill and the water is cold.",
+              "Stock prices fell sharply as the market reacted to rates.",
+              "The team scored twice in the second half to win the cup."]
+    text = tmp_path / "topics.txt"
+    text.write_text("\n".join(topics[i % 3] for i in range(120)))
+    run = tmp_path / "ccds"
+    args = ["search", "--model", str(tiny_dirs["qwen2"]), "--method", "evop", "--drop-count", "2", "--calib",
+            f"text:{text}", "--sampling", "ccds", "--clusters", "3", "--samples-per-cluster", "2",
+            "--chunk-sentences", "4", "--seqlen", "32", "--population", "6", "--generations", "2", "--out", str(run)]
+    r = subprocess.run(_cmd(*args), env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    from evoprune.data.calibration import CalibSet
+
+    calib = CalibSet.load(run / "calib.pt")
+    assert calib.input_ids.shape == (6, 32) and sorted(calib.cluster_ids) == [0, 0, 1, 1, 2, 2]
+    run2 = tmp_path / "reuse"
+    args2 = args[:args.index("--out")] + ["--method", "sleb", "--calib-from", str(run), "--out", str(run2)]
+    del args2[args2.index("--method"):args2.index("--method") + 2]
+    r = subprocess.run(_cmd(*args2), env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert CalibSet.load(run2 / "calib.pt") == calib
+    assert json.loads((run2 / "result.json").read_text())["method"] == "sleb"

@@ -212,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--population", type=int, default=12, help="EvoP population (default: %(default)s)")
     p.add_argument("--generations", type=int, default=4, help="EvoP generations (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
+
+    from .evaluate.zeroshot import add_eval_parser
+
+    add_eval_parser(sub)
     return ap
 
 

@@ -112,9 +112,10 @@ def _gguf_to_cache(gguf: Path, dest: Path, progress: bool) -> None:
         clean.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "evoprune_source.json").write_text(json.dumps({"gguf": str(gguf)}))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        if not _is_cached(dest):  # another process may have finished the same conversion first
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
