@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from .atomic import atomic_open
 from .errors import UserError
 
 __all__ = ["RunDir", "atomic_write_json", "is_run_dir", "load_run_model"]
@@ -29,18 +29,10 @@ RUN_FORMAT = 1
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temp file + fsync + ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``obj`` as JSON to ``path`` atomically."""
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -124,13 +116,9 @@ class RunDir:
 
     def rewrite_history(self, rows: list[dict]) -> None:
         """Replace the history with ``rows`` (used on resume to drop uncommitted lines)."""
-        fd, tmp = tempfile.mkstemp(prefix=".history.", dir=self.path)
-        with os.fdopen(fd, "w") as f:
+        with atomic_open(self.history_path) as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.history_path)
 
     def append_history(self, row: dict) -> None:
         with open(self.history_path, "a") as f:

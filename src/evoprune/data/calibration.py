@@ -29,6 +29,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..atomic import atomic_open
+
 __all__ = [
     "CalibSet",
     "ccds",
@@ -127,19 +129,10 @@ class CalibSet:
     # -- persistence ---------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write to ``path`` (one ``.pt`` file) atomically: temp file, fsync, ``os.replace``."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp.{os.getpid()}"
         payload = {"format": FORMAT, "input_ids": self.input_ids,
                    "cluster_ids": list(self.cluster_ids), "meta_json": json.dumps(self.meta, sort_keys=True)}
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_open(path, "wb") as f:
+            torch.save(payload, f)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CalibSet":
