@@ -216,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate.zeroshot import add_eval_parser
 
     add_eval_parser(sub)
+
+    from .evaluate.bench import add_bench_parser
+    from .report import add_report_parsers
+
+    add_bench_parser(sub)
+    add_report_parsers(sub)
     return ap
 
 
