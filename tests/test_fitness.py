@@ -213,3 +213,92 @@ def test_block_influence(tiny_dirs, family):
     assert scores[3] == pytest.approx(0.0, abs=1e-6)
     assert min(range(N), key=scores.__getitem__) == 3
     assert sorted(scores)[1] > 1e-4
+
+
+# -- shared-prefix LRU and KL fitness -------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES[:2])
+def test_lru_prefix_cache_equals_naive(tiny_dirs, family):
+    """With the LRU, losses equal naive (<= 1e-6 rel) and a shared kept prefix is not recomputed."""
+    lm = load_model(str(tiny_dirs[family]))
+    calib = _calib()
+    naive = NLLEvaluator(lm, calib, batch_size=2, prefix_cache=False)
+    lru = NLLEvaluator(lm, calib, batch_size=2, prefix_cache=True, cache_mb=1.0)
+    entry = 3 * 24 * lm.model.config.hidden_size * 4
+    assert lru.lru.capacity == 2 ** 20 // entry
+    # (0, 3) then (0, 4): (0, 4) shares blocks 1..3 after the first dropped block; resumes at block 4
+    ev = lru.evaluate(DropPattern(N, (0, 3)))
+    assert ev.token_layers == 72 * 4  # blocks 1, 2, 4, 5
+    ev2 = lru.evaluate(DropPattern(N, (0, 4)))
+    # the state entering block 4 under drop {0, 3} is the state entering position 3 under drop {0}: run 3, 5
+    assert ev2.token_layers == 72 * 2
+    assert _rel(ev2.loss, naive.evaluate(DropPattern(N, (0, 4))).loss) <= 1e-6
+    ev3 = lru.evaluate(DropPattern(N, (1, 5)))  # different prefix below 2: starts at its first dropped block
+    assert ev3.token_layers == 72 * 3
+    for p in [DropPattern(N, d) for d in EDGE_PATTERNS] + _random_patterns(20, seed=7):
+        a, b = naive.evaluate(p), lru.evaluate(p)
+        assert _rel(b.loss, a.loss) <= 1e-6, (p, a, b)
+        assert b.token_layers <= 72 * sum(1 for i in p.kept if i >= p.first_dropped)
+    assert lru.lru.hits > 5
+
+
+def test_lru_bounded_and_replay_matches(tiny_dirs):
+    """Capacity is respected; replaying the bookkeeping gives the same later costs and losses (resume)."""
+    lm = load_model(str(tiny_dirs["llama"]))
+    calib = _calib()
+    entry = 3 * 24 * lm.model.config.hidden_size * 4
+    pats = _random_patterns(30, seed=3)
+    a = NLLEvaluator(lm, calib, prefix_cache=True, cache_mb=3 * entry / 2 ** 20)
+    assert a.lru.capacity == 3
+    ref = [a.evaluate(p) for p in pats]
+    assert len(a.lru) <= 3
+    b = NLLEvaluator(lm, calib, prefix_cache=True, cache_mb=3 * entry / 2 ** 20)
+    for p in pats[:17]:
+        b.replay(p)
+    a2 = NLLEvaluator(lm, calib, prefix_cache=True, cache_mb=3 * entry / 2 ** 20)
+    for p in pats[:17]:
+        a2.evaluate(p)
+    assert b.lru.keys() == a2.lru.keys()
+    rest = [b.evaluate(p) for p in pats[17:]]
+    assert [e.token_layers for e in rest] == [e.token_layers for e in ref[17:]]
+    assert all(_rel(x.loss, y.loss) <= 1e-6 for x, y in zip(rest, ref[17:]))
+    assert sum(e.token_layers for e in ref) < sum(72 * sum(1 for i in p.kept if i >= p.first_dropped) for p in pats)
+
+
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_kl_fitness(tiny_dirs, prefix_cache):
+    """KL of the dense pattern is 0; KL >= 0; top-k KL is a close lower bound of the full KL."""
+    lm = load_model(str(tiny_dirs["llama"]))
+    calib = _calib()
+    full = NLLEvaluator(lm, calib, batch_size=2, prefix_cache=prefix_cache, metric="kl")
+    top = NLLEvaluator(lm, calib, batch_size=2, prefix_cache=prefix_cache, metric="kl", kl_topk=TINY_VOCAB // 4)
+    assert abs(full.evaluate(DropPattern(N, ())).loss) <= 1e-6
+    assert abs(top.evaluate(DropPattern(N, ())).loss) <= 1e-6
+    assert full.setup_token_layers == 72 * N
+    top2 = NLLEvaluator(lm, calib, batch_size=2, prefix_cache=prefix_cache, metric="kl", kl_topk=TINY_VOCAB - 8)
+    for p in _random_patterns(6, seed=11):
+        a, b, b2 = full.evaluate(p).loss, top.evaluate(p).loss, top2.evaluate(p).loss
+        # coarse-graining: a finer partition (larger k) gives a larger KL, never above the full KL
+        assert 0 < b <= b2 + 1e-9 and b2 <= a + 1e-9 and b2 >= 0.97 * a, (p, a, b, b2)
+    with pytest.raises(ValueError):
+        NLLEvaluator(lm, calib, metric="ce")
+    # the full KL matches a direct computation from two forwards
+    p = DropPattern(N, (1, 4))
+    from evoprune.models.loading import LoadedModel  # noqa: F401
+    with torch.no_grad():
+        dense = torch.log_softmax(lm.model(input_ids=calib.input_ids).logits[:, :-1].float(), -1)
+        with lm.adapter.dropped(lm.model, p):
+            cand = torch.log_softmax(lm.model(input_ids=calib.input_ids).logits[:, :-1].float(), -1)
+    want = float((dense.exp() * (dense - cand)).sum(-1).mean())
+    assert _rel(full.evaluate(p).loss, want) <= 1e-5
+
+
+def test_block_influence_from_cache_matches(tiny_dirs):
+    """The evaluator's BI (from its cached dense states, no extra forward) equals prune.block_influence."""
+    lm = load_model(str(tiny_dirs["llama"]))
+    calib = _calib()
+    ev = NLLEvaluator(lm, calib, batch_size=2)
+    want, _ = block_influence(lm, calib, batch_size=2)
+    got = ev.block_influence()
+    assert ev.setup_token_layers == 72 * N
+    assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-12

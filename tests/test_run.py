@@ -183,3 +183,64 @@ def test_ccds_search_and_calib_reuse(tiny_dirs, tmp_path):
     assert r.returncode == 0, r.stderr
     assert CalibSet.load(run2 / "calib.pt") == calib
     assert json.loads((run2 / "result.json").read_text())["method"] == "sleb"
+
+
+def _kill_resume(args, run, kill_after):
+    for i, n in enumerate(kill_after):
+        cmd = _cmd(*args) if i == 0 else _cmd("resume", str(run))
+        p = subprocess.Popen(cmd, env=_env(0.05), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            h = run / "history.jsonl"
+            lines = h.read_text().count("\n") if h.exists() else 0
+            if (n == 0 and (run / "config.json").exists()) or (n > 0 and lines >= n):
+                break
+            time.sleep(0.01)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert not (run / "result.json").exists()
+    r = subprocess.run(_cmd("resume", str(run)), env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
+_EVO_ARGS = ["--offspring", "8", "--tokens-per-stage", "40,144", "--survivors-per-stage", "3,2", "--cache-mb", "1"]
+
+
+@pytest.mark.parametrize("kill_after", [[5], [13, 30]])
+def test_evo_multifidelity_kill_and_resume(deep_model, calib_text, tmp_path, kill_after):
+    """evo with two fidelity stages and the shared-prefix LRU: kill -9 / resume == uninterrupted."""
+    ref = tmp_path / "ref"
+    args = _search_args(deep_model, calib_text, ref, method="evo", extra=_EVO_ARGS)
+    del args[args.index("--population"):args.index("--population") + 2]  # evop-only
+    args[args.index("--drop-count") + 1] = "4"
+    subprocess.run(_cmd(*args), env=_env(), check=True, capture_output=True, timeout=300)
+    a = json.loads((ref / "result.json").read_text())
+    rows = [json.loads(l) for l in _history(ref).splitlines()]
+    assert a["evaluations"] == len(rows) > 35
+    assert {r["stage"] for r in rows} == {0, 1} and {r["tokens"] for r in rows} == {39, 3 * 47}
+    full = [r for r in rows if r["stage"] == 1]
+    assert a["calib_loss"] == min(r["loss"] for r in full)
+    assert len({(r["pattern"], r["stage"]) for r in rows}) == len(rows)  # nothing evaluated twice
+    # the LRU saved work: some candidates ran fewer blocks than from their first dropped block
+    naive_from_f = [3 * 48 * sum(1 for i in range(r["dropped"][0], 12) if i not in r["dropped"]) for r in full]
+    assert sum(r["eval_token_layers"] for r in full) < sum(naive_from_f)
+    run = tmp_path / "killed"
+    args[args.index("--out") + 1] = str(run)
+    _kill_resume(args, run, kill_after)
+    b = json.loads((run / "result.json").read_text())
+    for key in ("dropped_layers", "calib_loss", "evaluations", "token_layers"):
+        assert a[key] == b[key], key
+    assert _history(ref) == _history(run)
+
+
+def test_budget_token_layers_stops(deep_model, calib_text, tmp_path):
+    args = _search_args(deep_model, calib_text, tmp_path / "r", method="evo",
+                        extra=["--offspring", "8", "--budget-token-layers", "6000"])
+    del args[args.index("--population"):args.index("--population") + 2]
+    r = subprocess.run(_cmd(*args), env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "r" / "result.json").read_text())
+    rows = [json.loads(l) for l in _history(tmp_path / "r").splitlines()]
+    assert res["stopped_early"] is True
+    assert rows[-2]["token_layers"] < 6000 <= rows[-1]["token_layers"]
+    assert res["token_layers"] == rows[-1]["token_layers"] and res["calib_loss"] == min(r["loss"] for r in rows)

@@ -290,9 +290,9 @@ def test_random_search_unique_and_capped_by_space():
 
 
 def test_registry():
-    assert set(STRATEGIES) == {"evop", "sleb", "shortgpt", "exhaustive", "random"}
-    with pytest.raises(ValueError, match=r"unknown method evo \(choose from evop, exhaustive, random, shortgpt, sleb\)"):
-        make_strategy("evo", LayerDropSpace(8, 2), np.random.default_rng(0))
+    assert set(STRATEGIES) == {"evo", "evop", "sleb", "shortgpt", "exhaustive", "random"}
+    with pytest.raises(ValueError, match=r"unknown method evx \(choose from evo, evop, exhaustive, random, shortgpt, sleb\)"):
+        make_strategy("evx", LayerDropSpace(8, 2), np.random.default_rng(0))
 
 
 def test_drive_returns_best():

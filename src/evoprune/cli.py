@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="search for a pruning pattern (writes a resumable run directory)")
     _add_model(p)
-    p.add_argument("--method", default="evop", help="evop | sleb | shortgpt | exhaustive | random (default: %(default)s)")
+    p.add_argument("--method", default="evop", help="evop | evo | sleb | shortgpt | exhaustive | random (default: %(default)s)")
     p.add_argument("--space", default="layers", help="search space (default: %(default)s)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--sparsity", type=float, help="fraction of blocks to drop: k = round(s*N), halves up")
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--batch-size", type=int, help="calibration samples per forward (default 1)")
     p.add_argument("--population", type=int, help="evop: population size S (default 20)")
-    p.add_argument("--generations", type=int, help="evop: generations G (default 10)")
+    p.add_argument("--generations", type=int, help="evop/evo: generations G (default 10)")
     p.add_argument("--mutation-rate", type=float, help="evop: bit-flip probability per block (default 0.05)")
     p.add_argument("--elite-fraction", type=float, help="evop: fraction kept per generation (default 0.3)")
     p.add_argument("--crossover", help="evop: uniform | one_point (default uniform)")
@@ -196,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, help="random: number of evaluations (default 100)")
     p.add_argument("--budget-from", help="random: use the evaluation count of this finished run")
     p.add_argument("--force", action="store_true", default=None, help="exhaustive: run even above the size limit")
+    p.add_argument("--offspring", type=int, help="evo: candidates per generation (default 16)")
+    p.add_argument("--tokens-per-stage", help="evo: multi-fidelity token counts per stage, e.g. 512,2048 "
+                   "(the last = the whole calibration set)")
+    p.add_argument("--survivors-per-stage", help="evo: candidates promoted past each stage, e.g. 4,1 "
+                   "(the last = parents kept; default 4)")
+    p.add_argument("--fitness", help="nll (mean NLL, default) | kl (KL to the dense model's next-token distribution)")
+    p.add_argument("--kl-topk", type=int, help="--fitness kl: keep only the dense model's top-K log-probs per token")
+    p.add_argument("--budget-token-layers", type=int, help="stop once the spent token-layers reach this")
+    p.add_argument("--cache-mb", type=float, help="MiB for the shared-prefix hidden-state LRU (default 0: off)")
     p.add_argument("--out", required=True, help="run directory (resumed if it holds the same search)")
     p.set_defaults(func=cmd_search)
 

@@ -15,7 +15,26 @@ random generator state is part of the saved state).
 
 ``token_layers`` counts logical search work: tokens x decoder blocks actually
 run, including building caches and one-shot scores once per run (not again
-on resume, so the count is the same as an uninterrupted run's).
+on resume, so the count is the same as an uninterrupted run's). With
+``cache_mb`` (shared-prefix LRU), a resumed run replays the logged
+evaluations through the LRU's bookkeeping, so later evaluations hit the same
+entries and report the same token-layers (ghost entries are recomputed on a
+hit, uncounted).
+
+Multi-fidelity (``method="evo"`` with ``tokens_per_stage``): the strategy asks
+for :class:`~evoprune.search.evo.Request`\ s (pattern, stage). Stage ``s`` with
+``T = tokens_per_stage[s]`` tokens uses one data slice shared by all its
+candidates: the first ``m = min(n_samples, ceil(T / seqlen))`` calibration
+samples, each cut to its first ``T // m`` tokens (so ``m * (T // m) <= T``
+tokens). The last stage must be the whole calibration set (``T = n_samples *
+seqlen``). Each stage has its own evaluator (own dense prefix cache, built once
+per run and counted in ``token_layers``; ``cache_mb`` is split evenly among the
+stages' LRUs). History rows of such runs carry a ``stage`` field; ``calib_loss``
+is the best candidate's loss at the last (full) stage.
+
+``budget_token_layers``: before each evaluation, the loop stops once the
+spent ``token_layers`` reach the budget; the result is the best full-fidelity
+candidate so far (``stopped_early: true``).
 """
 from __future__ import annotations
 
@@ -44,7 +63,9 @@ METHOD_OPTIONS = {
     "shortgpt": (),
     "exhaustive": ("force",),
     "random": ("budget",),
+    "evo": ("generations", "offspring"),
 }
+FITNESSES = ("nll", "kl")
 
 
 @dataclass(frozen=True)
@@ -81,6 +102,13 @@ class SearchConfig:
     force: bool = False
     device: str = "cpu"
     dtype: str = "float32"
+    offspring: int = 16
+    survivors_per_stage: tuple | None = None
+    tokens_per_stage: tuple | None = None
+    fitness: str = "nll"
+    kl_topk: int | None = None
+    budget_token_layers: int | None = None
+    cache_mb: float = 0.0
 
     def __post_init__(self) -> None:
         from .search import STRATEGIES
@@ -103,6 +131,36 @@ class SearchConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.seqlen < 2:
             raise UserError(f"--seqlen must be >= 2, got {self.seqlen}")
+        for name in ("survivors_per_stage", "tokens_per_stage"):
+            v = getattr(self, name)
+            if v is not None:
+                try:
+                    v = tuple(int(x) for x in (v.split(",") if isinstance(v, str) else v))
+                except (TypeError, ValueError):
+                    raise UserError(f"--{name.replace('_', '-')} must be comma-separated integers, got {v!r}") from None
+                if not v or min(v) < 1:
+                    raise UserError(f"--{name.replace('_', '-')} must be integers >= 1, got {v}")
+                object.__setattr__(self, name, v)
+        if int(self.offspring) < 1:
+            raise UserError(f"--offspring must be >= 1, got {self.offspring}")
+        if self.fitness not in FITNESSES:
+            raise UserError(f"unknown fitness {self.fitness!r} (choose from {', '.join(FITNESSES)})")
+        if self.kl_topk is not None and (self.fitness != "kl" or int(self.kl_topk) < 1):
+            raise UserError("--kl-topk needs --fitness kl and must be >= 1")
+        if self.budget_token_layers is not None and int(self.budget_token_layers) < 1:
+            raise UserError(f"--budget-token-layers must be >= 1, got {self.budget_token_layers}")
+        if float(self.cache_mb) < 0:
+            raise UserError(f"--cache-mb must be >= 0, got {self.cache_mb}")
+        tps, sps = self.tokens_per_stage, self.survivors_per_stage
+        if (tps is not None or sps is not None) and self.method != "evo":
+            raise UserError("--tokens-per-stage and --survivors-per-stage are options of --method evo")
+        if tps is not None:
+            if sps is None or len(sps) != len(tps):
+                raise UserError("--tokens-per-stage needs --survivors-per-stage with as many entries")
+            if any(b <= a for a, b in zip(tps, tps[1:])) or tps[0] < 2:
+                raise UserError(f"--tokens-per-stage must increase and start at >= 2 tokens, got {tps}")
+        elif sps is not None and len(sps) != 1:
+            raise UserError("several --survivors-per-stage entries need --tokens-per-stage")
 
     def k(self, n_layers: int) -> int:
         from .space import k_from_sparsity
@@ -118,7 +176,23 @@ class SearchConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def strategy_options(self) -> dict:
-        return {k: getattr(self, k) for k in METHOD_OPTIONS.get(self.method, ())}
+        opts = {k: getattr(self, k) for k in METHOD_OPTIONS.get(self.method, ())}
+        if self.method == "evo":
+            opts["survivors"] = tuple(self.survivors_per_stage or (4,))
+        return opts
+
+    def stage_slices(self, n_samples: int, seqlen: int) -> list[tuple[int, int]]:
+        """``(samples, tokens per sample)`` of each fidelity stage (one stage: the whole set); see the module doc."""
+        if self.tokens_per_stage is None:
+            return [(n_samples, seqlen)]
+        if self.tokens_per_stage[-1] != n_samples * seqlen:
+            raise UserError(f"the last --tokens-per-stage entry must be the whole calibration set "
+                            f"({n_samples} x {seqlen} = {n_samples * seqlen} tokens), got {self.tokens_per_stage[-1]}")
+        out = []
+        for t in self.tokens_per_stage:
+            m = min(n_samples, -(-t // seqlen))
+            out.append((m, t // m))
+        return out
 
 
 def _build_calib(cfg: SearchConfig, lm, run: RunDir, progress: bool):
@@ -222,15 +296,23 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
         run.write_config(cfg.to_dict())
     state = run.read_state() if resume else None
     calib = _build_calib(cfg, lm, run, progress)
-    evaluator = NLLEvaluator(lm, calib, batch_size=cfg.batch_size, prefix_cache=True)
+    slices = cfg.stage_slices(calib.n_samples, calib.seqlen)
+    mb = float(cfg.cache_mb) / len(slices)
+    evaluators = [NLLEvaluator(lm, calib if (m, t) == (calib.n_samples, calib.seqlen) else calib.slice(m, t),
+                               batch_size=cfg.batch_size, prefix_cache=True, metric=cfg.fitness,
+                               kl_topk=cfg.kl_topk, cache_mb=mb) for m, t in slices]
+    evaluator = evaluators[-1]
     counters = {"evaluations": 0, "token_layers": 0, "generation": 0}
     if state is not None:
         counters.update(state["counters"])
         options.update(state.get("extra_options", {}))
     else:
         extra = {}
-        evaluator.prepare()  # the dense hidden-state cache: one dense forward, counted once per run
-        counters["token_layers"] += evaluator.setup_token_layers
+        for ev in evaluators:  # the dense hidden-state caches: one dense forward each, counted once per run
+            ev.prepare()
+            counters["token_layers"] += ev.setup_token_layers
+        if cfg.method == "evo":  # BI from the cached dense states of the full set: no extra forward
+            extra["scores"] = evaluator.block_influence()
         if cfg.method == "shortgpt":
             from .prune.block_influence import block_influence
 
@@ -251,7 +333,11 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
     else:
         committed, pending = [], history
     run.rewrite_history(committed)
-    reuse = {r["pattern"]: r for r in pending}
+    for r in committed:  # the LRUs' bookkeeping, as the uninterrupted run left it
+        evaluators[r.get("stage", -1)].replay(pattern_from_key(r["pattern"]))
+    reuse = {(r["pattern"], r.get("stage")): r for r in pending}
+    budget = cfg.budget_token_layers
+    stopped = False
     display = _Display(progress, cfg.method)
     prev_wall = (state or {}).get("wall_s", 0.0)
     best_seen = strategy.best[1] if strategy.best else math.inf
@@ -264,41 +350,54 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
     if state is None:
         save_state()
     try:
-        while not strategy.done:
+        while not strategy.done and not stopped:
             cands = strategy.ask()
             fits = []
             for c in cands:
-                r = reuse.pop(c.key, None)
+                if budget is not None and counters["token_layers"] >= budget:
+                    stopped = True
+                    break
+                stage = getattr(c, "stage", None)
+                pattern = getattr(c, "pattern", c)
+                ev_s = evaluators[-1 if stage is None else stage]
+                r = reuse.pop((c.key, stage), None)
                 if r is None:
                     if _EVAL_DELAY:
                         time.sleep(_EVAL_DELAY)
-                    ev = evaluator.evaluate(c)
+                    ev = ev_s.evaluate(pattern)
                     loss, tokens, tl = ev.loss, ev.tokens, ev.token_layers
                 else:
+                    ev_s.replay(pattern)
                     loss, tokens, tl = r["loss"], r["tokens"], r["eval_token_layers"]
                 counters["evaluations"] += 1
                 counters["token_layers"] += tl
                 row = {"eval": counters["evaluations"], "generation": counters["generation"], "pattern": c.key,
                        "dropped": list(c.dropped), "loss": loss, "tokens": tokens, "eval_token_layers": tl,
                        "token_layers": counters["token_layers"]}
+                if stage is not None:
+                    row["stage"] = stage
                 run.append_history(row)
                 fits.append(loss)
-                best_seen = min(best_seen, loss)
+                if stage is None or stage == len(evaluators) - 1:
+                    best_seen = min(best_seen, loss)
                 display.update(counters["generation"], best_seen, counters["evaluations"], counters["token_layers"])
-            strategy.tell(cands, fits)
+            if fits:
+                strategy.tell(cands[: len(fits)], fits)
             counters["generation"] = strategy.generation
             save_state()
             run.append_wall({"generation": counters["generation"], "evaluations": counters["evaluations"],
                              "elapsed_s": round(time.time() - t0, 3)})
     finally:
         display.close()
+    if strategy.best is None:
+        raise UserError(f"--budget-token-layers {budget} ran out before any full-fidelity evaluation; raise it")
     best_p, best_loss = strategy.best
     result = {
         "method": cfg.method, "model": cfg.model, "sparsity": best_p.k / n, "n_layers": n, "k": best_p.k,
         "dropped_layers": list(best_p.dropped), "calib_loss": best_loss, "calib_ppl": math.exp(best_loss),
         "evaluations": counters["evaluations"], "token_layers": counters["token_layers"],
         "dense_token_layers_per_eval": evaluator.dense_token_layers,
-        "wall_s": round(prev_wall + time.time() - t0, 2), "seed": cfg.seed,
+        "wall_s": round(prev_wall + time.time() - t0, 2), "seed": cfg.seed, "stopped_early": stopped,
         "calib": {"source": cfg.calib if not cfg.calib_from else f"run:{cfg.calib_from}", "sampling": cfg.sampling,
                   "samples": calib.n_samples, "seqlen": calib.seqlen},
     }

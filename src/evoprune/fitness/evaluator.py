@@ -39,8 +39,12 @@ from ..data.calibration import CalibSet
 from ..evaluate.perplexity import window_nll
 from ..genome import DropPattern
 from ..models.loading import LoadedModel
+from .kl import KLTarget, kl_sum
+from .prefix_lru import PrefixLRU, prefix_key
 
-__all__ = ["DenseBatch", "Evaluation", "NLLEvaluator", "dense_states"]
+__all__ = ["DenseBatch", "Evaluation", "NLLEvaluator", "dense_states", "METRICS"]
+
+METRICS = ("nll", "kl")
 
 
 # -- hidden-state plumbing --------------------------------------------------------
@@ -154,7 +158,8 @@ def _no_blocks(lm: LoadedModel) -> Iterator[None]:
 class Evaluation:
     """Result of scoring one pattern.
 
-    - ``loss``: mean NLL in nats per predicted token over all calibration samples;
+    - ``loss``: mean NLL (or KL to the dense model, ``metric="kl"``) in nats per
+      predicted token over all calibration samples;
     - ``tokens``: predicted tokens, ``n_samples * (seqlen - 1)``;
     - ``token_layers``: input tokens x decoder blocks actually run for this
       evaluation (the prefix cache's setup cost is not included).
@@ -166,7 +171,7 @@ class Evaluation:
 
 
 class NLLEvaluator:
-    """Mean next-token NLL of ``lm`` with a pattern dropped, on ``calib``.
+    """Fitness (mean next-token NLL, or KL to the dense model) of ``lm`` with a pattern dropped, on ``calib``.
 
     ``evaluate(pattern)`` returns an :class:`Evaluation`. Modes:
 
@@ -178,6 +183,19 @@ class NLLEvaluator:
       pattern whose first dropped block is ``f`` then runs only its kept blocks
       ``>= f``: ``token_layers = n_samples * seqlen * (len(pattern.kept) - f)``
       (0 for the dense pattern). Same loss as naive (bitwise on CPU).
+    - ``cache_mb > 0`` (needs ``prefix_cache``): additionally a
+      :class:`~evoprune.fitness.prefix_lru.PrefixLRU` of at most ``cache_mb``
+      MiB keeps the hidden states entering every block a candidate ran, keyed by
+      (position, dropped blocks below it); a later candidate with the same
+      dropped blocks below position ``j`` starts at the deepest such ``j``:
+      ``token_layers = n_tokens * #(kept blocks >= j)``. Same loss as naive.
+      :meth:`replay` applies an evaluation's bookkeeping without computing
+      (resume); ghost entries it leaves are computed on a hit, uncounted.
+
+    ``metric="kl"``: the fitness is the mean ``KL(dense || candidate)`` of the
+    next-token distributions (see :mod:`evoprune.fitness.kl`; ``kl_topk`` bounds
+    memory). The dense logits come from the same dense forward that builds the
+    prefix cache (one dense forward in naive mode, counted the same way).
 
     Memory of the prefix cache: ``(n_layers + 1) * n_samples * seqlen * hidden *
     bytes`` on the model device, ``bytes`` = 4 for fp32 models (SmolLM2-135M,
@@ -191,20 +209,34 @@ class NLLEvaluator:
     """
 
     def __init__(self, lm: LoadedModel, calib: CalibSet, *, batch_size: int = 1, prefix_cache: bool = True,
-                 progress: bool = False) -> None:
+                 progress: bool = False, metric: str = "nll", kl_topk: int | None = None,
+                 cache_mb: float = 0.0) -> None:
         if calib.seqlen < 2:
             raise ValueError(f"calibration samples need >= 2 tokens to predict one, got seqlen {calib.seqlen}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        if kl_topk is not None and int(kl_topk) < 1:
+            raise ValueError(f"kl_topk must be >= 1, got {kl_topk}")
+        if cache_mb and not prefix_cache:
+            raise ValueError("cache_mb needs prefix_cache=True")
         self.lm = lm
         self.calib = calib
         self.batch_size = int(batch_size)
         self.batches = _batches(calib.n_samples, batch_size)
         self.prefix_cache = bool(prefix_cache)
         self.progress = bool(progress)
+        self.metric = metric
+        self.kl_topk = None if kl_topk is None else int(kl_topk)
         self.n_layers = lm.n_layers
         self.n_evaluations = 0
         self.spent_token_layers = 0
         # _cache[b][i]: input hidden state of block i (i == n_layers: final-norm input) for batch b
         self._cache: list[list[torch.Tensor]] | None = None
+        self._targets: list[KLTarget] | None = None
+        self._setup = 0
+        emb = lm.model.get_input_embeddings().weight
+        entry = calib.n_tokens * emb.shape[1] * emb.element_size()
+        self.lru = PrefixLRU(float(cache_mb) * 2 ** 20, entry) if cache_mb else None
 
     # -- sizes ---------------------------------------------------------------
     @property
@@ -219,20 +251,29 @@ class NLLEvaluator:
 
     @property
     def setup_token_layers(self) -> int:
-        """Token-layers spent building the prefix cache (0 until it is built, or without one)."""
-        return self.dense_token_layers if self._cache is not None else 0
+        """Token-layers spent on the dense forward (prefix cache and/or KL targets); 0 until it ran."""
+        return self._setup
 
     # -- prefix cache --------------------------------------------------------
     def prepare(self) -> None:
-        """Build the prefix cache now (otherwise the first :meth:`evaluate` does). No-op in naive mode."""
-        if not self.prefix_cache or self._cache is not None:
+        """Run the dense forward now if a prefix cache or KL targets need it (otherwise the first evaluation does)."""
+        need_cache = self.prefix_cache and self._cache is None
+        need_kl = self.metric == "kl" and self._targets is None
+        if not (need_cache or need_kl):
             return
         if self.lm.adapter.n_layers(self.lm.model) != self.n_layers:
             raise RuntimeError("the model's block count changed since the evaluator was built")
-        cache = []
+        cache, targets = [], []
         for batch in self._bar(dense_states(self.lm, self.calib, self.batch_size), "caching hidden states"):
-            cache.append(batch.states)
-        self._cache = cache
+            if need_cache:
+                cache.append(batch.states)
+            if need_kl:
+                targets.append(KLTarget.from_logits(batch.logits, self.kl_topk))
+        if need_cache:
+            self._cache = cache
+        if need_kl:
+            self._targets = targets
+        self._setup += self.dense_token_layers
         self.spent_token_layers += self.dense_token_layers
 
     def _hidden_at(self, block: int, batch_index: int) -> torch.Tensor:
@@ -240,62 +281,132 @@ class NLLEvaluator:
         assert self._cache is not None
         return self._cache[batch_index][block]
 
+    @torch.no_grad()
+    def block_influence(self) -> list[float]:
+        """ShortGPT Block Influence (as :func:`evoprune.prune.block_influence`) from the cached dense states."""
+        self.prepare()
+        if self._cache is None:
+            raise RuntimeError("block_influence needs prefix_cache=True")
+        cos_sum = torch.zeros(self.n_layers, dtype=torch.float64)
+        for states in self._cache:
+            for i in range(self.n_layers):
+                c = torch.nn.functional.cosine_similarity(states[i].float(), states[i + 1].float(), dim=-1)
+                cos_sum[i] += c.double().sum().cpu()
+        return [float(x) for x in (1.0 - cos_sum / self.calib.n_tokens).clamp(0.0, 2.0)]
+
     # -- evaluation ----------------------------------------------------------
+    def _plan(self, pattern: DropPattern) -> tuple[int, object]:
+        """``(start, lru_hit)`` for ``pattern``: the deepest cached start position (LRU bookkeeping applied)."""
+        if not self.prefix_cache:
+            return 0, None
+        hit = self.lru.lookup(self.n_layers, pattern.dropped) if self.lru is not None else None
+        return (pattern.first_dropped if hit is None else hit[0][0]), hit
+
+    def _lru_insert(self, pattern: DropPattern, start: int, states: dict[int, list] | None) -> None:
+        if self.lru is None:
+            return
+        run = [i for i in pattern.kept if i >= start]
+        for prev, j in zip(run, run[1:]):
+            value = None if states is None else states[j]
+            # the state entering kept block j also enters every dropped position between prev and j
+            for pos in [d for d in pattern.dropped if prev < d < j] + [j]:
+                self.lru.insert(prefix_key(pos, pattern.dropped), value)
+
+    def replay(self, pattern: DropPattern) -> None:
+        """Apply :meth:`evaluate`'s cache bookkeeping for ``pattern`` without computing anything (resume)."""
+        pattern = self.lm.adapter.pattern(self.lm.model, pattern)
+        start, _ = self._plan(pattern)
+        self._lru_insert(pattern, start, None)
+
     def evaluate(self, pattern: DropPattern) -> Evaluation:
         """Score ``pattern`` (validated against the model; :class:`UserError` if it does not fit)."""
         pattern = self.lm.adapter.pattern(self.lm.model, pattern)
+        self.prepare()
+        start, hit = self._plan(pattern)
         if not self.prefix_cache:
-            ev = self._run_from(pattern, 0, None)
+            source = None
+        elif hit is None:
+            source = lambda b, f=start: self._hidden_at(f, b)  # noqa: E731
         else:
-            self.prepare()
-            f = pattern.first_dropped
-            ev = self._run_from(pattern, f, lambda b: self._hidden_at(f, b))
+            key, states = hit
+            if states is None:  # a ghost left by replay: compute it now (not counted, like the resumed setup)
+                states = self._materialize(key)
+                self.lru.set(key, states)
+            source = lambda b, s=states: s[b]  # noqa: E731
+        capture = [i for i in pattern.kept if i >= start][1:] if self.lru is not None else []
+        ev, states = self._run_from(pattern, start, source, capture)
+        self._lru_insert(pattern, start, states)
         self.n_evaluations += 1
         self.spent_token_layers += ev.token_layers
         return ev
 
+    def _materialize(self, key) -> list[torch.Tensor]:
+        """Per-batch hidden states entering position ``j`` with ``prefix`` dropped below it."""
+        j, prefix = key
+        f = prefix[0]
+        p = DropPattern(self.n_layers, tuple(prefix) + tuple(range(j, self.n_layers)))
+        _, states = self._run_from(p, f, lambda b: self._hidden_at(f, b), [self.n_layers])
+        return states[self.n_layers]
+
     @torch.no_grad()
-    def _run_from(self, pattern: DropPattern, start: int,
-                  source: Callable[[int], torch.Tensor] | None) -> Evaluation:
-        """Loss of ``pattern`` running only its kept blocks ``>= start``.
+    def _run_from(self, pattern: DropPattern, start: int, source: Callable[[int], torch.Tensor] | None,
+                  capture: list[int] = ()) -> tuple[Evaluation, dict[int, list[torch.Tensor]]]:
+        """Fitness of ``pattern`` running only its kept blocks ``>= start``.
 
         ``source(batch_index)`` gives the hidden state entering position ``start``
         under ``pattern`` (the output of its kept blocks ``< start``), ``[B, T,
         hidden]``; ``None`` only with ``start == 0`` (the embeddings feed block 0).
-        Extension point: a shared-prefix cache passes a deeper ``start`` and its
-        own ``source``.
+        ``capture``: positions (kept blocks that run, or ``n_layers`` for the
+        final-norm input) whose input hidden states are returned per batch.
         """
         lm, model, adapter = self.lm, self.lm.model, self.lm.adapter
         if source is None and start != 0:
             raise ValueError("a start block > 0 needs a hidden-state source")
         run = [i for i in pattern.kept if i >= start]
         skipped = tuple(sorted(set(range(self.n_layers)) - set(run)))
+        blocks = adapter.get_blocks(model)
         if run:
-            target = adapter.get_blocks(model)[run[0]]
+            target = blocks[run[0]]
             scope = adapter.dropped(model, DropPattern(self.n_layers, skipped))
         else:
             target = adapter.final_norm(model)
             scope = _no_blocks(lm)
         current = [0]
+        captured: dict[int, list[torch.Tensor]] = {j: [] for j in capture}
 
         def feed(module, args, kwargs):
             # clone: a block that updated its input in place must not corrupt the cache
             return _with_hidden(args, kwargs, source(current[0]).clone())
 
+        def grab(j: int) -> Callable:
+            def hook(module, args, kwargs):
+                captured[j].append(_hidden_arg(args, kwargs).detach().clone())
+
+            return hook
+
         device = _device(model)
         total = 0.0
         with scope:
-            handle = target.register_forward_pre_hook(feed, with_kwargs=True) if source is not None else None
+            handles = []
             try:
+                if source is not None:
+                    handles.append(target.register_forward_pre_hook(feed, with_kwargs=True))
+                for j in capture:
+                    mod = adapter.final_norm(model) if j == self.n_layers else blocks[j]
+                    handles.append(mod.register_forward_pre_hook(grab(j), with_kwargs=True))
                 for b, (s, e) in enumerate(self._bar(self.batches, "eval")):
                     current[0] = b
                     ids = self.calib.input_ids[s:e].to(device)
                     logits = model(input_ids=ids, use_cache=False).logits
-                    total += float(window_nll(logits, ids).sum())
+                    if self.metric == "kl":
+                        total += kl_sum(self._targets[b], logits)
+                    else:
+                        total += float(window_nll(logits, ids).sum())
             finally:
-                if handle is not None:
-                    handle.remove()
-        return Evaluation(loss=total / self.tokens, tokens=self.tokens, token_layers=self.calib.n_tokens * len(run))
+                for h in handles:
+                    h.remove()
+        ev = Evaluation(loss=total / self.tokens, tokens=self.tokens, token_layers=self.calib.n_tokens * len(run))
+        return ev, captured
 
     def _bar(self, it, desc: str):
         if not self.progress:

@@ -47,4 +47,4 @@ def make_strategy(name: str, space: LayerDropSpace, rng: np.random.Generator, **
 
 # Imported last: each module registers itself via ``register`` defined above.
 from .base import Strategy, drive  # noqa: E402
-from . import evop, exhaustive, random_search, shortgpt, sleb  # noqa: E402,F401
+from . import evo, evop, exhaustive, random_search, shortgpt, sleb  # noqa: E402,F401

@@ -1,0 +1,273 @@
+"""evoprune's own evolutionary layer-drop search, method ``evo`` (multi-fidelity, swap mutation).
+
+Owns :class:`Request`, :class:`EvoConfig` and :class:`EvoStrategy`. A
+(mu + lambda) evolution strategy in the spirit of EvoPress (Sieberling et al.,
+2024) and DarwinLM, built for fixed-``k`` layer dropping:
+
+- **Initial cohort** (``offspring`` patterns, at least ``survivors[-1]``): when
+  one-shot ``scores`` are given (ShortGPT Block Influence, lower = more
+  droppable), a ``seed_fraction`` share is seeded from them: first the
+  ShortGPT pattern (the ``k`` lowest-score droppable blocks), then patterns
+  drawing ``k`` blocks without replacement with weight ``exp(-rank / k)``
+  (rank 0 = lowest score); the rest are uniform random feasible patterns.
+- **Offspring**: a parent chosen by binary tournament (the better-ranked of
+  two uniform draws from the current parents), then
+  ``m`` swap mutations (one dropped block <-> one kept droppable block, so
+  every child keeps exactly ``k`` and stays feasible), ``m ~ Geometric(1/2)``
+  capped at ``min(k, n_droppable - k)``.
+- **Duplicate rejection**: a child equal to a parent, to a pattern of the same
+  cohort, or to any pattern ever scored (at any stage) is redrawn (at most
+  ``50 * offspring`` draws per cohort; a cohort that stays empty ends the search).
+- **Multi-fidelity selection**: stage ``s`` (``0 .. len(survivors) - 1``) scores
+  its candidates on the run's stage-``s`` data slice (the last stage is the full
+  calibration set). Every cohort member is scored at stage 0; the best
+  ``survivors[s]`` of stage ``s`` (ties: cohort order) are scored at stage
+  ``s + 1``. After the last stage, the next parents are the best
+  ``survivors[-1]`` distinct patterns among the old parents and the cohort's
+  last-stage candidates, by full fitness (elitism: a parent leaves only for a
+  strictly better pattern; ties keep parents first).
+- ``generation`` counts completed cohorts (the initial one included); the
+  search ends after ``generations`` cohorts. ``best`` is the lowest *full
+  (last-stage)* fitness seen.
+
+``ask()`` returns :class:`Request` objects (a pattern and its stage), each
+(pattern, stage) pair at most once per run; the fitness memo is keyed by
+(pattern, stage), i.e. by (pattern, data slice) since a run has one metric.
+Torch-free; randomness only from the given generator.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..genome import DropPattern
+from ..space import SearchError
+from . import register
+from .base import Strategy, _dec, _enc, pattern_from_key
+
+__all__ = ["EvoConfig", "EvoStrategy", "Request"]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One evaluation a multi-fidelity strategy asks for: ``pattern`` on the stage-``stage`` data slice."""
+
+    pattern: DropPattern
+    stage: int
+
+    @property
+    def key(self) -> str:
+        return self.pattern.key
+
+    @property
+    def dropped(self) -> tuple[int, ...]:
+        return self.pattern.dropped
+
+
+@dataclass(frozen=True)
+class EvoConfig:
+    """Options of ``evo``; validated on construction (``SearchError``)."""
+
+    generations: int = 20
+    offspring: int = 16
+    survivors: tuple = (4,)
+    scores: tuple | None = None
+    seed_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("generations", "offspring"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SearchError(f"{name} must be an integer >= 1, got {v!r}")
+        try:
+            surv = tuple(int(x) for x in self.survivors)
+        except (TypeError, ValueError):
+            raise SearchError(f"survivors must be a list of integers, got {self.survivors!r}") from None
+        if not surv or min(surv) < 1:
+            raise SearchError(f"survivors must be a non-empty list of integers >= 1, got {self.survivors!r}")
+        if any(s > self.offspring for s in surv[:-1]):
+            raise SearchError(f"survivors per stage (before the last) must be <= offspring={self.offspring}, got {surv}")
+        object.__setattr__(self, "survivors", surv)
+        if self.scores is not None:
+            sc = tuple(float(x) for x in self.scores)
+            if not all(math.isfinite(x) for x in sc):
+                raise SearchError("scores must be finite")
+            object.__setattr__(self, "scores", sc)
+        if not 0.0 <= float(self.seed_fraction) <= 1.0:
+            raise SearchError(f"seed_fraction must be in [0, 1], got {self.seed_fraction!r}")
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.survivors)
+
+
+@register("evo")
+class EvoStrategy(Strategy):
+    """Multi-fidelity (mu + lambda) evolution with swap mutation. Options: see :class:`EvoConfig`."""
+
+    config_cls = EvoConfig
+    config: EvoConfig
+
+    def __init__(self, space, rng, **options) -> None:
+        super().__init__(space, rng, **options)
+        if self.config.scores is not None and len(self.config.scores) != space.n_layers:
+            raise SearchError(f"scores must have {space.n_layers} entries (one per block), got {len(self.config.scores)}")
+        if space.k >= space.n_droppable:
+            raise SearchError(f"evo needs k < droppable blocks, got k={space.k} of {space.n_droppable}")
+        self.last = self.config.n_stages - 1
+        self.parents: list[DropPattern] = []
+        self._low: dict[str, float] = {}  # "key@stage" -> fitness, stages < last
+        self.stage = 0
+        self.cohort: list[DropPattern] = self._initial_cohort()
+        self.active: list[DropPattern] = list(self.cohort)
+        self._requests: list[Request] = []
+        if not self.cohort:
+            self._done = True
+
+    # -- fitness memo over (pattern, stage) -------------------------------------------
+
+    def stage_fitness(self, p: DropPattern, stage: int) -> float | None:
+        """Memoised fitness of ``p`` at ``stage`` or ``None``."""
+        return self._memo.get(p.key) if stage == self.last else self._low.get(f"{p.key}@{stage}")
+
+    def _seen(self, p: DropPattern) -> bool:
+        return p.key in self._memo or any(f"{p.key}@{s}" in self._low for s in range(self.last))
+
+    # -- ask / tell ------------------------------------------------------------------
+
+    def ask(self) -> list[Request]:
+        while not self._requests and not self._done:
+            fresh = [Request(p, self.stage) for p in self.active if self.stage_fitness(p, self.stage) is None]
+            if fresh:
+                self._requests = fresh
+            else:
+                self._complete_stage()
+        return list(self._requests)
+
+    def tell(self, candidates: Sequence[Request], fitnesses: Sequence[float]) -> None:
+        candidates, fitnesses = list(candidates), list(fitnesses)
+        if len(candidates) != len(fitnesses):
+            raise SearchError(f"tell got {len(candidates)} candidates but {len(fitnesses)} fitnesses")
+        pending = {(r.key, r.stage) for r in self._requests}
+        ids = [(getattr(r, "key", None), getattr(r, "stage", None)) for r in candidates]
+        if len(set(ids)) != len(ids):
+            raise SearchError("tell got the same candidate twice")
+        stray = [i for i in ids if i not in pending]
+        if stray:
+            raise SearchError(f"tell got candidates that are not outstanding (not asked, or already told): {stray}")
+        for r, f in zip(candidates, fitnesses):
+            f = float(f)
+            f = math.inf if math.isnan(f) else f
+            self.n_evaluations += 1
+            if r.stage == self.last:
+                self._memo[r.key] = f
+                if self.space.feasible(r.pattern) and (self._best is None or f < self._best[1]):
+                    self._best = (r.key, f)
+            else:
+                self._low[f"{r.key}@{r.stage}"] = f
+        told = set(ids)
+        self._requests = [r for r in self._requests if (r.key, r.stage) not in told]
+        if not self._requests:
+            self._complete_stage()
+
+    def _ranked(self, pats: list[DropPattern], stage: int) -> list[DropPattern]:
+        order = sorted(range(len(pats)), key=lambda i: (self.stage_fitness(pats[i], stage), i))
+        return [pats[i] for i in order]
+
+    def _complete_stage(self) -> None:
+        if self.stage < self.last:
+            self.active = self._ranked(self.active, self.stage)[: self.config.survivors[self.stage]]
+            self.stage += 1
+            return
+        self.generation += 1
+        pool, seen = [], set()
+        for p in self.parents + self.active:
+            if p.key not in seen:
+                seen.add(p.key)
+                pool.append(p)
+        self.parents = self._ranked(pool, self.last)[: self.config.survivors[-1]]
+        if self.generation >= self.config.generations:
+            self._done = True
+            return
+        self.cohort = self._offspring()
+        self.active, self.stage = list(self.cohort), 0
+        if not self.cohort:
+            self._done = True
+
+    def _advance(self) -> None:  # pragma: no cover - ask/tell are overridden
+        raise NotImplementedError
+
+    # -- operators -------------------------------------------------------------------
+
+    def _swap(self, p: DropPattern) -> DropPattern:
+        sp = self.space
+        m = min(int(self.rng.geometric(0.5)), sp.k, sp.n_droppable - sp.k)
+        dropped = set(p.dropped)
+        for _ in range(m):
+            out = sorted(dropped)
+            inn = [i for i in sp.droppable if i not in dropped]
+            a = out[int(self.rng.integers(len(out)))]
+            b = inn[int(self.rng.integers(len(inn)))]
+            dropped.remove(a)
+            dropped.add(b)
+        return DropPattern(sp.n_layers, tuple(sorted(dropped)))
+
+    def _offspring(self) -> list[DropPattern]:
+        out, keys = [], {p.key for p in self.parents}
+        for _ in range(50 * self.config.offspring):
+            if len(out) == self.config.offspring:
+                break
+            # binary tournament on the ranked parents: the better of two uniform draws
+            i = min(int(self.rng.integers(len(self.parents))), int(self.rng.integers(len(self.parents))))
+            child = self._swap(self.parents[i])
+            if child.key not in keys and not self._seen(child):
+                keys.add(child.key)
+                out.append(child)
+        return out
+
+    def _initial_cohort(self) -> list[DropPattern]:
+        sp, cfg = self.space, self.config
+        size = min(max(cfg.offspring, cfg.survivors[-1]), sp.size())
+        out, keys = [], set()
+
+        def add(p: DropPattern) -> None:
+            if p.key not in keys and len(out) < size:
+                keys.add(p.key)
+                out.append(p)
+
+        if cfg.scores is not None:
+            n_seed = int(math.floor(cfg.seed_fraction * size + 0.5))
+            drop = np.asarray(sp.droppable)
+            order = drop[np.argsort([cfg.scores[i] for i in drop], kind="stable")]
+            if n_seed:
+                add(DropPattern(sp.n_layers, tuple(sorted(int(i) for i in order[: sp.k]))))
+            w = np.exp(-np.arange(len(order)) / sp.k)
+            w = w / w.sum()
+            for _ in range(50 * size):
+                if len(out) >= n_seed:
+                    break
+                add(DropPattern(sp.n_layers, tuple(sorted(int(i) for i in self.rng.choice(order, sp.k, replace=False, p=w)))))
+        for _ in range(50 * size):
+            if len(out) >= size:
+                break
+            add(sp.sample(self.rng))
+        return out
+
+    # -- state -----------------------------------------------------------------------
+
+    def _extra_state(self) -> dict:
+        return {"parents": [p.key for p in self.parents], "cohort": [p.key for p in self.cohort],
+                "active": [p.key for p in self.active], "stage": self.stage,
+                "low": {k: _enc(v) for k, v in self._low.items()},
+                "requests": [[r.key, r.stage] for r in self._requests]}
+
+    def _load_extra_state(self, d: dict) -> None:
+        self.parents = [pattern_from_key(k) for k in d["parents"]]
+        self.cohort = [pattern_from_key(k) for k in d["cohort"]]
+        self.active = [pattern_from_key(k) for k in d["active"]]
+        self.stage = int(d["stage"])
+        self._low = {str(k): _dec(v) for k, v in d["low"].items()}
+        self._requests = [Request(pattern_from_key(k), int(s)) for k, s in d["requests"]]
