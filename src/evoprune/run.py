@@ -22,7 +22,7 @@ entries and report the same token-layers (ghost entries are recomputed on a
 hit, uncounted).
 
 Multi-fidelity (``method="evo"`` with ``tokens_per_stage``): the strategy asks
-for :class:`~evoprune.search.evo.Request`\ s (pattern, stage). Stage ``s`` with
+for :class:`~evoprune.search.evo.Request` objects (pattern, stage). Stage ``s`` with
 ``T = tokens_per_stage[s]`` tokens uses one data slice shared by all its
 candidates: the first ``m = min(n_samples, ceil(T / seqlen))`` calibration
 samples, each cut to its first ``T // m`` tokens (so ``m * (T // m) <= T``
@@ -236,6 +236,8 @@ class _Display:
     """A one-line live status (generation, best loss, evaluations, token-layers, elapsed) on stderr."""
 
     def __init__(self, enabled: bool, method: str):
+        # a live line only makes sense on a terminal; logs get the final summary line instead
+        enabled = enabled and sys.stderr.isatty()
         self.enabled, self.method, self.t0 = enabled, method, time.time()
         self.live = None
         if enabled:
