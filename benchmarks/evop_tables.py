@@ -9,8 +9,6 @@ docs/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import time
 from pathlib import Path

@@ -85,21 +85,7 @@ def test_kill_and_resume_equals_uninterrupted(deep_model, calib_text, tmp_path, 
     assert json.loads((ref / "result.json").read_text())["evaluations"] > 25
     run = tmp_path / "killed"
     args[args.index("--out") + 1] = str(run)
-    for i, n in enumerate(kill_after):
-        cmd = _cmd(*args) if i == 0 else _cmd("resume", str(run))
-        p = subprocess.Popen(cmd, env=_env(0.05), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            h = run / "history.jsonl"
-            lines = h.read_text().count("\n") if h.exists() else 0
-            if (n == 0 and (run / "config.json").exists()) or (n > 0 and lines >= n):
-                break
-            time.sleep(0.01)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        assert not (run / "result.json").exists()
-    r = subprocess.run(_cmd("resume", str(run)), env=_env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    _kill_resume(args, run, kill_after)
     a, b = json.loads((ref / "result.json").read_text()), json.loads((run / "result.json").read_text())
     for key in ("dropped_layers", "calib_loss", "evaluations", "token_layers"):
         assert a[key] == b[key], key

@@ -42,7 +42,14 @@ def _load(args):
     return load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device, progress=_progress())
 
 
-def _emit(obj: dict) -> None:
+def _emit(obj: dict, out: str | None = None) -> None:
+    """Print ``obj`` as the JSON last line of stdout; also save it to ``out`` when given."""
+    if out:
+        from pathlib import Path
+
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=2) + "\n")
     print(json.dumps(obj), flush=True)
 
 

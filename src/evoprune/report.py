@@ -212,7 +212,7 @@ def _plot_fitness(run: dict, path: Path) -> None:
             colors = [cmap(int(r.get("generation", 0)) / max(gmax, 1)) for r in sel]
             xs, ys = [r[key] for r in sel], [r["loss"] for r in sel]
             if feasible:
-                sc = ax.scatter(xs, ys, c=colors, s=18, alpha=0.75, edgecolors="none",
+                ax.scatter(xs, ys, c=colors, s=18, alpha=0.75, edgecolors="none",
                                 label=f"evaluated candidate (k={k})" if k is not None else "evaluated candidate")
             else:
                 ax.scatter(xs, ys, facecolors="none", edgecolors=colors, s=18, alpha=0.75, linewidths=0.8,

@@ -465,11 +465,7 @@ def cmd_bench(args) -> int:
     if res["device"].startswith("cuda"):
         res["device_name"] = torch.cuda.get_device_name(torch.device(args.device))
     print(format_table(res))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2) + "\n")
-    _emit(res)
+    _emit(res, args.out)
     return 0
 
 

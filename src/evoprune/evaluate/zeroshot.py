@@ -328,11 +328,7 @@ def cmd_eval(args) -> int:
     res = {"model": args.model, "dropped_layers": dropped, "n_layers": lm.adapter.n_layers(lm.model), **res}
     print(format_table(res))
     print(f"({res['task_source']} tasks, limit {args.limit or 'none'}, {res['seconds']:.1f} s)", file=sys.stderr)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2) + "\n")
-    _emit(res)
+    _emit(res, args.out)
     return 0
 
 
