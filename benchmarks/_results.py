@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import platform
 import re
-import subprocess
 import sys
 from datetime import date
 from pathlib import Path

@@ -10,59 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import md_table, write_section  # noqa: E402
 
-from evoprune.data.sources import get_text  # noqa: E402
-from evoprune.evaluate.perplexity import perplexity, tokenize_text  # noqa: E402
-from evoprune.models import load_model  # noqa: E402
-from evoprune.record import RunDir  # noqa: E402
-from evoprune.run import SearchConfig, run_search  # noqa: E402
-
-
-def search(work: Path, name: str, **kw) -> dict:
-    cfg = SearchConfig(model="smollm2-135m", **kw)
-    t = time.time()
-    res = run_search(cfg, work / name, progress=False)
-    print(f"  {name}: drop {res['dropped_layers']} loss {res['calib_loss']:.4f} evals {res['evaluations']} "
-          f"({time.time() - t:.0f} s)", file=sys.stderr, flush=True)
-    return res
-
-
-def sleb_prefixes(work: Path, name: str, ks: list[int], **kw) -> dict[int, dict]:
-    """One greedy SLEB run to max(ks); the pattern after step j is what a k=j run returns (greedy is prefix-stable)."""
-    res = search(work, name, method="sleb", drop_count=max(ks), **kw)
-    rows = RunDir(work / name).read_history()
-    out = {}
-    for g in range(max(ks)):
-        best = min((r for r in rows if r["generation"] == g), key=lambda r: r["loss"])
-        k = g + 1
-        if k in ks:
-            out[k] = {"dropped_layers": best["dropped"], "calib_loss": best["loss"], "evaluations":
-                      sum(1 for r in rows if r["generation"] <= g), "token_layers": best["token_layers"]}
-    assert out[max(ks)]["dropped_layers"] == res["dropped_layers"]
-    return out
-
-
-class HeldOut:
-    """Held-out perplexity of drop patterns, memoized; one model load for the whole script."""
-
-    def __init__(self, seqlen: int, windows: int):
-        self.lm = load_model("smollm2-135m")
-        self.seqlen, self.windows = seqlen, windows
-        self.ids = {ds: tokenize_text(self.lm.tokenizer, get_text(ds, "eval")) for ds in ("wikitext2", "c4")}
-        self.memo: dict = {}
-
-    def __call__(self, drop, ds: str) -> float:
-        key = (tuple(drop), ds)
-        if key not in self.memo:
-            with self.lm.adapter.dropped(self.lm.model, list(drop)):
-                self.memo[key] = perplexity(self.lm.model, ids=self.ids[ds], seqlen=self.seqlen,
-                                            max_windows=self.windows, progress=False).ppl
-        return self.memo[key]
+from _runs import HeldOut, search, sleb_prefixes  # noqa: E402
 
 
 def fig1(args, work: Path) -> str:
@@ -160,7 +113,7 @@ def main() -> None:
     if "fig1" in parts:
         write_section("evop-fig1", fig1(args, work))
     if "tables" in parts or "ablation" in parts:
-        held = HeldOut(args.heldout_seqlen, args.heldout_windows)
+        held = HeldOut(args.heldout_seqlen, args.heldout_windows, ("wikitext2", "c4"))
         if "tables" in parts:
             write_section("evop-tables", tables(args, work, held))
         if "ablation" in parts:

@@ -26,63 +26,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import md_table, write_section  # noqa: E402
+from _runs import HeldOut, search, sleb_prefixes  # noqa: E402
 
 from evoprune.genome import DropPattern  # noqa: E402
 from evoprune.record import RunDir  # noqa: E402
-from evoprune.run import SearchConfig, run_search  # noqa: E402
+from evoprune.run import SearchConfig  # noqa: E402
 
 METHODS = ("sleb", "evop", "evo", "random")
 
 
 def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
-
-
-def search(work: Path, name: str, **kw) -> dict:
-    cfg = SearchConfig(model="smollm2-135m", calib="wikitext2", sampling="random", **kw)
-    t = time.time()
-    res = run_search(cfg, work / name, progress=False)
-    print(f"  {name}: drop {res['dropped_layers']} loss {res['calib_loss']:.4f} evals {res['evaluations']} "
-          f"tl {res['token_layers']:.3g} ({time.time() - t:.0f} s)", file=sys.stderr, flush=True)
-    return res
-
-
-def sleb_prefixes(work: Path, name: str, ks: list[int], **kw) -> dict[int, dict]:
-    res = search(work, name, method="sleb", drop_count=max(ks), **kw)
-    rows = RunDir(work / name).read_history()
-    out = {}
-    for k in ks:
-        step = [r for r in rows if r["generation"] == k - 1]
-        best = min(step, key=lambda r: r["loss"])
-        out[k] = {"dropped_layers": best["dropped"], "calib_loss": best["loss"],
-                  "evaluations": sum(1 for r in rows if r["generation"] <= k - 1),
-                  "token_layers": step[-1]["token_layers"], "wall_s": res["wall_s"] if k == max(ks) else None}
-    assert out[max(ks)]["dropped_layers"] == res["dropped_layers"]
-    return out
-
-
-class HeldOut:
-    """Held-out wikitext2-test perplexity of drop patterns, memoized; one model load."""
-
-    def __init__(self, seqlen: int, windows: int):
-        from evoprune.data.sources import get_text
-        from evoprune.evaluate.perplexity import tokenize_text
-        from evoprune.models import load_model
-
-        self.lm = load_model("smollm2-135m", progress=False)
-        self.seqlen, self.windows = seqlen, windows
-        self.ids = tokenize_text(self.lm.tokenizer, get_text("wikitext2", "eval"))
-        self.memo: dict = {}
-
-    def __call__(self, drop) -> float:
-        from evoprune.evaluate.perplexity import perplexity
-
-        key = tuple(drop)
-        if key not in self.memo:
-            with self.lm.adapter.dropped(self.lm.model, list(drop)):
-                self.memo[key] = perplexity(self.lm.model, ids=self.ids, seqlen=self.seqlen,
-                                            max_windows=self.windows, progress=False).ppl
-        return self.memo[key]
 
 
 def naive_vs_cached(run: Path, lm, n: int, cache_mb: float) -> dict:
@@ -149,7 +103,7 @@ def main() -> None:
     full = args.nsamples * args.seqlen
     tps = args.tokens_per_stage or f"{max(2, full // 4)},{full}"
     sps = args.survivors_per_stage if "," in tps else args.survivors_per_stage.split(",")[-1]
-    common = dict(nsamples=args.nsamples, seqlen=args.seqlen)
+    common = dict(calib="wikitext2", sampling="random", nsamples=args.nsamples, seqlen=args.seqlen)
     results: dict[tuple, dict] = {}
     for seed in seeds:
         if "sleb" in methods:
