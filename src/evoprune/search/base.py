@@ -137,28 +137,38 @@ class Strategy:
         return list(self._pending)
 
     def tell(self, candidates: Sequence[DropPattern], fitnesses: Sequence[float]) -> None:
-        candidates, fitnesses = list(candidates), list(fitnesses)
-        if len(candidates) != len(fitnesses):
-            raise SearchError(f"tell got {len(candidates)} candidates but {len(fitnesses)} fitnesses")
-        pending = {p.key for p in self._pending}
-        keys = [p.key for p in candidates]
-        if len(set(keys)) != len(keys):
-            raise SearchError("tell got the same candidate twice")
-        stray = [k for k in keys if k not in pending]
-        if stray:
-            raise SearchError(f"tell got candidates that are not outstanding (not asked, or already told): {stray}")
-        for p, f in zip(candidates, fitnesses):
-            f = float(f)
-            f = math.inf if math.isnan(f) else f
+        keys, fits = self._checked_tell(candidates, fitnesses, [p.key for p in self._pending], lambda p: p.key)
+        for p, f in zip(candidates, fits):
             self._memo[p.key] = f
             self.n_evaluations += 1
-            # Strict '<' keeps the earliest of equal-fitness patterns.
-            if self.space.feasible(p) and (self._best is None or f < self._best[1]):
-                self._best = (p.key, f)
+            self._update_best(p, f)
         told = set(keys)
         self._pending = [p for p in self._pending if p.key not in told]
         if not self._pending:
             self._finish_round()
+
+    @staticmethod
+    def _checked_tell(candidates: Sequence, fitnesses: Sequence[float], outstanding: Sequence,
+                      ident: Callable[[Any], Any]) -> tuple[list, list[float]]:
+        """The checks every ``tell`` makes: as many fitnesses as candidates, no candidate twice, only
+        outstanding ones (by ``ident``). Returns the candidates' ids and the fitnesses with NaN -> +inf."""
+        candidates, fitnesses = list(candidates), list(fitnesses)
+        if len(candidates) != len(fitnesses):
+            raise SearchError(f"tell got {len(candidates)} candidates but {len(fitnesses)} fitnesses")
+        ids = [ident(c) for c in candidates]
+        if len(set(ids)) != len(ids):
+            raise SearchError("tell got the same candidate twice")
+        pending = set(outstanding)
+        stray = [i for i in ids if i not in pending]
+        if stray:
+            raise SearchError(f"tell got candidates that are not outstanding (not asked, or already told): {stray}")
+        fits = [float(f) for f in fitnesses]
+        return ids, [math.inf if math.isnan(f) else f for f in fits]
+
+    def _update_best(self, p: DropPattern, f: float) -> None:
+        # Strict '<' keeps the earliest of equal-fitness patterns.
+        if self.space.feasible(p) and (self._best is None or f < self._best[1]):
+            self._best = (p.key, f)
 
     def _finish_round(self) -> None:
         self.generation += 1

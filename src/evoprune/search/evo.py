@@ -148,24 +148,13 @@ class EvoStrategy(Strategy):
         return list(self._requests)
 
     def tell(self, candidates: Sequence[Request], fitnesses: Sequence[float]) -> None:
-        candidates, fitnesses = list(candidates), list(fitnesses)
-        if len(candidates) != len(fitnesses):
-            raise SearchError(f"tell got {len(candidates)} candidates but {len(fitnesses)} fitnesses")
-        pending = {(r.key, r.stage) for r in self._requests}
-        ids = [(getattr(r, "key", None), getattr(r, "stage", None)) for r in candidates]
-        if len(set(ids)) != len(ids):
-            raise SearchError("tell got the same candidate twice")
-        stray = [i for i in ids if i not in pending]
-        if stray:
-            raise SearchError(f"tell got candidates that are not outstanding (not asked, or already told): {stray}")
-        for r, f in zip(candidates, fitnesses):
-            f = float(f)
-            f = math.inf if math.isnan(f) else f
+        ids, fits = self._checked_tell(candidates, fitnesses, [(r.key, r.stage) for r in self._requests],
+                                       lambda r: (getattr(r, "key", None), getattr(r, "stage", None)))
+        for r, f in zip(candidates, fits):
             self.n_evaluations += 1
             if r.stage == self.last:
                 self._memo[r.key] = f
-                if self.space.feasible(r.pattern) and (self._best is None or f < self._best[1]):
-                    self._best = (r.key, f)
+                self._update_best(r.pattern, f)
             else:
                 self._low[f"{r.key}@{r.stage}"] = f
         told = set(ids)
