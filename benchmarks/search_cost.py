@@ -8,7 +8,10 @@ seconds, plus, from one ``evo`` run, naive vs cached evaluation of the same
 candidates (wall-time ratio, max relative loss difference, token-layer ratio).
 SLEB runs once per seed to ``max(ks)``; the k < max result is its greedy prefix
 (SLEB is prefix-stable), charged the token-layers spent up to that step.
-``random`` gets ``evo``'s evaluation count as its budget.
+``evo`` runs with ``--budget-token-layers`` = ``--evo-budget-frac`` x SLEB's
+token-layers at the same k and seed (the target is <= 50%), so its generation
+count only caps it. ``evop`` and ``random`` get the token-layers ``evo`` actually
+spent (compute-matched); ``--baseline-seeds`` limits them to some seeds.
 
 Every search is a real run directory under ``--work`` (re-running resumes /
 reuses finished ones). Prints the markdown; ``--write`` also writes the
@@ -86,12 +89,15 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--evop-population", type=int, default=16)
-    ap.add_argument("--evop-generations", type=int, default=8)
-    ap.add_argument("--evo-generations", type=int, default=12)
+    ap.add_argument("--evop-generations", type=int, default=40, help="cap; the matched budget ends evop first")
+    ap.add_argument("--evo-generations", type=int, default=60, help="cap; the token-layer budget ends evo first")
+    ap.add_argument("--evo-budget-frac", type=float, default=0.5, help="evo budget: this x SLEB's token-layers")
+    ap.add_argument("--baseline-seeds", default=None, help="seeds for evop/random (default: all)")
+    ap.add_argument("--baseline-ks", default=None, help="ks for evop/random (default: all)")
     ap.add_argument("--evo-offspring", type=int, default=16)
     ap.add_argument("--tokens-per-stage", default=None, help="evo stages (default: nsamples*seqlen/4 and the whole set)")
     ap.add_argument("--survivors-per-stage", default="4,2")
-    ap.add_argument("--cache-mb", type=float, default=512.0)
+    ap.add_argument("--cache-mb", type=float, default=4096.0)
     ap.add_argument("--heldout-seqlen", type=int, default=512)
     ap.add_argument("--heldout-windows", type=int, default=16)
     ap.add_argument("--timing-candidates", type=int, default=20)
@@ -100,6 +106,8 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     seeds, ks, methods = _ints(args.seeds), _ints(args.ks), args.methods.split(",")
+    base_seeds = seeds if args.baseline_seeds is None else _ints(args.baseline_seeds)
+    base_ks = ks if args.baseline_ks is None else _ints(args.baseline_ks)
     full = args.nsamples * args.seqlen
     tps = args.tokens_per_stage or f"{max(2, full // 4)},{full}"
     sps = args.survivors_per_stage if "," in tps else args.survivors_per_stage.split(",")[-1]
@@ -110,19 +118,24 @@ def main() -> None:
             for k, r in sleb_prefixes(work, f"sleb_s{seed}", ks, seed=seed, **common).items():
                 results[("sleb", k, seed)] = r
         for k in ks:
+            sleb = results.get(("sleb", k, seed))
             if "evo" in methods:
+                budget = int(args.evo_budget_frac * sleb["token_layers"]) if sleb else None
                 results[("evo", k, seed)] = search(
                     work, f"evo_k{k}_s{seed}", method="evo", drop_count=k, seed=seed, generations=args.evo_generations,
                     offspring=args.evo_offspring, tokens_per_stage=tps, survivors_per_stage=sps,
-                    cache_mb=args.cache_mb, **common)
+                    cache_mb=args.cache_mb, budget_token_layers=budget, **common)
+            if seed not in base_seeds or k not in base_ks:
+                continue
+            matched = results.get(("evo", k, seed), {}).get("token_layers")
             if "evop" in methods:
                 results[("evop", k, seed)] = search(
                     work, f"evop_k{k}_s{seed}", method="evop", drop_count=k, seed=seed,
-                    population=args.evop_population, generations=args.evop_generations, **common)
+                    population=args.evop_population, generations=args.evop_generations,
+                    budget_token_layers=matched, **common)
             if "random" in methods:
-                budget = results.get(("evo", k, seed), {}).get("evaluations", 100)
                 results[("random", k, seed)] = search(work, f"random_k{k}_s{seed}", method="random", drop_count=k,
-                                                      seed=seed, budget=budget, **common)
+                                                      seed=seed, budget=100000, budget_token_layers=matched, **common)
     held = HeldOut(args.heldout_seqlen, args.heldout_windows)
     n_layers = held.lm.n_layers
     rows, checks = [], []
@@ -148,9 +161,11 @@ def main() -> None:
     body = ("### Search cost: evo vs baselines (SmolLM2-135M)\n\n"
             f"Calibration: {args.nsamples} random windows x {args.seqlen} tokens of wikitext2 valid (per seed). "
             f"Held-out: wikitext2 test, {args.heldout_windows} windows x {args.heldout_seqlen} tokens. evo: "
-            f"{args.evo_generations} generations x {args.evo_offspring} offspring, tokens per stage {tps}, "
-            f"survivors {sps}, LRU {args.cache_mb:g} MiB. evop: population {args.evop_population}, "
-            f"{args.evop_generations} generations. random: evo's evaluation count.\n\n"
+            f"budget {args.evo_budget_frac:g} x SLEB's token-layers at the same k and seed (at most "
+            f"{args.evo_generations} generations) x {args.evo_offspring} offspring, tokens per stage {tps}, "
+            f"survivors {sps}, LRU {args.cache_mb:g} MiB. evop (population {args.evop_population}, at most "
+            f"{args.evop_generations} generations) and random: the token-layers evo spent (compute-matched), "
+            f"seeds {','.join(map(str, base_seeds))} and k {','.join(map(str, base_ks))} only (CPU time).\n\n"
             + md_table(["method", "k", "seed", "calib loss", "wikitext2 ppl", "token-layers", "vs SLEB", "evals",
                         "wall s", "dropped"], rows))
     if checks:

@@ -82,3 +82,22 @@ def text_file(tmp_path):
     p = tmp_path / "text.txt"
     p.write_text("The quick brown fox jumps over the lazy dog. " * 60)
     return p
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory):
+    """A 12-block tiny llama: C(12, 4) = 495 patterns, so a GA run has enough distinct evaluations to kill."""
+    from tests.conftest import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("deep") / "llama12", "llama", n_layers=12)
+
+
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory):
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    words = "alpha beta gamma delta epsilon the quick brown fox jumps over lazy dog".split()
+    import random as _r  # test data only
+
+    g = _r.Random(0)
+    p.write_text(" ".join(g.choice(words) for _ in range(3000)))
+    return p

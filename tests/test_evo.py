@@ -102,7 +102,8 @@ def test_bi_seeding():
 def test_multi_stage_promotion_and_memo():
     f, _ = _toy(14, 1)
     space = LayerDropSpace(14, 3)
-    s = make_strategy("evo", space, np.random.default_rng(2), generations=5, offspring=12, survivors=(4, 2))
+    s = make_strategy("evo", space, np.random.default_rng(2), generations=5, offspring=12, survivors=(4, 2),
+                      greedy_seed=False)
     noise = lambda p, st: 0.01 * (hash(p.key) % 7)  # noqa: E731 (deterministic "low-fidelity" error)
     asked = _run(s, f, noise)
     assert len(asked) == len(set(asked))
@@ -135,6 +136,32 @@ def test_state_dict_roundtrip_mid_run(survivors):
         assert t.best == ref.best
     with pytest.raises(SearchError):
         make_strategy("evo", space, np.random.default_rng(9), generations=7).load_state_dict(state)
+
+
+def test_greedy_seeding_phase():
+    """Multi-stage evo starts with a SLEB-like greedy pass at stage 0; its last step is the first cohort."""
+    f, w = _toy(14, 3)
+    space = LayerDropSpace(14, 3)
+    s = make_strategy("evo", space, np.random.default_rng(0), generations=3, offspring=8, survivors=(4, 2),
+                      scores=tuple(w))
+    steps = []
+    for _ in range(3):  # three greedy steps: 14, 13, 12 candidates with 1, 2, 3 blocks, all at stage 0
+        reqs = s.ask()
+        steps.append((len(reqs), {r.pattern.k for r in reqs}, {r.stage for r in reqs}))
+        s.tell(reqs, [f(r.pattern) for r in reqs])
+    assert steps == [(14, {1}, {0}), (13, {2}, {0}), (12, {3}, {0})]
+    g = []
+    for j in range(3):
+        g = min((sorted(g + [i]) for i in range(14) if i not in g), key=lambda d: f(DropPattern(14, tuple(d))))
+    # next: at most seed_fraction * offspring = 4 one-shot seeds at stage 0, then the top 4 at the full stage
+    reqs = s.ask()
+    assert {r.stage for r in reqs} == {0} and len(reqs) <= 4 and all(r.pattern.k == 3 for r in reqs)
+    s.tell(reqs, [f(r.pattern) for r in reqs])
+    reqs = s.ask()
+    assert {r.stage for r in reqs} == {1} and len(reqs) == 4
+    assert DropPattern(14, tuple(g)).key in {r.key for r in reqs}  # the greedy answer is promoted
+    _run(s, f)
+    assert s.best[1] <= f(DropPattern(14, tuple(g)))
 
 
 def test_finds_exhaustive_optimum():

@@ -20,25 +20,6 @@ def _env(delay=0.0):
     return {**os.environ, "EVOPRUNE_NO_PROGRESS": "1", "EVOPRUNE_EVAL_DELAY_S": str(delay)}
 
 
-@pytest.fixture(scope="module")
-def deep_model(tmp_path_factory):
-    """A 12-block tiny llama: C(12, 4) = 495 patterns, so a GA run has enough distinct evaluations to kill."""
-    from tests.conftest import make_tiny_model_dir
-
-    return make_tiny_model_dir(tmp_path_factory.mktemp("deep") / "llama12", "llama", n_layers=12)
-
-
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory):
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    words = "alpha beta gamma delta epsilon the quick brown fox jumps over lazy dog".split()
-    import random as _r  # test data only
-
-    g = _r.Random(0)
-    p.write_text(" ".join(g.choice(words) for _ in range(3000)))
-    return p
-
-
 def _search_args(model, calib, out, method="evop", extra=()):
     return ["search", "--model", str(model), "--method", method, "--drop-count", "2", "--calib", f"text:{calib}",
             "--sampling", "random", "--nsamples", "3", "--seqlen", "48", "--seed", "3", "--population", "8",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from evoprune.genome import DropPattern
-from evoprune.search import STRATEGIES, drive, make_strategy
+from evoprune.search import REGISTRY, STRATEGIES, drive, make_strategy
 from evoprune.search.evop import EvopConfig
 from evoprune.space import LayerDropSpace
 
@@ -291,8 +291,11 @@ def test_random_search_unique_and_capped_by_space():
 
 def test_registry():
     assert set(STRATEGIES) == {"evo", "evop", "sleb", "shortgpt", "exhaustive", "random"}
-    with pytest.raises(ValueError, match=r"unknown method evx \(choose from evo, evop, exhaustive, random, shortgpt, sleb\)"):
+    with pytest.raises(ValueError, match=r"unknown method evx for --space layers \(choose from evo, evop, exhaustive, random, shortgpt, sleb\)"):
         make_strategy("evx", LayerDropSpace(8, 2), np.random.default_rng(0))
+    assert set(REGISTRY["width"]) == {"uniform", "owl", "evo", "self-pruner"}
+    with pytest.raises(ValueError, match="searches a WidthSpace"):
+        REGISTRY["width"]["evo"](LayerDropSpace(8, 2), np.random.default_rng(0))
 
 
 def test_drive_returns_best():

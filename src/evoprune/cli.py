@@ -97,12 +97,38 @@ def cmd_export(args) -> int:
 
     drop = _drop_arg(args.drop)
     check_out_dir(args.out, args.overwrite)
+    if args.run and _is_width_run(args.run):
+        if drop:
+            raise UserError("--drop does not apply to a width-pruning run")
+        return _export_width_run(args)
     model_spec = args.run or args.model
     args.model = model_spec
     lm = _load(args)
     lm.adapter.pattern(lm.model, drop)
     rec = export_dropped(lm, drop, args.out, overwrite=args.overwrite)
     print(f"exported {rec['n_layers']}-layer model to {args.out} (reload check: max |dlogit| = {rec['max_abs_diff']:.2e})",
+          file=sys.stderr)
+    _emit(rec)
+    return 0
+
+
+def _is_width_run(path) -> bool:
+    from .record import RunDir, is_run_dir
+
+    return is_run_dir(path) and RunDir(path).read_config().get("space") == "width"
+
+
+def _export_width_run(args) -> int:
+    from .export_width import export_width
+    from .models import load_model
+    from .record import RunDir, width_plan
+
+    run = RunDir(args.run)
+    lm = load_model(run.read_config()["model"], progress=_progress())
+    plan = width_plan(run, lm)
+    rec = export_width(lm, plan, args.out, overwrite=args.overwrite, extra={"run": str(args.run)})
+    print(f"exported width-pruned model ({rec['params']:,} of {rec['params_dense']:,} params) to {args.out} "
+          f"(reload check: max |dlogit| = {rec['max_abs_diff']:.2e}; loads with trust_remote_code=True)",
           file=sys.stderr)
     _emit(rec)
     return 0
@@ -178,10 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="search for a pruning pattern (writes a resumable run directory)")
     _add_model(p)
-    p.add_argument("--method", default="evop", help="evop | evo | sleb | shortgpt | exhaustive | random (default: %(default)s)")
-    p.add_argument("--space", default="layers", help="search space (default: %(default)s)")
+    p.add_argument("--method", default="evop", help="layers: evop | evo | sleb | shortgpt | exhaustive | random; "
+                   "width: uniform | owl | evo | self-pruner (default: %(default)s)")
+    p.add_argument("--space", default="layers", help="layers (drop whole blocks) | width (per-layer head/channel "
+                   "pruning rates) (default: %(default)s)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--sparsity", type=float, help="fraction of blocks to drop: k = round(s*N), halves up")
+    g.add_argument("--sparsity", type=float, help="layers: fraction of blocks to drop, k = round(s*N), halves up; "
+                   "width: mean pruning rate of the decoder layers")
     g.add_argument("--drop-count", type=int, help="number of blocks to drop (k)")
     p.add_argument("--calib", default="wikitext2", help="calibration source: wikitext2 | c4 | text:PATH | jsonl:PATH")
     p.add_argument("--sampling", default="ccds", help="ccds | random (default: %(default)s)")
@@ -212,6 +241,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-topk", type=int, help="--fitness kl: keep only the dense model's top-K log-probs per token")
     p.add_argument("--budget-token-layers", type=int, help="stop once the spent token-layers reach this")
     p.add_argument("--cache-mb", type=float, help="MiB for the shared-prefix hidden-state LRU (default 0: off)")
+    w = p.add_argument_group("--space width (Self-Pruner, OWL, uniform Wanda-sp)")
+    w.add_argument("--importance", help="wanda_sp (default) | magnitude: ranks heads and channels inside a layer")
+    w.add_argument("--min-rate", type=float, help="lowest per-layer rate (default 0)")
+    w.add_argument("--max-rate", type=float, help="highest per-layer rate (default 1: a layer may lose all its width)")
+    w.add_argument("--mutations", type=int, help="evo/self-pruner: mutants per generation M (default 4)")
+    w.add_argument("--crossovers", type=int, help="evo/self-pruner: crossover children per generation S (default 4)")
+    w.add_argument("--step", type=float, help="evo: largest rate moved between two layers per mutation (default 0.05)")
+    w.add_argument("--owl-lambda", type=float, help="owl: rate spread lambda (default 0.08)")
+    w.add_argument("--owl-m", type=float, help="owl: outlier threshold M x layer mean (default 5)")
+    w.add_argument("--no-llm-init", dest="llm_init", action="store_false", default=None,
+                   help="self-pruner ablation: random initial population instead of the LLM's")
+    w.add_argument("--no-llm-mutation", dest="llm_mutation", action="store_false", default=None,
+                   help="self-pruner ablation: non-LLM mutation")
+    w.add_argument("--no-llm-crossover", dest="llm_crossover", action="store_false", default=None,
+                   help="self-pruner ablation: non-LLM crossover")
+    w.add_argument("--operator-url", help="self-pruner: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 "
+                   "(API key from $OPENAI_API_KEY)")
+    w.add_argument("--operator-model", help="self-pruner: model name the endpoint serves")
+    w.add_argument("--operator-timeout-s", type=float, help="self-pruner: seconds per LLM request (default 120)")
+    w.add_argument("--operator-retries", type=int, help="self-pruner: retries per LLM call (default 3)")
+    w.add_argument("--operator-call-budget", type=int, help="self-pruner: most LLM requests per run (default 200)")
+    w.add_argument("--operator-temperature", type=float, help="self-pruner: sampling temperature (default 0.7)")
+    w.add_argument("--operator-max-tokens", type=int, help="self-pruner: reply token cap (default: sized to the request)")
     p.add_argument("--out", required=True, help="run directory (resumed if it holds the same search)")
     p.set_defaults(func=cmd_search)
 

@@ -6,13 +6,22 @@ required to build one), so the search core can stay torch-free.
 - ``DropPattern``: which decoder blocks (0-based indices) are removed from an
   ``n_layers``-block model. Invariant: indices are unique, sorted, in
   ``[0, n_layers)``, and at least one block is kept.
+- ``RateVector``: a structured width-pruning rate per decoder layer (fraction
+  of that layer's prunable parameters removed). Invariant: every rate is a
+  finite number in ``[0, 1]``, stored rounded to 5 decimals (the precision the
+  Self-Pruner prompts ask for), so equal-looking vectors have equal keys.
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
-__all__ = ["DropPattern", "GenomeError", "parse_layer_list", "replace"]
+__all__ = ["DropPattern", "RateVector", "GenomeError", "parse_layer_list", "replace"]
+
+RATE_DECIMALS = 5
+_DROP_KEY = re.compile(r"L(\d+):d([0-9,]*)")
 
 
 class GenomeError(ValueError):
@@ -100,6 +109,66 @@ class DropPattern:
     def key(self) -> str:
         """Stable key, e.g. ``"L30:d3,13"``; equal patterns have equal keys."""
         return f"L{self.n_layers}:d" + ",".join(map(str, self.dropped))
+
+    @classmethod
+    def from_key(cls, key: str) -> "DropPattern":
+        """Inverse of :attr:`key`; :class:`GenomeError` for anything else."""
+        m = _DROP_KEY.fullmatch(key)
+        if not m:
+            raise GenomeError(f"not a pattern key: {key!r}")
+        return cls(int(m.group(1)), tuple(int(x) for x in m.group(2).split(",") if x))
+
+    def __str__(self) -> str:
+        return self.key
+
+
+_RATE_KEY = re.compile(r"W(\d+):([0-9.,]*)")
+
+
+@dataclass(frozen=True, order=True)
+class RateVector:
+    """Per-layer width-pruning rates ``rates[i]`` in ``[0, 1]`` (0 = layer intact, 1 = all of its
+    attention groups and MLP channels removed). Rounded to :data:`RATE_DECIMALS` on construction;
+    raises :class:`GenomeError` for an empty vector, a non-finite or out-of-range rate.
+    """
+
+    rates: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        try:
+            raw = tuple(float(r) for r in self.rates)
+        except (TypeError, ValueError):
+            raise GenomeError(f"rates must be numbers, got {self.rates!r}") from None
+        if not raw:
+            raise GenomeError("a rate vector needs at least one layer")
+        bad = [r for r in raw if not (math.isfinite(r) and 0.0 <= r <= 1.0)]
+        if bad:
+            raise GenomeError(f"rates must be finite and in [0, 1], got {bad[:3]}")
+        object.__setattr__(self, "rates", tuple(round(r, RATE_DECIMALS) + 0.0 for r in raw))
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.rates)
+
+    @property
+    def mean(self) -> float:
+        """Average rate (the Self-Pruner constraint fixes it to the target sparsity)."""
+        return math.fsum(self.rates) / len(self.rates)
+
+    @property
+    def key(self) -> str:
+        """Stable key, e.g. ``"W3:0.10000,0.20000,0.30000"``."""
+        return f"W{self.n_layers}:" + ",".join(f"{r:.{RATE_DECIMALS}f}" for r in self.rates)
+
+    @classmethod
+    def from_key(cls, key: str) -> "RateVector":
+        m = _RATE_KEY.fullmatch(key)
+        if not m:
+            raise GenomeError(f"not a rate-vector key: {key!r}")
+        rates = tuple(float(x) for x in m.group(2).split(",") if x)
+        if len(rates) != int(m.group(1)):
+            raise GenomeError(f"rate-vector key {key!r} lists {len(rates)} rates for {m.group(1)} layers")
+        return cls(rates)
 
     def __str__(self) -> str:
         return self.key

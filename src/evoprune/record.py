@@ -144,8 +144,31 @@ def load_run_model(path, *, dtype=None, device="cpu", progress: bool = True):
     if dtype is not None:
         kw["dtype"] = dtype
     lm = load_model(cfg["model"], **kw)
+    if cfg.get("space") == "width":
+        from .models.width import apply_width_inplace
+
+        plan = width_plan(run, lm)
+        apply_width_inplace(lm.model, plan)
+        lm.name = str(path)
+        lm.extra["run"] = {"method": res.get("method"), "calib_loss": res.get("calib_loss"), "space": "width",
+                           "rates": list(plan.rates), "params": res.get("params")}
+        return lm
     dropped = tuple(res.get("dropped_layers", ()))
     lm.adapter.drop_inplace(lm.model, dropped)
     lm.name, lm.dropped = str(path), dropped
     lm.extra["run"] = {"method": res.get("method"), "calib_loss": res.get("calib_loss")}
     return lm
+
+
+def width_plan(path, lm):
+    """The :class:`~evoprune.prune.width_plan.WidthPlan` of a finished width run, for the unpruned base
+    model ``lm`` (its importance scores are read from ``RUN/importance.pt``)."""
+    from .prune.wanda_sp import WidthImportance
+    from .prune.width_plan import plan_widths
+
+    run = path if isinstance(path, RunDir) else RunDir(path)
+    res = run.read_result()
+    imp = run.path / "importance.pt"
+    if res is None or "rates" not in res or not imp.is_file():
+        raise UserError(f"{run.path}: not a finished width-pruning run (needs result.json with rates and importance.pt)")
+    return plan_widths(lm, WidthImportance.load(imp), res["rates"])

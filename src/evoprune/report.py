@@ -340,7 +340,7 @@ def _summary_rows(run: dict) -> list[list[str]]:
     ]
     from .run import METHOD_OPTIONS
 
-    opts = METHOD_OPTIONS.get(cfg.get("method"), ())
+    opts = METHOD_OPTIONS.get((cfg.get("space", "layers"), cfg.get("method")), ())
     if opts:
         rows.append(["method options", ", ".join(f"{o}={cfg.get(o)}" for o in opts)])
     return rows

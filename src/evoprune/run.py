@@ -1,5 +1,10 @@
 """The one ask -> evaluate -> tell loop, with run directories and resume.
 
+The loop is the same for every search space; what a space means for the model
+(setup, evaluators, history fields, result fields) lives in
+:mod:`evoprune.problems` (``layers``: block dropping; ``width``: per-layer
+width-pruning rates, Self-Pruner and its baselines).
+
 Owns :class:`SearchConfig` (a frozen, validated description of a search) and
 :func:`run_search`. The loop is the same for every method: the strategy asks
 for candidates, the evaluator scores each on the calibration set, every
@@ -58,13 +63,20 @@ SAMPLINGS = ("random", "ccds")
 _EVAL_DELAY = float(os.environ.get("EVOPRUNE_EVAL_DELAY_S", "0") or 0)
 # options forwarded from SearchConfig to each strategy's constructor
 METHOD_OPTIONS = {
-    "evop": ("population", "generations", "mutation_rate", "elite_fraction", "crossover"),
-    "sleb": ("protect_ends",),
-    "shortgpt": (),
-    "exhaustive": ("force",),
-    "random": ("budget",),
-    "evo": ("generations", "offspring"),
+    ("layers", "evop"): ("population", "generations", "mutation_rate", "elite_fraction", "crossover"),
+    ("layers", "sleb"): ("protect_ends",),
+    ("layers", "shortgpt"): (),
+    ("layers", "exhaustive"): ("force",),
+    ("layers", "random"): ("budget",),
+    ("layers", "evo"): ("generations", "offspring"),
+    ("width", "uniform"): (),
+    ("width", "owl"): ("owl_lambda",),
+    ("width", "evo"): ("population", "mutations", "crossovers", "generations", "step", "owl_lambda"),
+    ("width", "self-pruner"): ("population", "mutations", "crossovers", "generations", "step", "owl_lambda",
+                               "llm_init", "llm_mutation", "llm_crossover"),
 }
+SPACES = ("layers", "width")
+IMPORTANCES = ("wanda_sp", "magnitude")
 FITNESSES = ("nll", "kl")
 
 
@@ -109,14 +121,36 @@ class SearchConfig:
     kl_topk: int | None = None
     budget_token_layers: int | None = None
     cache_mb: float = 0.0
+    # --space width (Self-Pruner and its baselines)
+    importance: str = "wanda_sp"
+    min_rate: float = 0.0
+    max_rate: float = 1.0
+    mutations: int = 4
+    crossovers: int = 4
+    step: float = 0.05
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+    llm_init: bool = True
+    llm_mutation: bool = True
+    llm_crossover: bool = True
+    operator_url: str | None = None
+    operator_model: str | None = None
+    operator_timeout_s: float = 120.0
+    operator_retries: int = 3
+    operator_call_budget: int = 200
+    operator_temperature: float = 0.7
+    operator_max_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        from .search import STRATEGIES
+        from .search import methods
 
-        if self.method not in STRATEGIES:
-            raise UserError(f"unknown method {self.method!r} (choose from {', '.join(sorted(STRATEGIES))})")
-        if self.space != "layers":
-            raise UserError(f"unknown search space {self.space!r} (available: layers)")
+        if self.space not in SPACES:
+            raise UserError(f"unknown search space {self.space!r} (choose from {', '.join(SPACES)})")
+        if self.method not in methods(self.space):
+            raise UserError(f"unknown method {self.method!r} for --space {self.space} "
+                            f"(choose from {', '.join(methods(self.space))})")
+        if self.space == "width":
+            self._check_width()
         if (self.sparsity is None) == (self.drop_count is None):
             raise UserError("give exactly one of --sparsity and --drop-count")
         if self.sparsity is not None and not 0.0 < float(self.sparsity) < 1.0:
@@ -152,8 +186,8 @@ class SearchConfig:
         if float(self.cache_mb) < 0:
             raise UserError(f"--cache-mb must be >= 0, got {self.cache_mb}")
         tps, sps = self.tokens_per_stage, self.survivors_per_stage
-        if (tps is not None or sps is not None) and self.method != "evo":
-            raise UserError("--tokens-per-stage and --survivors-per-stage are options of --method evo")
+        if (tps is not None or sps is not None) and (self.space, self.method) != ("layers", "evo"):
+            raise UserError("--tokens-per-stage and --survivors-per-stage are options of --method evo (--space layers)")
         if tps is not None:
             if sps is None or len(sps) != len(tps):
                 raise UserError("--tokens-per-stage needs --survivors-per-stage with as many entries")
@@ -161,6 +195,26 @@ class SearchConfig:
                 raise UserError(f"--tokens-per-stage must increase and start at >= 2 tokens, got {tps}")
         elif sps is not None and len(sps) != 1:
             raise UserError("several --survivors-per-stage entries need --tokens-per-stage")
+
+    def _check_width(self) -> None:
+        if self.drop_count is not None or self.sparsity is None:
+            raise UserError("--space width needs --sparsity (mean pruning rate of the decoder layers), not --drop-count")
+        if self.importance not in IMPORTANCES:
+            raise UserError(f"unknown importance {self.importance!r} (choose from {', '.join(IMPORTANCES)})")
+        if self.fitness != "nll":
+            raise UserError("--space width supports --fitness nll only")
+        if not 0.0 <= float(self.min_rate) <= float(self.sparsity) <= float(self.max_rate) <= 1.0:
+            raise UserError(f"need 0 <= --min-rate <= --sparsity <= --max-rate <= 1, got "
+                            f"{self.min_rate}, {self.sparsity}, {self.max_rate}")
+        for name in ("mutations", "crossovers", "operator_retries"):
+            if int(getattr(self, name)) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if int(self.operator_call_budget) < 1 or float(self.operator_timeout_s) <= 0:
+            raise UserError("--operator-call-budget must be >= 1 and --operator-timeout-s > 0")
+        llm = self.method == "self-pruner" and (self.llm_init or self.llm_mutation or self.llm_crossover)
+        if llm and not (self.operator_url and self.operator_model):
+            raise UserError("--method self-pruner needs --operator-url and --operator-model (an OpenAI-compatible "
+                            "chat endpoint; the API key is read from $OPENAI_API_KEY)")
 
     def k(self, n_layers: int) -> int:
         from .space import k_from_sparsity
@@ -176,8 +230,10 @@ class SearchConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def strategy_options(self) -> dict:
-        opts = {k: getattr(self, k) for k in METHOD_OPTIONS.get(self.method, ())}
-        if self.method == "evo":
+        opts = {k: getattr(self, k) for k in METHOD_OPTIONS.get((self.space, self.method), ())}
+        if "owl_lambda" in opts:
+            opts["lam"] = opts.pop("owl_lambda")
+        if (self.space, self.method) == ("layers", "evo"):
             opts["survivors"] = tuple(self.survivors_per_stage or (4,))
         return opts
 
@@ -260,15 +316,19 @@ class _Display:
             self.live.stop()
 
 
-def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or continue) the search ``cfg`` in run directory ``out``; returns ``result.json``'s content."""
+def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
+               operator=None) -> dict:
+    """Run (or continue) the search ``cfg`` in run directory ``out``; returns ``result.json``'s content.
+
+    ``operator``: an LLM operator for ``--method self-pruner`` (default: an
+    :class:`~evoprune.search.llm_operator.LLMOperator` built from the ``operator_*``
+    options, logging every call to ``RUN/llm_calls.jsonl``).
+    """
     import torch
 
-    from .fitness.evaluator import NLLEvaluator
     from .models import load_model
+    from .problems import make_problem
     from .search import make_strategy
-    from .search.base import pattern_from_key
-    from .space import LayerDropSpace
 
     run = RunDir(out)
     if run.path.exists() and any(run.path.iterdir()):
@@ -283,12 +343,8 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
         raise UserError(f"{run.path}: nothing to resume")
     t0 = time.time()
     lm = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, progress=progress)
-    n = lm.adapter.n_layers(lm.model)
-    k = cfg.k(n)
-    protected = (0, n - 1) if cfg.protect_ends else ()
-    if not 0 < k < n - len(protected):
-        raise UserError(f"cannot drop {k} of {n} blocks ({n - len(protected)} droppable); choose a smaller sparsity")
-    space = LayerDropSpace(n, k, protected if cfg.method != "sleb" else ())
+    problem = make_problem(cfg, lm)
+    space = problem.space
     options = cfg.strategy_options()
     if cfg.method == "random" and cfg.budget > space.size():
         options["budget"] = space.size()
@@ -298,31 +354,19 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
         run.write_config(cfg.to_dict())
     state = run.read_state() if resume else None
     calib = _build_calib(cfg, lm, run, progress)
-    slices = cfg.stage_slices(calib.n_samples, calib.seqlen)
-    mb = float(cfg.cache_mb) / len(slices)
-    evaluators = [NLLEvaluator(lm, calib if (m, t) == (calib.n_samples, calib.seqlen) else calib.slice(m, t),
-                               batch_size=cfg.batch_size, prefix_cache=True, metric=cfg.fitness,
-                               kl_topk=cfg.kl_topk, cache_mb=mb) for m, t in slices]
-    evaluator = evaluators[-1]
     counters = {"evaluations": 0, "token_layers": 0, "generation": 0}
+    spent, extra = problem.prepare(calib, run, fresh=state is None)
+    evaluators = problem.evaluators
     if state is not None:
         counters.update(state["counters"])
         options.update(state.get("extra_options", {}))
     else:
-        extra = {}
-        for ev in evaluators:  # the dense hidden-state caches: one dense forward each, counted once per run
-            ev.prepare()
-            counters["token_layers"] += ev.setup_token_layers
-        if cfg.method == "evo":  # BI from the cached dense states of the full set: no extra forward
-            extra["scores"] = evaluator.block_influence()
-        if cfg.method == "shortgpt":
-            from .prune.block_influence import block_influence
-
-            scores, tl = block_influence(lm, calib, batch_size=cfg.batch_size)
-            extra["scores"] = [float(s) for s in scores]
-            counters["token_layers"] += tl
+        counters["token_layers"] += spent
         options.update(extra)
+    if cfg.method == "self-pruner":
+        options["operator"] = operator if operator is not None else _make_operator(cfg, lm, run, problem)
     strategy = make_strategy(cfg.method, space, np.random.default_rng([cfg.seed, 2]), **options)
+    options.pop("operator", None)
     history = run.read_history()
     if state is not None:
         try:
@@ -336,7 +380,7 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
         committed, pending = [], history
     run.rewrite_history(committed)
     for r in committed:  # the LRUs' bookkeeping, as the uninterrupted run left it
-        evaluators[r.get("stage", -1)].replay(pattern_from_key(r["pattern"]))
+        evaluators[r.get("stage", -1)].replay(space.from_key(r["pattern"]))
     reuse = {(r["pattern"], r.get("stage")): r for r in pending}
     budget = cfg.budget_token_layers
     stopped = False
@@ -360,21 +404,21 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
                     stopped = True
                     break
                 stage = getattr(c, "stage", None)
-                pattern = getattr(c, "pattern", c)
+                genome = getattr(c, "pattern", c)
                 ev_s = evaluators[-1 if stage is None else stage]
                 r = reuse.pop((c.key, stage), None)
                 if r is None:
                     if _EVAL_DELAY:
                         time.sleep(_EVAL_DELAY)
-                    ev = ev_s.evaluate(pattern)
+                    ev = ev_s.evaluate(genome)
                     loss, tokens, tl = ev.loss, ev.tokens, ev.token_layers
                 else:
-                    ev_s.replay(pattern)
+                    ev_s.replay(genome)
                     loss, tokens, tl = r["loss"], r["tokens"], r["eval_token_layers"]
                 counters["evaluations"] += 1
                 counters["token_layers"] += tl
                 row = {"eval": counters["evaluations"], "generation": counters["generation"], "pattern": c.key,
-                       "dropped": list(c.dropped), "loss": loss, "tokens": tokens, "eval_token_layers": tl,
+                       **problem.row(genome), "loss": loss, "tokens": tokens, "eval_token_layers": tl,
                        "token_layers": counters["token_layers"]}
                 if stage is not None:
                     row["stage"] = stage
@@ -393,18 +437,37 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
         display.close()
     if strategy.best is None:
         raise UserError(f"--budget-token-layers {budget} ran out before any full-fidelity evaluation; raise it")
-    best_p, best_loss = strategy.best
+    best_g, best_loss = strategy.best
     result = {
-        "method": cfg.method, "model": cfg.model, "sparsity": best_p.k / n, "n_layers": n, "k": best_p.k,
-        "dropped_layers": list(best_p.dropped), "calib_loss": best_loss, "calib_ppl": math.exp(best_loss),
+        "method": cfg.method, "model": cfg.model, "space": cfg.space, **problem.result(best_g),
+        "calib_loss": best_loss, "calib_ppl": math.exp(best_loss),
         "evaluations": counters["evaluations"], "token_layers": counters["token_layers"],
-        "dense_token_layers_per_eval": evaluator.dense_token_layers,
         "wall_s": round(prev_wall + time.time() - t0, 2), "seed": cfg.seed, "stopped_early": stopped,
         "calib": {"source": cfg.calib if not cfg.calib_from else f"run:{cfg.calib_from}", "sampling": cfg.sampling,
                   "samples": calib.n_samples, "seqlen": calib.seqlen},
     }
+    if hasattr(strategy, "llm_stats"):
+        result["llm"] = dict(strategy.llm_stats)
     run.write_result(result)
     if progress:
-        print(f"best: drop {result['dropped_layers']} calib loss {best_loss:.4f} (ppl {result['calib_ppl']:.2f}); "
+        print(f"best: {problem.summary(best_g)}; calib loss {best_loss:.4f} (ppl {result['calib_ppl']:.2f}); "
               f"{result['evaluations']} evaluations, {result['token_layers']:.3g} token-layers", file=sys.stderr)
     return result
+
+
+def _make_operator(cfg: SearchConfig, lm, run: RunDir, problem):
+    """The LLM operator of a self-pruner run (None when every LLM step is ablated)."""
+    if not (cfg.llm_init or cfg.llm_mutation or cfg.llm_crossover):
+        return None
+    from .search.llm_operator import LLMOperator, OperatorConfig
+
+    oc = OperatorConfig(url=cfg.operator_url, model=cfg.operator_model, timeout_s=cfg.operator_timeout_s,
+                        max_retries=cfg.operator_retries, call_budget=cfg.operator_call_budget,
+                        temperature=cfg.operator_temperature, max_tokens=cfg.operator_max_tokens)
+    return LLMOperator(oc, n_layers=problem.n, beta=problem.space.beta, model_name=_model_name(cfg, lm),
+                       log_path=Path(run.path) / "llm_calls.jsonl")
+
+
+def _model_name(cfg: SearchConfig, lm) -> str:
+    name = getattr(lm, "name", None) or cfg.model
+    return {"smollm2-135m": "SmolLM2-135M-Instruct"}.get(name, name)

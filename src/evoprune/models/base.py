@@ -2,8 +2,9 @@
 
 Owns everything that knows where a family keeps its decoder blocks, attention
 and MLP projections, head counts and per-layer config lists, and how to drop
-blocks reversibly. Other modules ask ``get_adapter(model)`` and never branch on
-``model_type`` themselves.
+blocks reversibly. Width pruning (:mod:`evoprune.models.width`) works from
+:meth:`Adapter.width_layout`, the same attribute paths as plain data. Other
+modules ask ``get_adapter(model)`` and never branch on ``model_type`` themselves.
 """
 from __future__ import annotations
 
@@ -72,6 +73,9 @@ class Adapter:
     mlp_out: str = "down_proj"
     # config attributes holding one entry per decoder layer, kept in step with drops
     per_layer_keys: tuple[str, ...] = ("layer_types",)
+    # attention-module attributes holding the number of query heads that the forward reads
+    # (set per block after width pruning; Llama-layout attention infers it from the q shape)
+    attn_head_attrs: tuple[str, ...] = ()
 
     # ---- layout -----------------------------------------------------------------
     def _parent(self, model: nn.Module) -> tuple[nn.Module, str]:
@@ -107,6 +111,16 @@ class Adapter:
 
     def intermediate_size(self, config) -> int:
         return int(getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim"))
+
+    def heads_per_group(self, config) -> int:
+        """Query heads sharing one key/value head (1 for multi-head attention)."""
+        return int(config.num_attention_heads) // self.n_kv_heads(config)
+
+    def width_layout(self) -> dict:
+        """Attribute paths for width pruning as JSON-able data (stored in width-pruned exports' config)."""
+        return {"blocks": self.blocks, "attn": self.attn, "q": self.q, "k": self.k, "v": self.v, "o": self.o,
+                "mlp": self.mlp, "mlp_in": list(self.mlp_in), "mlp_out": self.mlp_out,
+                "head_attrs": list(self.attn_head_attrs)}
 
     def info(self, model: nn.Module) -> dict:
         """Shape summary: layers, heads, KV heads, head dim, hidden, intermediate, params."""

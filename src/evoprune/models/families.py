@@ -57,6 +57,7 @@ class OPTAdapter(Adapter):
     mlp_in: tuple[str, ...] = ("fc1",)
     mlp_out: str = "fc2"
     per_layer_keys: tuple[str, ...] = ()
+    attn_head_attrs: tuple[str, ...] = ("num_heads",)  # OPTAttention views q/k/v with self.num_heads
 
     def intermediate_size(self, config) -> int:
         return int(config.ffn_dim)

@@ -129,11 +129,38 @@ def _gguf_cache_path(gguf: Path, alias: str | None) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{h}"
 
 
+def _trusted_width_export(path_or_id: str, local: bool) -> bool:
+    """True for a local evoprune width export whose bundled code is byte-identical to this evoprune's
+    (then ``trust_remote_code`` runs only our own files); :class:`UserError` if the code differs."""
+    import json
+
+    from .remote import modeling_evoprune_width as remote
+
+    cfg = Path(path_or_id) / "config.json"
+    if not local or not cfg.is_file():
+        return False
+    try:
+        d = json.loads(cfg.read_text())
+    except ValueError:
+        return False
+    if remote.WIDTH_KEY not in d:
+        return False
+    here = Path(remote.__file__).parent
+    for f in ("modeling_evoprune_width.py", "configuration_evoprune_width.py"):
+        theirs = Path(path_or_id) / f
+        if not theirs.is_file() or theirs.read_bytes() != (here / f).read_bytes():
+            raise UserError(f"{path_or_id} is a width-pruned export whose {f} differs from this evoprune's; "
+                            f"load it with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) "
+                            f"if you trust it")
+    return True
+
+
 def _load_hf(path_or_id: str, dtype, device, local: bool):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    trust = _trusted_width_export(path_or_id, local)
     try:
-        config = AutoConfig.from_pretrained(path_or_id, local_files_only=local)
+        config = AutoConfig.from_pretrained(path_or_id, local_files_only=local, trust_remote_code=trust)
     except Exception as e:  # hub unreachable, unknown id, bad json
         if local:
             raise UserError(f"cannot read model config in {path_or_id}: {e}") from None
@@ -142,7 +169,8 @@ def _load_hf(path_or_id: str, dtype, device, local: bool):
             f"model directory, and the hub could not provide it ({type(e).__name__})"
         ) from None
     adapter = adapter_for_type(getattr(config, "model_type", "?"))
-    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, local_files_only=local)
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, local_files_only=local,
+                                                 trust_remote_code=trust)
     try:
         tok = AutoTokenizer.from_pretrained(path_or_id, local_files_only=local)
     except Exception:

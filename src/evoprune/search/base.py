@@ -32,25 +32,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
-from ..genome import DropPattern
+from ..genome import DropPattern, GenomeError
 from ..space import LayerDropSpace, SearchError
 
 __all__ = ["Strategy", "drive", "pattern_from_key"]
 
-_KEY_RE = re.compile(r"L(\d+):d([0-9,]*)")
-
-
 def pattern_from_key(key: str) -> DropPattern:
-    """Inverse of ``DropPattern.key`` (``"L30:d3,13"`` -> ``DropPattern(30, (3, 13))``)."""
-    m = _KEY_RE.fullmatch(key)
-    if not m:
-        raise SearchError(f"not a pattern key: {key!r}")
-    return DropPattern(int(m.group(1)), tuple(int(x) for x in m.group(2).split(",") if x))
+    """Inverse of ``DropPattern.key`` (``"L30:d3,13"`` -> ``DropPattern(30, (3, 13))``); SearchError otherwise."""
+    try:
+        return DropPattern.from_key(key)
+    except GenomeError as e:
+        raise SearchError(str(e)) from None
 
 
 def _enc(x: float) -> float | str:
@@ -83,10 +79,12 @@ class Strategy:
 
     name: ClassVar[str] = "?"
     config_cls: ClassVar[type] = type(None)
+    space_types: ClassVar[tuple] = (LayerDropSpace,)
 
     def __init__(self, space: LayerDropSpace, rng: np.random.Generator, **options: Any) -> None:
-        if not isinstance(space, LayerDropSpace):
-            raise SearchError(f"space must be a LayerDropSpace, got {type(space).__name__}")
+        if not isinstance(space, self.space_types):
+            names = " or ".join(t.__name__ for t in self.space_types)
+            raise SearchError(f"method {self.name} searches a {names}, got {type(space).__name__}")
         if not isinstance(rng, np.random.Generator):
             raise SearchError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
         self.space = space
@@ -117,7 +115,7 @@ class Strategy:
 
     @property
     def best(self) -> tuple[DropPattern, float] | None:
-        return None if self._best is None else (pattern_from_key(self._best[0]), self._best[1])
+        return None if self._best is None else (self.space.from_key(self._best[0]), self._best[1])
 
     def fitness_of(self, p: DropPattern) -> float | None:
         """Memoised fitness of ``p`` or ``None`` if it was never told."""
@@ -222,8 +220,8 @@ class Strategy:
         self.generation = int(d["generation"])
         self.n_evaluations = int(d["n_evaluations"])
         self._done = bool(d["done"])
-        self._memo = {pattern_from_key(k).key: _dec(v) for k, v in d["memo"].items()}
-        self._pending = [pattern_from_key(k) for k in d["pending"]]
+        self._memo = {self.space.from_key(k).key: _dec(v) for k, v in d["memo"].items()}
+        self._pending = [self.space.from_key(k) for k in d["pending"]]
         self._best = None if d["best"] is None else (d["best"][0], _dec(d["best"][1]))
         self._load_extra_state(d["extra"])
 

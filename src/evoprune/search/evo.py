@@ -4,7 +4,15 @@ Owns :class:`Request`, :class:`EvoConfig` and :class:`EvoStrategy`. A
 (mu + lambda) evolution strategy in the spirit of EvoPress (Sieberling et al.,
 2024) and DarwinLM, built for fixed-``k`` layer dropping:
 
-- **Initial cohort** (``offspring`` patterns, at least ``survivors[-1]``): when
+- **Greedy seeding** (``greedy_seed``, multi-stage runs only): first a SLEB-like
+  greedy pass on the cheapest (stage-0) slice: step ``j`` scores every pattern
+  "blocks chosen so far + one more" at stage 0 and keeps the best, until ``k``
+  blocks. Its last step's ``n - k + 1`` patterns (already scored at stage 0) are
+  the initial cohort, ranked, followed by the one-shot-score seeds below
+  (``seed_fraction * offspring`` of them, no random ones). The greedy costs about
+  stage-0 tokens / full tokens of a full-fidelity SLEB; the evolution then
+  refines its answer with full-fidelity comparisons.
+- **Initial cohort** without greedy seeding (``offspring`` patterns, at least ``survivors[-1]``): when
   one-shot ``scores`` are given (ShortGPT Block Influence, lower = more
   droppable), a ``seed_fraction`` share is seeded from them: first the
   ShortGPT pattern (the ``k`` lowest-score droppable blocks), then patterns
@@ -14,7 +22,13 @@ Owns :class:`Request`, :class:`EvoConfig` and :class:`EvoStrategy`. A
   two uniform draws from the current parents), then
   ``m`` swap mutations (one dropped block <-> one kept droppable block, so
   every child keeps exactly ``k`` and stays feasible), ``m ~ Geometric(1/2)``
-  capped at ``min(k, n_droppable - k)``.
+  capped at ``min(k, n_droppable - k)``. With probability ``adjacent`` a swap
+  is a *contiguity move*: the block restored is drawn from the dropped blocks
+  with no dropped neighbour (if any) and the block dropped from the kept blocks
+  next to a dropped one (if any). Good drop patterns on real models are mostly
+  runs of consecutive blocks (SLEB's and EvoP's answers on SmolLM2 are), and a
+  uniform swap finds the one block that extends a run with probability
+  ~1 / (n - k); otherwise the swap is uniform.
 - **Duplicate rejection**: a child equal to a parent, to a pattern of the same
   cohort, or to any pattern ever scored (at any stage) is redrawn (at most
   ``50 * offspring`` draws per cohort; a cohort that stays empty ends the search).
@@ -76,6 +90,8 @@ class EvoConfig:
     survivors: tuple = (4,)
     scores: tuple | None = None
     seed_fraction: float = 0.5
+    adjacent: float = 0.35
+    greedy_seed: bool = True
 
     def __post_init__(self) -> None:
         for name in ("generations", "offspring"):
@@ -98,6 +114,8 @@ class EvoConfig:
             object.__setattr__(self, "scores", sc)
         if not 0.0 <= float(self.seed_fraction) <= 1.0:
             raise SearchError(f"seed_fraction must be in [0, 1], got {self.seed_fraction!r}")
+        if not 0.0 <= float(self.adjacent) <= 1.0:
+            raise SearchError(f"adjacent must be in [0, 1], got {self.adjacent!r}")
 
     @property
     def n_stages(self) -> int:
@@ -121,10 +139,12 @@ class EvoStrategy(Strategy):
         self.parents: list[DropPattern] = []
         self._low: dict[str, float] = {}  # "key@stage" -> fitness, stages < last
         self.stage = 0
-        self.cohort: list[DropPattern] = self._initial_cohort()
-        self.active: list[DropPattern] = list(self.cohort)
         self._requests: list[Request] = []
-        if not self.cohort:
+        # greedy seeding phase: blocks dropped so far (None once the phase is over or not used)
+        self.greedy: list[int] | None = [] if (self.config.greedy_seed and self.last > 0) else None
+        self.cohort: list[DropPattern] = [] if self.greedy is not None else self._initial_cohort()
+        self.active: list[DropPattern] = list(self.cohort)
+        if self.greedy is None and not self.cohort:
             self._done = True
 
     # -- fitness memo over (pattern, stage) -------------------------------------------
@@ -138,7 +158,33 @@ class EvoStrategy(Strategy):
 
     # -- ask / tell ------------------------------------------------------------------
 
+    def _greedy_candidates(self) -> list[DropPattern]:
+        sp, g = self.space, self.greedy
+        return [DropPattern(sp.n_layers, tuple(sorted(g + [i]))) for i in sp.droppable if i not in g]
+
+    def _greedy_step(self) -> None:
+        """All candidates of this greedy step are scored at stage 0: keep the best, or end the phase."""
+        cands = self._greedy_candidates()
+        best = min(range(len(cands)), key=lambda i: (self._low[f"{cands[i].key}@0"], i))
+        if len(self.greedy) + 1 < self.space.k:
+            self.greedy = list(cands[best].dropped)
+            return
+        # the last step's candidates are k-block patterns already scored at stage 0: the initial cohort
+        # (greedy order, best first) plus the one-shot-score seeds, then promotion as usual
+        self.greedy = None
+        ranked = sorted(range(len(cands)), key=lambda i: (self._low[f"{cands[i].key}@0"], i))
+        keys = {cands[i].key for i in ranked}
+        extra = [p for p in self._initial_cohort() if p.key not in keys]
+        self.cohort = [cands[i] for i in ranked] + extra
+        self.active, self.stage = list(self.cohort), 0
+
     def ask(self) -> list[Request]:
+        while self.greedy is not None and not self._requests and not self._done:
+            fresh = [Request(p, 0) for p in self._greedy_candidates() if f"{p.key}@0" not in self._low]
+            if fresh:
+                self._requests = fresh
+                return list(self._requests)
+            self._greedy_step()
         while not self._requests and not self._done:
             fresh = [Request(p, self.stage) for p in self.active if self.stage_fitness(p, self.stage) is None]
             if fresh:
@@ -160,7 +206,10 @@ class EvoStrategy(Strategy):
         told = set(ids)
         self._requests = [r for r in self._requests if (r.key, r.stage) not in told]
         if not self._requests:
-            self._complete_stage()
+            if self.greedy is not None:
+                self._greedy_step()
+            else:
+                self._complete_stage()
 
     def _ranked(self, pats: list[DropPattern], stage: int) -> list[DropPattern]:
         order = sorted(range(len(pats)), key=lambda i: (self.stage_fitness(pats[i], stage), i))
@@ -198,6 +247,10 @@ class EvoStrategy(Strategy):
         for _ in range(m):
             out = sorted(dropped)
             inn = [i for i in sp.droppable if i not in dropped]
+            if self.rng.random() < self.config.adjacent:  # contiguity move: isolated block -> next to a run
+                lone = [i for i in out if i - 1 not in dropped and i + 1 not in dropped]
+                near = [i for i in inn if i - 1 in dropped or i + 1 in dropped]
+                out, inn = lone or out, near or inn
             a = out[int(self.rng.integers(len(out)))]
             b = inn[int(self.rng.integers(len(inn)))]
             dropped.remove(a)
@@ -227,8 +280,10 @@ class EvoStrategy(Strategy):
                 keys.add(p.key)
                 out.append(p)
 
+        if self.last > 0 and cfg.greedy_seed:  # after the greedy phase: only the one-shot seeds
+            size = int(math.floor(cfg.seed_fraction * size + 0.5)) if cfg.scores is not None else 0
         if cfg.scores is not None:
-            n_seed = int(math.floor(cfg.seed_fraction * size + 0.5))
+            n_seed = int(math.floor(cfg.seed_fraction * size + 0.5)) if not (self.last > 0 and cfg.greedy_seed) else size
             drop = np.asarray(sp.droppable)
             order = drop[np.argsort([cfg.scores[i] for i in drop], kind="stable")]
             if n_seed:
@@ -248,12 +303,13 @@ class EvoStrategy(Strategy):
     # -- state -----------------------------------------------------------------------
 
     def _extra_state(self) -> dict:
-        return {"parents": [p.key for p in self.parents], "cohort": [p.key for p in self.cohort],
+        return {"greedy": self.greedy, "parents": [p.key for p in self.parents], "cohort": [p.key for p in self.cohort],
                 "active": [p.key for p in self.active], "stage": self.stage,
                 "low": {k: _enc(v) for k, v in self._low.items()},
                 "requests": [[r.key, r.stage] for r in self._requests]}
 
     def _load_extra_state(self, d: dict) -> None:
+        self.greedy = None if d.get("greedy") is None else [int(i) for i in d["greedy"]]
         self.parents = [pattern_from_key(k) for k in d["parents"]]
         self.cohort = [pattern_from_key(k) for k in d["cohort"]]
         self.active = [pattern_from_key(k) for k in d["active"]]

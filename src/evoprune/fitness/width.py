@@ -1,0 +1,99 @@
+"""Fitness of a width-pruning rate vector: mean calibration NLL (or KL) of the masked model.
+
+Owns :class:`WidthEvaluator`, the width counterpart of
+:class:`~evoprune.fitness.evaluator.NLLEvaluator`: rates -> :class:`WidthPlan`
+(:func:`~evoprune.prune.width_plan.plan_widths`) -> the model run inside
+:func:`~evoprune.models.width.width_masked` by a naive ``NLLEvaluator`` (no
+blocks dropped, no prefix cache). The masked model computes what the
+physically sliced model computes (up to float summation order), so the loss is
+that of the exported model.
+
+Cost: every block runs on every token, ``token_layers = n_tokens * n_layers``
+per evaluation (a width candidate changes every block it prunes, so there is no
+dense prefix to reuse in general). The importance scores' own dense forward is
+counted where they are computed (``WidthImportance.token_layers``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..data.calibration import CalibSet
+from ..genome import DropPattern
+from ..models.loading import LoadedModel
+from ..models.width import width_masked, width_spec
+from ..prune.wanda_sp import WidthImportance
+from ..prune.width_plan import WidthPlan, plan_widths
+from .evaluator import Evaluation, NLLEvaluator
+
+__all__ = ["WidthEvaluator"]
+
+
+class WidthEvaluator:
+    """Scores per-layer width rates of ``lm`` on ``calib``, structures ranked by ``importance``.
+
+    ``evaluate(rates)`` returns an :class:`Evaluation` (``loss``: mean NLL, or KL
+    to the dense model with ``metric="kl"``, in nats per predicted token;
+    ``tokens``; ``token_layers = n_samples * seqlen * n_layers``). ``rates`` is a
+    sequence of floats in ``[0, 1]``, one per block, or a ``RateVector``.
+    The model is edited in place inside each evaluation and restored bit for bit.
+    """
+
+    def __init__(self, lm: LoadedModel, calib: CalibSet, importance: WidthImportance, *, batch_size: int = 1,
+                 metric: str = "nll", kl_topk: int | None = None, progress: bool = False) -> None:
+        self.lm = lm
+        self.calib = calib
+        self.importance = importance
+        self.spec = width_spec(lm.model, lm.adapter)
+        self.n_layers = self.spec.n_layers
+        self._dense = DropPattern(self.n_layers)
+        self._nll = NLLEvaluator(lm, calib, batch_size=batch_size, prefix_cache=False, metric=metric,
+                                 kl_topk=kl_topk, progress=progress)
+        self.plan([0.0] * self.n_layers)  # fail now if the importance does not fit the model
+
+    # -- sizes and counters (same names as NLLEvaluator) -------------------------
+    @property
+    def metric(self) -> str:
+        return self._nll.metric
+
+    @property
+    def tokens(self) -> int:
+        """Predicted tokens per evaluation, ``n_samples * (seqlen - 1)``."""
+        return self._nll.tokens
+
+    @property
+    def dense_token_layers(self) -> int:
+        """Cost of one evaluation (every block on every token): ``n_samples * seqlen * n_layers``."""
+        return self._nll.dense_token_layers
+
+    @property
+    def setup_token_layers(self) -> int:
+        """Token-layers of the dense forward for KL targets (0 for ``nll`` or before :meth:`prepare`)."""
+        return self._nll.setup_token_layers
+
+    @property
+    def n_evaluations(self) -> int:
+        return self._nll.n_evaluations
+
+    @property
+    def spent_token_layers(self) -> int:
+        """Setup + all evaluations so far."""
+        return self._nll.spent_token_layers
+
+    # -- evaluation ---------------------------------------------------------------
+    def plan(self, rates: Sequence[float]) -> WidthPlan:
+        """The :class:`WidthPlan` for ``rates`` (no forward)."""
+        return plan_widths(self.spec, self.importance, rates)
+
+    def prepare(self) -> None:
+        """Compute the dense KL targets now (``metric="kl"``); a no-op for ``nll``."""
+        self._nll.prepare()
+
+    def evaluate(self, rates: Sequence[float]) -> Evaluation:
+        """Score ``rates`` (:class:`~evoprune.errors.UserError` if they do not fit the model)."""
+        plan = self.plan(rates)
+        self._nll.prepare()  # dense targets must come from the unmasked model
+        with width_masked(self.lm.model, plan, self.lm.adapter):
+            return self._nll.evaluate(self._dense)
+
+    def replay(self, rates: Sequence[float]) -> None:
+        """Resume bookkeeping: nothing to replay (no caches depend on past candidates)."""
