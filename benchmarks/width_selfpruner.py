@@ -49,7 +49,8 @@ def main() -> None:
     ap.add_argument("--crossovers", type=int, default=4)
     ap.add_argument("--generations", type=int, default=3)
     ap.add_argument("--operator-max-tokens", type=int, default=200)
-    ap.add_argument("--operator-retries", type=int, default=1)
+    # transformers serve decodes greedily: a retry of the same prompt gets the same reply
+    ap.add_argument("--operator-retries", type=int, default=0)
     ap.add_argument("--heldout-seqlen", type=int, default=512)
     ap.add_argument("--heldout-windows", type=int, default=8)
     ap.add_argument("--bench-seqlen", type=int, default=256)

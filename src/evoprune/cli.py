@@ -24,6 +24,17 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
 
 
+def _add_workers(p: argparse.ArgumentParser, resume: bool = False) -> None:
+    keep = " (default: as the run was started)" if resume else ""
+    g = p.add_argument_group("Ray workers (same result as one process; see README)")
+    g.add_argument("--workers", type=int,
+                   help="evaluate candidates on N Ray actors, one model each" + (keep or " (default 1: no Ray)"))
+    g.add_argument("--ray-address", help="run the workers on an existing Ray cluster (e.g. auto, ray://head:10001)"
+                   + (keep + "; none: a local cluster" if resume else ""))
+    g.add_argument("--gpus-per-worker", type=float,
+                   help="with --device cuda: GPUs per actor (default 1; a fraction shares a GPU)" + keep)
+
+
 def _progress() -> bool:
     return not os.environ.get("EVOPRUNE_NO_PROGRESS")
 
@@ -158,11 +169,18 @@ def cmd_search(args) -> int:
 
 
 def cmd_resume(args) -> int:
+    import dataclasses
+
     from .record import RunDir
-    from .run import SearchConfig, run_search
+    from .run import EXECUTION_OPTIONS, SearchConfig, run_search
 
     run = RunDir(args.run)
     cfg = SearchConfig.from_dict(run.read_config())
+    overrides = {k: getattr(args, k) for k in EXECUTION_OPTIONS if getattr(args, k, None) is not None}
+    if str(overrides.get("ray_address", "")).lower() == "none":
+        overrides["ray_address"] = None
+    if overrides:  # how to run the rest (e.g. another worker count); the result is the same
+        cfg = dataclasses.replace(cfg, **overrides)
     res = run_search(cfg, args.run, resume=True, progress=_progress())
     _emit(res)
     return 0
@@ -264,11 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--operator-call-budget", type=int, help="self-pruner: most LLM requests per run (default 200)")
     w.add_argument("--operator-temperature", type=float, help="self-pruner: sampling temperature (default 0.7)")
     w.add_argument("--operator-max-tokens", type=int, help="self-pruner: reply token cap (default: sized to the request)")
+    _add_workers(p)
     p.add_argument("--out", required=True, help="run directory (resumed if it holds the same search)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("resume", help="continue a killed search from its run directory")
     p.add_argument("run", help="run directory")
+    _add_workers(p, resume=True)
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("demo", help="EvoP search, dense vs pruned perplexity and export on the bundled model")
@@ -290,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
     add_report_parsers(sub)
+
+    from .finetune.command import add_finetune_parser
+
+    add_finetune_parser(sub)
     return ap
 
 

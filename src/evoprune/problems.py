@@ -9,8 +9,11 @@ layer, mean = the target sparsity) and :func:`make_problem`. The loop in
 - ``prepare(calib, run, fresh)`` -> setup token-layers (dense caches, importance
   scores) and extra strategy options (one-shot scores), counted once per run
   and recovered from the run directory on resume,
+- ``setup_files``: files of the run directory besides ``calib.pt`` that
+  ``prepare(..., fresh=False)`` reads (a Ray worker gets copies of them; see
+  :mod:`evoprune.distributed`),
 - ``evaluators`` (one per fidelity stage; ``evaluate(genome)`` -> ``Evaluation``,
-  ``replay(genome)``),
+  ``replay(genome)`` -> the token-layers ``evaluate`` would report, ``release()``),
 - ``row(genome)`` / ``result(genome)``: the space's fields of a history row and
   of ``result.json`` (width: ``rates``; ``params`` = parameters of the pruned
   model, ``params_dense``; ``prunable_params_kept`` / ``_total`` = the decoder
@@ -30,6 +33,7 @@ class LayerProblem:
     """Block dropping; see :mod:`evoprune.run` for stages, caches and budgets."""
 
     kind = "layers"
+    setup_files: tuple[str, ...] = ()
 
     def __init__(self, cfg, lm) -> None:
         from .space import LayerDropSpace
@@ -82,6 +86,7 @@ class WidthProblem:
     """Structured width pruning: per-layer rates, Wanda-sp (or magnitude) ranking inside each layer."""
 
     kind = "width"
+    setup_files: tuple[str, ...] = ("importance.pt",)
 
     def __init__(self, cfg, lm) -> None:
         from .space import WidthSpace

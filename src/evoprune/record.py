@@ -8,6 +8,8 @@ Owns the on-disk layout of ``evoprune search --out RUN``::
     RUN/state           JSON, atomically replaced after every generation / step
     RUN/result.json     written once at the end
     RUN/wall.jsonl      wall-clock timings (kept apart: they differ between runs)
+    RUN/workers.jsonl   Ray worker events of runs with --workers / --ray-address (start: pid, node;
+                        lost; close: evaluations and token-layers the workers actually ran)
 
 Every write of a whole file goes to a temporary file in ``RUN`` followed by
 ``os.replace``, so a run killed at any instant leaves either the old or the new
@@ -56,6 +58,7 @@ class RunDir:
         self.state_path = self.path / "state"
         self.result_path = self.path / "result.json"
         self.wall_path = self.path / "wall.jsonl"
+        self.workers_path = self.path / "workers.jsonl"
 
     # -- reading ------------------------------------------------------------------
     def _read_json(self, p: Path, what: str) -> dict:
@@ -129,6 +132,11 @@ class RunDir:
     def append_wall(self, row: dict) -> None:
         with open(self.wall_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def append_workers(self, row: dict) -> None:
+        with open(self.workers_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
 
 
 def load_run_model(path, *, dtype=None, device="cpu", progress: bool = True):

@@ -66,13 +66,24 @@ def load_run(path) -> dict:
     hist = run.read_history()
     n = (res or {}).get("n_layers") or _n_from_history(hist)
     k = (res or {}).get("k")
-    if k is None and n:
+    width = cfg.get("space") == "width"
+    if width:
+        n = n or next((len(r["rates"]) for r in hist if r.get("rates")), None)
+    if k is None and n and not width:
         if cfg.get("drop_count") is not None:
             k = int(cfg["drop_count"])
         elif cfg.get("sparsity") is not None:
             k = int(math.floor(float(cfg["sparsity"]) * n + 0.5))
     feasible = [r for r in hist if _finite(r.get("loss")) and (k is None or len(r.get("dropped", ())) == k)]
-    if res is not None:
+    if width:
+        if res is not None:
+            best = {"dropped": [], "loss": res.get("calib_loss"), "rates": res.get("rates")}
+        elif feasible:
+            b = min(feasible, key=lambda r: r["loss"])
+            best = {"dropped": [], "loss": b["loss"], "rates": b.get("rates")}
+        else:
+            best = None
+    elif res is not None:
         best = {"dropped": list(res.get("dropped_layers", ())), "loss": res.get("calib_loss"),
                 "rates": res.get("rates")}
     elif feasible:
@@ -327,8 +338,13 @@ def _summary_rows(run: dict) -> list[list[str]]:
         ["status", "finished" if run["finished"] else f"in progress ({len(hist)} evaluations so far)"],
         ["method", str(cfg.get("method"))],
         ["model", str(cfg.get("model"))],
-        ["k (dropped / blocks)", f"{k} / {n}" + (f" (sparsity {k / n:.1%})" if k is not None and n else "")],
-        ["dropped layers", _layers(sorted(best.get("dropped", ())))],
+        *([["space", f"width: mean rate {cfg.get('sparsity')} over {n} blocks"],
+           ["rates", ", ".join(f"{r:.3f}" for r in best.get("rates") or [])],
+           ["params", f"{_fmt(res.get('params'), ',.0f')} of {_fmt(res.get('params_dense'), ',.0f')} "
+                      f"(prunable: {_fmt(res.get('param_sparsity'), '.1%')} removed)"]]
+          if cfg.get("space") == "width" else
+          [["k (dropped / blocks)", f"{k} / {n}" + (f" (sparsity {k / n:.1%})" if k is not None and n else "")],
+           ["dropped layers", _layers(sorted(best.get("dropped", ())))]]),
         ["calib loss", _fmt(loss, ".4f")],
         ["calib ppl", _fmt(math.exp(loss), ".2f") if _finite(loss) else "-"],
         ["evaluations", str(evals)],
@@ -379,9 +395,12 @@ def write_report(path, out_dir=None) -> dict:
                   f"block is dropped among the {TOP_N} best distinct candidates (red: dropped in the best).", ""]
     top = _top_candidates(run, 5)
     if top:
+        width = "rates" in top[0]
+        desc = (lambda r: f"{min(r['rates']):.2f}-{max(r['rates']):.2f}") if width else (lambda r: _layers(r["dropped"]))
         parts += ["### Best candidates", "",
-                  _md_table(["rank", "dropped layers", "calib loss", "calib ppl", "evaluation #"],
-                            [[str(i + 1), _layers(r["dropped"]), f"{r['loss']:.4f}", f"{math.exp(r['loss']):.2f}",
+                  _md_table(["rank", "rate range" if width else "dropped layers", "calib loss", "calib ppl",
+                             "evaluation #"],
+                            [[str(i + 1), desc(r), f"{r['loss']:.4f}", f"{math.exp(r['loss']):.2f}",
                               str(r["eval"])] for i, r in enumerate(top)]), ""]
     evals = read_eval_files(run["path"])
     if evals:

@@ -40,6 +40,14 @@ is the best candidate's loss at the last (full) stage.
 ``budget_token_layers``: before each evaluation, the loop stops once the
 spent ``token_layers`` reach the budget; the result is the best full-fidelity
 candidate so far (``stopped_early: true``).
+
+Workers (``workers > 1`` or ``ray_address``): the candidates of each ``ask()``
+batch are evaluated in parallel by Ray actors (:mod:`evoprune.distributed`) and
+consumed in candidate order; the driver replays each candidate through its own
+evaluators' bookkeeping first, so token-layers, the budget's stopping point,
+``history.jsonl`` and ``result.json`` are those of the sequential run.
+``workers``, ``ray_address`` and ``gpus_per_worker`` are execution options:
+not compared on resume, no effect on the result.
 """
 from __future__ import annotations
 
@@ -78,11 +86,14 @@ METHOD_OPTIONS = {
 SPACES = ("layers", "width")
 IMPORTANCES = ("wanda_sp", "magnitude")
 FITNESSES = ("nll", "kl")
+# how a run executes, not what it computes: may change between a run and its resume
+EXECUTION_OPTIONS = ("workers", "ray_address", "gpus_per_worker")
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Everything that determines a search's result (the run's ``config.json``).
+    """Everything that determines a search's result (the run's ``config.json``), plus
+    :data:`EXECUTION_OPTIONS` (how it runs: Ray workers), which do not.
 
     ``sparsity`` s gives k = floor(s*N + 0.5) dropped blocks of N (round half
     up); ``drop_count`` sets k directly. Exactly one of them must be given.
@@ -140,6 +151,10 @@ class SearchConfig:
     operator_call_budget: int = 200
     operator_temperature: float = 0.7
     operator_max_tokens: int | None = None
+    # execution options (EXECUTION_OPTIONS): Ray workers; see evoprune.distributed
+    workers: int = 1
+    ray_address: str | None = None
+    gpus_per_worker: float | None = None
 
     def __post_init__(self) -> None:
         from .search import methods
@@ -195,6 +210,25 @@ class SearchConfig:
                 raise UserError(f"--tokens-per-stage must increase and start at >= 2 tokens, got {tps}")
         elif sps is not None and len(sps) != 1:
             raise UserError("several --survivors-per-stage entries need --tokens-per-stage")
+        self._check_execution()
+
+    def _check_execution(self) -> None:
+        w = self.workers
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w != int(w) or w < 1:
+            raise UserError(f"--workers must be an integer >= 1, got {w!r}")
+        object.__setattr__(self, "workers", int(w))
+        if self.ray_address is not None and not str(self.ray_address).strip():
+            raise UserError("--ray-address must not be empty (e.g. ray://head:10001 or auto)")
+        g = self.gpus_per_worker
+        if g is not None and not str(self.device).startswith("cuda"):
+            raise UserError("--gpus-per-worker needs --device cuda (CPU workers split the CPUs)")
+        if g is not None and not (math.isfinite(float(g)) and float(g) > 0):
+            raise UserError(f"--gpus-per-worker must be > 0, got {g}")
+
+    @property
+    def distributed(self) -> bool:
+        """Whether candidates are evaluated by Ray workers (``workers > 1`` or a ``ray_address``)."""
+        return self.workers > 1 or self.ray_address is not None
 
     def _check_width(self) -> None:
         if self.drop_count is not None or self.sparsity is None:
@@ -282,7 +316,7 @@ def _build_calib(cfg: SearchConfig, lm, run: RunDir, progress: bool):
 def _check_same_config(run: RunDir, cfg: SearchConfig) -> None:
     old = SearchConfig.from_dict(run.read_config()).to_dict()
     new = cfg.to_dict()
-    diff = [f"{k}: {old[k]!r} != {new[k]!r}" for k in new if old.get(k) != new[k]]
+    diff = [f"{k}: {old[k]!r} != {new[k]!r}" for k in new if old.get(k) != new[k] and k not in EXECUTION_OPTIONS]
     if diff:
         raise UserError(f"{run.path} holds a run with different arguments ({'; '.join(diff)}); "
                         f"use 'evoprune resume {run.path}' or a new --out")
@@ -395,26 +429,19 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
 
     if state is None:
         save_state()
+    pool = None
     try:
+        if cfg.distributed:
+            from .distributed import WorkerPool
+
+            for ev in evaluators:  # the driver only replays from now on
+                ev.release()
+            pool = WorkerPool(cfg, run.path, problem.setup_files, eval_delay_s=_EVAL_DELAY, log=run.append_workers)
         while not strategy.done and not stopped:
             cands = strategy.ask()
             fits = []
-            for c in cands:
-                if budget is not None and counters["token_layers"] >= budget:
-                    stopped = True
-                    break
-                stage = getattr(c, "stage", None)
-                genome = getattr(c, "pattern", c)
-                ev_s = evaluators[-1 if stage is None else stage]
-                r = reuse.pop((c.key, stage), None)
-                if r is None:
-                    if _EVAL_DELAY:
-                        time.sleep(_EVAL_DELAY)
-                    ev = ev_s.evaluate(genome)
-                    loss, tokens, tl = ev.loss, ev.tokens, ev.token_layers
-                else:
-                    ev_s.replay(genome)
-                    loss, tokens, tl = r["loss"], r["tokens"], r["eval_token_layers"]
+            for c, stage, genome, loss, tokens, tl in _scored(cands, evaluators, reuse, budget,
+                                                              lambda: counters["token_layers"], pool):
                 counters["evaluations"] += 1
                 counters["token_layers"] += tl
                 row = {"eval": counters["evaluations"], "generation": counters["generation"], "pattern": c.key,
@@ -427,6 +454,7 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
                 if stage is None or stage == len(evaluators) - 1:
                     best_seen = min(best_seen, loss)
                 display.update(counters["generation"], best_seen, counters["evaluations"], counters["token_layers"])
+            stopped = len(fits) < len(cands)  # only the budget ends a batch early
             if fits:
                 strategy.tell(cands[: len(fits)], fits)
             counters["generation"] = strategy.generation
@@ -435,6 +463,8 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
                              "elapsed_s": round(time.time() - t0, 3)})
     finally:
         display.close()
+        if pool is not None:
+            pool.close()
     if strategy.best is None:
         raise UserError(f"--budget-token-layers {budget} ran out before any full-fidelity evaluation; raise it")
     best_g, best_loss = strategy.best
@@ -453,6 +483,50 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
         print(f"best: {problem.summary(best_g)}; calib loss {best_loss:.4f} (ppl {result['calib_ppl']:.2f}); "
               f"{result['evaluations']} evaluations, {result['token_layers']:.3g} token-layers", file=sys.stderr)
     return result
+
+
+def _scored(cands, evaluators, reuse: dict, budget: int | None, spent, pool=None):
+    """``(candidate, stage, genome, loss, tokens, token_layers)`` of ``cands``, in candidate order.
+
+    Stops before the first candidate at which the token-layers spent so far
+    reach ``budget`` (``spent()``: the caller's running total, updated between
+    items). Rows of ``reuse`` (logged after the last saved state) are replayed,
+    not evaluated. With a :class:`~evoprune.distributed.WorkerPool` the
+    candidates are first replayed in order through the driver's evaluators (the
+    LRU bookkeeping gives the sequential run's token-layers, hence the same
+    budget stop, and nothing past it is dispatched), then evaluated in parallel
+    and yielded in order: the caller sees exactly what the sequential loop sees.
+    """
+    plan, total = [], spent()
+    for c in cands:
+        if budget is not None and (spent() if pool is None else total) >= budget:
+            break
+        stage = getattr(c, "stage", None)
+        genome = getattr(c, "pattern", c)
+        ev = evaluators[-1 if stage is None else stage]
+        r = reuse.pop((c.key, stage), None)
+        if r is not None:
+            ev.replay(genome)
+            item = (c, stage, genome, r["loss"], r["tokens"], r["eval_token_layers"])
+        elif pool is not None:
+            item = (c, stage, genome, None, None, ev.replay(genome))  # evaluated below, by the workers
+        else:
+            if _EVAL_DELAY:
+                time.sleep(_EVAL_DELAY)
+            e = ev.evaluate(genome)
+            item = (c, stage, genome, e.loss, e.tokens, e.token_layers)
+        if pool is None:
+            yield item
+        else:
+            plan.append(item)
+            total += item[5]
+    if not plan:
+        return
+    results = pool.imap([(genome, stage) for _, stage, genome, loss, _, _ in plan if loss is None])
+    for c, stage, genome, loss, tokens, tl in plan:
+        if loss is None:
+            loss, tokens, _ = next(results)
+        yield c, stage, genome, loss, tokens, tl
 
 
 def _make_operator(cfg: SearchConfig, lm, run: RunDir, problem):

@@ -190,7 +190,8 @@ class NLLEvaluator:
       dropped blocks below position ``j`` starts at the deepest such ``j``:
       ``token_layers = n_tokens * #(kept blocks >= j)``. Same loss as naive.
       :meth:`replay` applies an evaluation's bookkeeping without computing
-      (resume); ghost entries it leaves are computed on a hit, uncounted.
+      and returns its token-layers (resume, distributed drivers); ghost
+      entries it leaves are computed on a hit, uncounted.
 
     ``metric="kl"``: the fitness is the mean ``KL(dense || candidate)`` of the
     next-token distributions (see :mod:`evoprune.fitness.kl`; ``kl_topk`` bounds
@@ -312,11 +313,32 @@ class NLLEvaluator:
             for pos in [d for d in pattern.dropped if prev < d < j] + [j]:
                 self.lru.insert(prefix_key(pos, pattern.dropped), value)
 
-    def replay(self, pattern: DropPattern) -> None:
-        """Apply :meth:`evaluate`'s cache bookkeeping for ``pattern`` without computing anything (resume)."""
+    def replay(self, pattern: DropPattern) -> int:
+        """Apply :meth:`evaluate`'s cache bookkeeping for ``pattern`` without computing anything.
+
+        Returns the ``token_layers`` that :meth:`evaluate` would report for
+        ``pattern`` at this point (the LRU bookkeeping does not depend on the
+        tensors). Used on resume and by a driver whose workers evaluate
+        (:mod:`evoprune.distributed`): replaying candidates in the sequential
+        order gives the sequential run's token-layers.
+        """
         pattern = self.lm.adapter.pattern(self.lm.model, pattern)
         start, _ = self._plan(pattern)
         self._lru_insert(pattern, start, None)
+        return self.calib.n_tokens * sum(1 for i in pattern.kept if i >= start)
+
+    def release(self) -> None:
+        """Free the dense prefix cache, KL targets and LRU tensors; the LRU bookkeeping stays.
+
+        For a driver that only calls :meth:`replay` (its workers evaluate). A later
+        :meth:`evaluate` rebuilds what it needs; that dense forward is counted
+        again in :attr:`setup_token_layers`.
+        """
+        self._cache = None
+        self._targets = None
+        if self.lru is not None:
+            for key in self.lru.keys():
+                self.lru.set(key, None)
 
     def evaluate(self, pattern: DropPattern) -> Evaluation:
         """Score ``pattern`` (validated against the model; :class:`UserError` if it does not fit)."""

@@ -95,5 +95,10 @@ class WidthEvaluator:
         with width_masked(self.lm.model, plan, self.lm.adapter):
             return self._nll.evaluate(self._dense)
 
-    def replay(self, rates: Sequence[float]) -> None:
-        """Resume bookkeeping: nothing to replay (no caches depend on past candidates)."""
+    def replay(self, rates: Sequence[float]) -> int:
+        """No caches depend on past candidates: nothing to replay; returns :meth:`evaluate`'s ``token_layers``."""
+        return self.dense_token_layers
+
+    def release(self) -> None:
+        """Free the dense KL targets (see :meth:`NLLEvaluator.release`)."""
+        self._nll.release()

@@ -1,0 +1,288 @@
+"""LoRA recovery fine-tuning of an in-memory (pruned) model, merged back into its weights.
+
+Owns :class:`LoRAConfig` and :func:`finetune_lora`. The model of a
+:class:`~evoprune.models.LoadedModel` — dense, layer-dropped or width-sliced —
+gets peft LoRA adapters on the decoder blocks' attention and MLP projections
+(the adapter's q/k/v/o and MLP projections by default: ``q_proj … down_proj``,
+OPT's ``q_proj … out_proj, fc1, fc2``), trains them with AdamW on packed token
+windows (:func:`~evoprune.finetune.data.pack_windows`), and merges them with
+``merge_and_unload``: afterwards ``lm.model`` is the same object with the same
+module types and shapes, only its targeted ``nn.Linear`` weights changed, so
+every export path (layer-drop, width) and evaluation works on it unchanged.
+
+Contract of :func:`finetune_lora`:
+
+- in place: no copy of the model is made (``copy.deepcopy(lm.model)`` first to
+  keep the original); on an exception the adapters are removed unmerged, so the
+  weights are the original ones;
+- ``requires_grad`` flags and train/eval mode are restored afterwards;
+- deterministic given ``seed`` on CPU (same thread count): LoRA init, dropout
+  and the window order (numpy ``default_rng(seed)``: one permutation of all
+  windows per epoch) draw from forked, seeded generators; the global torch RNG
+  is left untouched;
+- training happens where the model lives (its device); on CPU the weights must
+  be fp32 (:class:`UserError` otherwise). On CUDA a half-precision model trains
+  with fp32 adapters (peft's ``autocast_adapter_dtype``), merged into its dtype.
+
+Learning rate: linear warm-up over ``warmup_steps`` (``lr·(t+1)/warmup``), then
+``schedule="linear"`` decays linearly to ``lr/(steps-warmup)`` at the last step,
+``"constant"`` keeps ``lr``. Gradients are clipped to ``max_grad_norm``.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+__all__ = ["LoRAConfig", "finetune_lora", "default_targets", "resolve_targets", "SCHEDULES"]
+
+SCHEDULES = ("linear", "constant")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """One LoRA recovery run; validated on construction (:class:`UserError`).
+
+    - ``steps``: optimizer steps (>= 1); ``batch_size`` windows of ``seqlen``
+      tokens each per step (``tokens = steps * batch_size * seqlen``);
+    - ``rank`` r (>= 1), ``alpha`` (> 0; adapter scale ``alpha / r``),
+      ``dropout`` on the adapter input ([0, 1));
+    - ``lr`` peak learning rate (> 0), ``warmup_steps`` (0..steps),
+      ``schedule`` (``linear`` | ``constant``), ``weight_decay`` (>= 0, AdamW),
+      ``max_grad_norm`` (> 0, or ``None``: no clipping);
+    - ``target``: projection names (last path component, e.g. ``q_proj``) to
+      adapt inside the decoder blocks; ``None``: the family's attention and MLP
+      projections (:func:`default_targets`);
+    - ``seed``: LoRA init, dropout and window order.
+    """
+
+    steps: int
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    lr: float = 2e-4
+    seqlen: int = 512
+    batch_size: int = 1
+    warmup_steps: int = 0
+    schedule: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    target: tuple[str, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise UserError(msg)
+
+        for name in ("steps", "rank", "seqlen", "batch_size", "warmup_steps", "seed"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, np.integer)) and not isinstance(v, bool), f"{name} must be an integer, got {v!r}")
+        need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        need(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
+        need(self.seqlen >= 2, f"seqlen must be >= 2, got {self.seqlen}")
+        need(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
+        need(0 <= self.warmup_steps <= self.steps, f"warmup steps must be in [0, steps={self.steps}], "
+                                                   f"got {self.warmup_steps}")
+        need(math.isfinite(self.alpha) and self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight decay must be >= 0, got {self.weight_decay}")
+        need(self.max_grad_norm is None or (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0),
+             f"max grad norm must be > 0 or None, got {self.max_grad_norm}")
+        need(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.target is not None:
+            t = (self.target,) if isinstance(self.target, str) else tuple(self.target)
+            t = tuple(str(x).strip() for x in t)
+            need(bool(t) and all(t), f"target must name at least one module, got {self.target!r}")
+            object.__setattr__(self, "target", t)
+        need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["target"] = list(self.target) if self.target is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoRAConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def default_targets(adapter) -> tuple[str, ...]:
+    """The family's attention and MLP projection names (last path component), in block order."""
+    paths = (adapter.q, adapter.k, adapter.v, adapter.o, *adapter.mlp_in, adapter.mlp_out)
+    return tuple(p.rsplit(".", 1)[-1] for p in paths)
+
+
+def resolve_targets(lm, target: Sequence[str] | None = None) -> list[str]:
+    """Full module names of the ``nn.Linear`` layers inside the decoder blocks to adapt.
+
+    A layer matches when its last name component is in ``target`` (default:
+    :func:`default_targets`); layers with zero inputs or outputs (the empty
+    projections of a fully width-pruned attention) are skipped. Raises
+    :class:`UserError` for a name that matches nothing.
+    """
+    adapter, model = lm.adapter, lm.model
+    names = tuple(target) if target is not None else default_targets(adapter)
+    prefix = adapter.blocks + "."
+    found: list[str] = []
+    seen: set[str] = set()
+    for full, mod in model.named_modules():
+        last = full.rsplit(".", 1)[-1]
+        if full.startswith(prefix) and last in names and isinstance(mod, nn.Linear):
+            seen.add(last)
+            if mod.in_features > 0 and mod.out_features > 0:
+                found.append(full)
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise UserError(f"LoRA target {', '.join(missing)} matches no linear layer in the decoder blocks "
+                        f"(this {model.config.model_type} model has {', '.join(default_targets(adapter))})")
+    if not found:
+        raise UserError("no LoRA target layer has a non-zero width")
+    return found
+
+
+def _windows(lm, data, seqlen: int) -> torch.Tensor:
+    from .data import pack_windows
+
+    if isinstance(data, torch.Tensor):
+        if data.dtype not in (torch.int32, torch.int64) or data.dim() not in (1, 2):
+            raise UserError(f"token ids must be a 1-D stream or 2-D windows of integers, got {tuple(data.shape)} "
+                            f"{data.dtype}")
+        if data.dim() == 2:
+            if data.shape[1] != seqlen or data.shape[0] == 0:
+                raise UserError(f"token windows have shape {tuple(data.shape)}, expected [n >= 1, seqlen={seqlen}]")
+            return data.long().cpu()
+        n = data.numel() // seqlen
+        if n == 0:
+            raise UserError(f"token stream has {data.numel()} tokens, fewer than one window of seqlen {seqlen}")
+        return data[: n * seqlen].long().cpu().view(n, seqlen)
+    if isinstance(data, str) or (isinstance(data, (list, tuple)) and all(isinstance(d, str) for d in data)):
+        return pack_windows(lm.tokenizer, data, seqlen)
+    raise UserError(f"training data must be text, a list of documents or a tensor of token ids, "
+                    f"got {type(data).__name__}")
+
+
+def _lr_factor(cfg: LoRAConfig):
+    def f(t: int) -> float:
+        if t < cfg.warmup_steps:
+            return (t + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        return (cfg.steps - t) / (cfg.steps - cfg.warmup_steps)
+
+    return f
+
+
+def _order(n: int, rng: np.random.Generator):
+    """Window indices: one fresh permutation of ``range(n)`` per epoch, forever."""
+    while True:
+        yield from rng.permutation(n).tolist()
+
+
+def finetune_lora(lm, data, cfg: LoRAConfig, *, progress: bool = False) -> dict:
+    """Train LoRA adapters on ``lm.model`` and merge them in (see the module docstring for the contract).
+
+    ``data``: a text, a list of documents (packed with ``lm.tokenizer``), a 1-D
+    tensor of token ids (cut into windows) or a 2-D ``[n, cfg.seqlen]`` tensor of
+    windows. ``progress``: a tqdm bar on stderr, shown only on a terminal.
+
+    Returns stats: ``steps``, ``tokens`` (trained tokens, ``steps * batch_size *
+    seqlen``), ``windows`` (available), ``epochs`` (passes over them),
+    ``loss_first`` / ``loss_last`` (mean next-token NLL in nats of the first /
+    last step's batch, before its update), ``losses`` (every step),
+    ``lora_params``, ``target_modules`` (count), ``wall_s``, ``device``.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    if not isinstance(cfg, LoRAConfig):
+        raise TypeError(f"cfg must be a LoRAConfig, got {type(cfg).__name__}")
+    model = lm.model
+    first = next(model.parameters())
+    device = first.device
+    if device.type == "cpu" and any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
+        raise UserError(f"LoRA training on CPU needs fp32 weights, the model has {first.dtype} (load it with "
+                        f"--dtype float32)")
+    windows = _windows(lm, data, cfg.seqlen)
+    targets = resolve_targets(lm, cfg.target)
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    rng = np.random.default_rng(cfg.seed)
+    order = _order(windows.shape[0], rng)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    fork = [device] if device.type == "cuda" else []
+    peft_model = None
+    merged = None
+    try:
+        with torch.random.fork_rng(devices=fork):
+            torch.manual_seed(cfg.seed)
+            peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                      target_modules=targets, bias="none")
+            with warnings.catch_warnings():  # transformers' own deprecation notices, reached through peft
+                warnings.simplefilter("ignore", FutureWarning)
+                peft_model = get_peft_model(model, peft_cfg)
+            params = [p for p in peft_model.parameters() if p.requires_grad]
+            n_lora = sum(p.numel() for p in params)
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg))
+            peft_model.train()
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, desc="lora", unit="step", leave=False,
+                       disable=not (progress and sys.stderr.isatty()))
+            for _ in range(cfg.steps):
+                idx = torch.tensor([next(order) for _ in range(cfg.batch_size)])
+                batch = windows[idx].to(device)
+                loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"LoRA training diverged at step {len(losses)} (loss {float(loss)}); "
+                                             f"lower --lr")
+                loss.backward()
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+                bar.update(1)
+            bar.close()
+            del opt, sched, params
+        with torch.no_grad():
+            merged = peft_model.merge_and_unload()
+    finally:
+        if merged is None and peft_model is not None:
+            peft_model.unload()  # failed: drop the adapters unmerged, weights as before
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    if merged is not model:  # peft edits the model in place; keep lm consistent should that ever change
+        lm.model = merged
+        merged.train(was_training)
+    tokens = cfg.steps * cfg.batch_size * cfg.seqlen
+    return {
+        "steps": cfg.steps,
+        "tokens": tokens,
+        "windows": int(windows.shape[0]),
+        "epochs": tokens / (windows.shape[0] * cfg.seqlen),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "losses": losses,
+        "lora_params": int(n_lora),
+        "target_modules": len(targets),
+        "wall_s": time.perf_counter() - t0,
+        "device": str(device),
+    }
