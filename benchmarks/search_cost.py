@@ -75,7 +75,10 @@ def per_eval_ratio(run: Path, n_layers: int, k: int) -> tuple[float, float]:
     rows, res = rd.read_history(), rd.read_result()
     cfg = SearchConfig.from_dict(rd.read_config())
     slices = cfg.stage_slices(res["calib"]["samples"], res["calib"]["seqlen"])
-    naive = sum(slices[r.get("stage", -1)][0] * slices[r.get("stage", -1)][1] * (n_layers - k) for r in rows)
+    # a naive forward of each candidate runs all its kept blocks on its stage's slice (greedy-phase candidates
+    # drop fewer than k blocks, so they keep more)
+    naive = sum(slices[r.get("stage", -1)][0] * slices[r.get("stage", -1)][1] * (n_layers - len(r["dropped"]))
+                for r in rows)
     full = slices[-1][0] * slices[-1][1] * (n_layers - k)
     return sum(r["eval_token_layers"] for r in rows) / naive, res["token_layers"] / (len(rows) * full)
 

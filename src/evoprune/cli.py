@@ -30,7 +30,7 @@ def _add_workers(p: argparse.ArgumentParser, resume: bool = False) -> None:
     g.add_argument("--workers", type=int,
                    help="evaluate candidates on N Ray actors, one model each" + (keep or " (default 1: no Ray)"))
     g.add_argument("--ray-address", help="run the workers on an existing Ray cluster (e.g. auto, ray://head:10001)"
-                   + (keep + "; none: a local cluster" if resume else ""))
+                   + (keep + "; none: drop it (a local cluster, or no Ray with --workers 1)" if resume else ""))
     g.add_argument("--gpus-per-worker", type=float,
                    help="with --device cuda: GPUs per actor (default 1; a fraction shares a GPU)" + keep)
 
@@ -146,7 +146,7 @@ def _export_width_run(args) -> int:
 
 
 def _search_config(args):
-    from .run import SearchConfig
+    from .config import SearchConfig
 
     fields = {f for f in SearchConfig.__dataclass_fields__}
     return SearchConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})

@@ -26,18 +26,21 @@ guarantee). On GPU, equal up to the kernels' own nondeterminism.
 Fault tolerance: every worker holds one candidate at a time. A worker lost
 mid-evaluation (process killed, node gone, out of memory) is killed for good,
 replaced by a fresh actor (which loads the model again) and its candidate is
-evaluated again; the result is unchanged. After ``workers + 3`` losses in a row
-without a single result the pool gives up (``RuntimeError``). An exception
-raised by the evaluation itself (a bug, a bad pattern) is re-raised on the
-driver. A killed driver is an ordinary killed run: ``evoprune resume RUN`` (any
-``--workers``) continues it.
+evaluated again; the result is unchanged. After more than ``workers + 3``
+losses in a row without a single result the pool gives up (``RuntimeError``).
+An exception raised by the evaluation itself (a bug, a bad pattern) is
+re-raised on the driver. A killed driver is an ordinary killed run:
+``evoprune resume RUN`` (any ``--workers``) continues it.
 
 Resources: a local cluster gets ``num_cpus`` = the CPUs this process may use;
 each actor asks for ``cpus // workers`` CPUs (on a cluster: the largest CPU
-count per actor that still places ``workers`` actors on the nodes' CPUs) and
-sets ``torch.set_num_threads`` to it, so actors don't oversubscribe cores. With
-``--device cuda`` each actor asks for ``gpus_per_worker`` GPUs (default 1); Ray
-sets ``CUDA_VISIBLE_DEVICES`` and the actor loads the model on ``cuda``.
+count per actor that still places ``workers`` actors on the nodes' CPUs; more
+workers than CPUs share them fractionally) and sets ``torch.set_num_threads``
+to it (at most the driver's ``OMP_NUM_THREADS`` when set), so actors don't
+oversubscribe cores. With ``--device cuda`` each actor
+asks for ``gpus_per_worker`` GPUs (default 1; a local cluster refuses more
+than it has, an existing cluster may make the actors wait for room); Ray sets
+``CUDA_VISIBLE_DEVICES`` and the actor loads the model on ``cuda``.
 
 Workers need ``evoprune`` and the model spec resolvable on their node (the
 bundled alias, a path on a shared filesystem, or a hub id); the run directory
@@ -52,8 +55,9 @@ places the whole model on one ``device`` today; splitting needs a
 ``device_map`` argument there passed to ``from_pretrained(device_map="auto")``
 (accelerate spreads the blocks over the visible GPUs), with the actor calling
 ``load_model(..., device_map="auto")`` when ``gpus_per_worker > 1``. The
-evaluators already follow the model (inputs go to the first parameter's device,
-hidden states stay where the blocks put them).
+evaluators send token ids to the first parameter's device and feed cached
+hidden states back on the device they were captured on, which accelerate's
+dispatch hooks then move as usual (that path is untested).
 
 The driver still loads the model once (calibration, one-shot scores, width
 importance, the dense forward whose token-layers the run counts); after setup
@@ -62,6 +66,7 @@ it frees its evaluators' hidden-state caches.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -93,7 +98,7 @@ class EvalWorker:
         from .models import load_model
         from .problems import make_problem
         from .record import RunDir
-        from .run import SearchConfig
+        from .config import SearchConfig
 
         torch.set_num_threads(max(1, int(threads)))
         self.threads, self.device, self.delay = int(threads), device, float(eval_delay_s)
@@ -127,13 +132,14 @@ class EvalWorker:
         return ev.loss, ev.tokens, ev.token_layers
 
 
-def actor_resources(node_cpus: Sequence[float], workers: int) -> int:
-    """CPUs per actor: the largest ``c`` such that ``workers`` actors of ``c`` CPUs fit on the nodes (>= 1)."""
-    best = 1
-    for c in range(1, int(max(node_cpus, default=1)) + 1):
+def actor_resources(node_cpus: Sequence[float], workers: int) -> float:
+    """CPUs per actor: the largest whole ``c`` such that ``workers`` actors of ``c`` CPUs fit on the nodes;
+    when not even 1 CPU each fits, an even fraction of all CPUs (actors then share cores, one thread each)."""
+    best = 0
+    for c in range(1, int(max(node_cpus, default=0)) + 1):
         if sum(int(n // c) for n in node_cpus) >= workers:
             best = c
-    return best
+    return best or max(0.01, int(100 * sum(node_cpus) / workers) / 100)
 
 
 def _lost_errors() -> tuple:
@@ -166,21 +172,29 @@ class WorkerPool:
         self.evaluations = self.token_layers_run = self.setup_token_layers = self.lost = 0
         self._in_a_row = 0
         self.actors: list = []
+        self._info: dict = {}  # info ref of a replacement actor -> (slot, actor): its start event, still to log
         try:
             self._start_cluster()
             nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
             cpus = actor_resources(nodes, self.n)
             cuda = str(cfg.device).startswith("cuda")
             gpus = float(cfg.gpus_per_worker or 1) if cuda else 0.0
+            have = ray.cluster_resources().get("GPU", 0)
+            if self._tmp is not None and gpus * self.n > have:  # our local cluster: would wait forever
+                raise UserError(f"--workers {self.n} x {gpus:g} GPUs need {gpus * self.n:g} GPUs; this machine has "
+                                f"{have:g} (use --gpus-per-worker < 1 to share, or fewer --workers)")
             run_path = Path(run_path)
             files = {name: (run_path / name).read_bytes() for name in ("calib.pt", *setup_files)}
             self._cls = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0)(EvalWorker)
             self._args = (cfg.to_dict(), ray.put(files))
             # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs: its "cuda" is one of them
-            self._kw = {"threads": cpus, "device": "cuda" if cuda else str(cfg.device),
+            threads = max(1, int(cpus))
+            omp = os.environ.get("OMP_NUM_THREADS", "")
+            if omp.isdigit() and int(omp) > 0:  # the driver's cap holds for its workers too
+                threads = min(threads, int(omp))
+            self._kw = {"threads": threads, "device": "cuda" if cuda else str(cfg.device),
                         "eval_delay_s": float(eval_delay_s)}
             self.actors = [self._cls.remote(*self._args, **self._kw) for _ in range(self.n)]
-            self._info: dict = {}  # info ref -> (slot, actor): start events still to log
             try:
                 infos = ray.get([a.info.remote() for a in self.actors])
             except _lost_errors() as e:
@@ -298,8 +312,10 @@ class WorkerPool:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    for line in text.splitlines():
-        if line.strip():
-            return f"{type(e).__name__}: {line.strip()}"[:300]
-    return type(e).__name__
+    """One line about ``e``: for an actor whose constructor raised, that exception's line (the message's last)."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    if getattr(e, "_actor_init_failed", False):
+        return lines[-1][:300]
+    return f"{type(e).__name__}: {lines[0]}"[:300]

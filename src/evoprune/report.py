@@ -354,7 +354,7 @@ def _summary_rows(run: dict) -> list[list[str]]:
         ["calibration", calib_txt],
         ["seed", str(cfg.get("seed"))],
     ]
-    from .run import METHOD_OPTIONS
+    from .config import METHOD_OPTIONS
 
     opts = METHOD_OPTIONS.get((cfg.get("space", "layers"), cfg.get("method")), ())
     if opts:
