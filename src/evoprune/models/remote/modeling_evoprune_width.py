@@ -130,11 +130,13 @@ class ZeroAttention(nn.Module):
         self.layer_idx = getattr(attn, "layer_idx", None)
         self.o_name = o_name
 
-    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, cache=None, **kwargs):
+        # older transformers pass the KV cache as ``past_key_values``, newer ones (5.2x) as ``cache``
+        cache = cache if cache is not None else past_key_values
         lead = hidden_states.shape[:-1]
-        if past_key_values is not None and self.layer_idx is not None and hidden_states.dim() == 3:
+        if cache is not None and self.layer_idx is not None and hidden_states.dim() == 3:
             stub = hidden_states.new_zeros(lead[0], 1, lead[1], 1)
-            past_key_values.update(stub, stub, self.layer_idx)
+            cache.update(stub, stub, self.layer_idx)
         out = self.get_submodule(self.o_name)(hidden_states.new_zeros(*lead, 0))
         return out, None
 
