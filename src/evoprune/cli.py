@@ -124,9 +124,9 @@ def cmd_export(args) -> int:
 
 
 def _is_width_run(path) -> bool:
-    from .record import RunDir, is_run_dir
+    from .record import WIDTH_SPACES, RunDir, is_run_dir
 
-    return is_run_dir(path) and RunDir(path).read_config().get("space") == "width"
+    return is_run_dir(path) and RunDir(path).read_config().get("space") in WIDTH_SPACES
 
 
 def _export_width_run(args) -> int:
@@ -149,7 +149,10 @@ def _search_config(args):
     from .config import SearchConfig
 
     fields = {f for f in SearchConfig.__dataclass_fields__}
-    return SearchConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if "training_aware" in kw:
+        kw["training_aware"] = kw["training_aware"] == "on"
+    return SearchConfig(**kw)
 
 
 def cmd_search(args) -> int:
@@ -223,9 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="search for a pruning pattern (writes a resumable run directory)")
     _add_model(p)
     p.add_argument("--method", default="evop", help="layers: evop | evo | sleb | shortgpt | exhaustive | random; "
-                   "width: uniform | owl | evo | self-pruner (default: %(default)s)")
+                   "width: uniform | owl | evo | self-pruner; levels: darwinlm | uniform (default: %(default)s)")
     p.add_argument("--space", default="layers", help="layers (drop whole blocks) | width (per-layer head/channel "
-                   "pruning rates) (default: %(default)s)")
+                   "pruning rates) | levels (per-block attention and MLP compression levels from a level database, "
+                   "DarwinLM) (default: %(default)s)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--sparsity", type=float, help="layers: fraction of blocks to drop, k = round(s*N), halves up; "
                    "width: mean pruning rate of the decoder layers")
@@ -251,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-from", help="random: use the evaluation count of this finished run")
     p.add_argument("--force", action="store_true", default=None, help="exhaustive: run even above the size limit")
     p.add_argument("--offspring", type=int, help="evo: candidates per generation (default 16)")
-    p.add_argument("--tokens-per-stage", help="evo: multi-fidelity token counts per stage, e.g. 512,2048 "
+    p.add_argument("--tokens-per-stage", "--fitness-tokens-per-stage", dest="tokens_per_stage",
+                   help="evo/darwinlm: fitness tokens per selection stage, e.g. 512,2048 "
                    "(the last = the whole calibration set)")
     p.add_argument("--survivors-per-stage", help="evo: candidates promoted past each stage, e.g. 4,1 "
                    "(the last = parents kept; default 4)")
@@ -282,6 +287,30 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--operator-call-budget", type=int, help="self-pruner: most LLM requests per run (default 200)")
     w.add_argument("--operator-temperature", type=float, help="self-pruner: sampling temperature (default 0.7)")
     w.add_argument("--operator-max-tokens", type=int, help="self-pruner: reply token cap (default: sized to the request)")
+    v = p.add_argument_group("--space levels (DarwinLM: level database, training-aware selection)")
+    v.add_argument("--database", help="obs (ZipLM-style structured OBS with weight updates, default) | wanda_sp "
+                   "(Wanda-sp order, weights unchanged)")
+    v.add_argument("--levels-db", help="level database directory (default: $EVOPRUNE_CACHE/levels/<fingerprint>; "
+                   "built on first use, reused by every run with the same model, calibration set and ladder)")
+    v.add_argument("--attn-levels", type=int, help="attention ladder steps (default min(groups, 8))")
+    v.add_argument("--mlp-levels", type=int, help="MLP ladder steps (default: one MLP step ~ one attention step "
+                   "in parameters)")
+    v.add_argument("--obs-damp", type=float, help="OBS Hessian dampening, fraction of its mean diagonal (default 0.01)")
+    v.add_argument("--hessian-mb", type=float, help="MiB of float64 Hessians per database pass (default 2048)")
+    v.add_argument("--separate-budgets", action="store_true", default=None,
+                   help="attention and MLP each lose --sparsity of their parameters (default: one joint budget)")
+    v.add_argument("--max-flips", type=int, help="darwinlm: most level switches per mutation (default 3)")
+    v.add_argument("--no-elitism", dest="elitism", action="store_false", default=None,
+                   help="darwinlm: parents do not compete with their offspring")
+    v.add_argument("--training-aware", choices=("on", "off"), help="darwinlm: fine-tune each candidate briefly "
+                   "before scoring it (default on); off = one-shot DarwinLM at the same search budget")
+    v.add_argument("--train-tokens-per-stage", help="darwinlm: training tokens per selection stage, e.g. 1024,4096 "
+                   "(default: the stage's fitness tokens)")
+    v.add_argument("--train-mode", help="darwinlm: lora (default) | full (AdamW on the block projections)")
+    v.add_argument("--train-lr", type=float, help="darwinlm: brief-training lr (default 5e-4 lora, 5e-5 full)")
+    v.add_argument("--train-rank", type=int, help="darwinlm: LoRA rank of the brief training (default 8)")
+    v.add_argument("--train-data", help="darwinlm: training text (default: the --calib source; windows that share "
+                   "a 16-token sequence with the calibration set are left out)")
     _add_workers(p)
     p.add_argument("--out", required=True, help="run directory (resumed if it holds the same search)")
     p.set_defaults(func=cmd_search)

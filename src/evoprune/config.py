@@ -30,12 +30,16 @@ METHOD_OPTIONS = {
     ("width", "evo"): ("population", "mutations", "crossovers", "generations", "step", "owl_lambda"),
     ("width", "self-pruner"): ("population", "mutations", "crossovers", "generations", "step", "owl_lambda",
                                "llm_init", "llm_mutation", "llm_crossover"),
+    ("levels", "darwinlm"): ("generations", "offspring", "max_flips", "elitism"),
+    ("levels", "uniform"): (),
 }
-SPACES = ("layers", "width")
+SPACES = ("layers", "width", "levels")
+# methods whose candidates are selected in stages (--tokens-per-stage / --survivors-per-stage)
+STAGED = (("layers", "evo"), ("levels", "darwinlm"))
 IMPORTANCES = ("wanda_sp", "magnitude")
 FITNESSES = ("nll", "kl")
 # how a run executes, not what it computes: may change between a run and its resume
-EXECUTION_OPTIONS = ("workers", "ray_address", "gpus_per_worker")
+EXECUTION_OPTIONS = ("workers", "ray_address", "gpus_per_worker", "hessian_mb")
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,22 @@ class SearchConfig:
     operator_call_budget: int = 200
     operator_temperature: float = 0.7
     operator_max_tokens: int | None = None
+    # --space levels (DarwinLM): level database, budgets, training-aware selection
+    database: str = "obs"
+    levels_db: str | None = None
+    attn_levels: int | None = None
+    mlp_levels: int | None = None
+    obs_damp: float = 0.01
+    hessian_mb: float = 2048.0
+    separate_budgets: bool = False
+    max_flips: int = 3
+    elitism: bool = True
+    training_aware: bool = True
+    train_tokens_per_stage: tuple | None = None
+    train_mode: str = "lora"
+    train_lr: float | None = None
+    train_rank: int = 8
+    train_data: str | None = None
     # execution options (EXECUTION_OPTIONS): Ray workers; see evoprune.distributed
     workers: int = 1
     ray_address: str | None = None
@@ -114,6 +134,8 @@ class SearchConfig:
                             f"(choose from {', '.join(methods(self.space))})")
         if self.space == "width":
             self._check_width()
+        if self.space == "levels":
+            self._check_levels()
         if (self.sparsity is None) == (self.drop_count is None):
             raise UserError("give exactly one of --sparsity and --drop-count")
         if self.sparsity is not None and not 0.0 < float(self.sparsity) < 1.0:
@@ -128,7 +150,7 @@ class SearchConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.seqlen < 2:
             raise UserError(f"--seqlen must be >= 2, got {self.seqlen}")
-        for name in ("survivors_per_stage", "tokens_per_stage"):
+        for name in ("survivors_per_stage", "tokens_per_stage", "train_tokens_per_stage"):
             v = getattr(self, name)
             if v is not None:
                 try:
@@ -149,8 +171,9 @@ class SearchConfig:
         if float(self.cache_mb) < 0:
             raise UserError(f"--cache-mb must be >= 0, got {self.cache_mb}")
         tps, sps = self.tokens_per_stage, self.survivors_per_stage
-        if (tps is not None or sps is not None) and (self.space, self.method) != ("layers", "evo"):
-            raise UserError("--tokens-per-stage and --survivors-per-stage are options of --method evo (--space layers)")
+        if (tps is not None or sps is not None) and (self.space, self.method) not in STAGED:
+            raise UserError("--tokens-per-stage and --survivors-per-stage are options of --method evo (--space layers) "
+                            "and --method darwinlm (--space levels)")
         if tps is not None:
             if sps is None or len(sps) != len(tps):
                 raise UserError("--tokens-per-stage needs --survivors-per-stage with as many entries")
@@ -172,6 +195,33 @@ class SearchConfig:
             raise UserError("--gpus-per-worker needs --device cuda (CPU workers split the CPUs)")
         if g is not None and not (math.isfinite(float(g)) and float(g) > 0):
             raise UserError(f"--gpus-per-worker must be > 0, got {g}")
+
+    def _check_levels(self) -> None:
+        from .finetune.brief import TRAIN_MODES
+        from .prune.levels_db import DB_METHODS
+
+        if self.drop_count is not None or self.sparsity is None:
+            raise UserError("--space levels needs --sparsity (fraction of the blocks' attention and MLP parameters "
+                            "to remove), not --drop-count")
+        if self.database not in DB_METHODS:
+            raise UserError(f"unknown --database {self.database!r} (choose from {', '.join(DB_METHODS)})")
+        if self.train_mode not in TRAIN_MODES:
+            raise UserError(f"unknown --train-mode {self.train_mode!r} (choose from {', '.join(TRAIN_MODES)})")
+        for name in ("attn_levels", "mlp_levels"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        if int(self.max_flips) < 1 or int(self.train_rank) < 1:
+            raise UserError("--max-flips and --train-rank must be >= 1")
+        if not 0.0 <= float(self.obs_damp) < 1.0 or float(self.hessian_mb) <= 0:
+            raise UserError("--obs-damp must be in [0, 1) and --hessian-mb > 0")
+        if self.train_lr is not None and not float(self.train_lr) > 0:
+            raise UserError(f"--train-lr must be > 0, got {self.train_lr}")
+        ttp, n_stages = self.train_tokens_per_stage, len(self.tokens_per_stage or (0,))
+        if ttp is not None and (not self.training_aware or self.method != "darwinlm"):
+            raise UserError("--train-tokens-per-stage needs --method darwinlm with --training-aware on")
+        if ttp is not None and len(ttp) != n_stages:
+            raise UserError(f"--train-tokens-per-stage needs one entry per selection stage ({n_stages}), got {len(ttp)}")
 
     @property
     def distributed(self) -> bool:
@@ -217,7 +267,23 @@ class SearchConfig:
             opts["lam"] = opts.pop("owl_lambda")
         if (self.space, self.method) == ("layers", "evo"):
             opts["survivors"] = tuple(self.survivors_per_stage or (4,))
+        if (self.space, self.method) == ("levels", "darwinlm"):
+            opts["survivors"] = tuple(self.survivors_per_stage or (1,) * len(self.tokens_per_stage or (0,)))
         return opts
+
+    @property
+    def trains(self) -> bool:
+        """Whether candidates are briefly trained before scoring (training-aware ``darwinlm``)."""
+        return (self.space, self.method) == ("levels", "darwinlm") and bool(self.training_aware)
+
+    def train_tokens(self, n_samples: int, seqlen: int) -> list[int] | None:
+        """Training tokens per selection stage of a training-aware ``darwinlm`` run (``None``: one-shot):
+        ``train_tokens_per_stage``, by default the stage's fitness tokens."""
+        if not self.trains:
+            return None
+        if self.train_tokens_per_stage is not None:
+            return list(self.train_tokens_per_stage)
+        return [m * t for m, t in self.stage_slices(n_samples, seqlen)]
 
     def stage_slices(self, n_samples: int, seqlen: int) -> list[tuple[int, int]]:
         """``(samples, tokens per sample)`` of each fidelity stage (one stage: the whole set); see the module doc."""

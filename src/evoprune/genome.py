@@ -10,6 +10,10 @@ required to build one), so the search core can stay torch-free.
   of that layer's prunable parameters removed). Invariant: every rate is a
   finite number in ``[0, 1]``, stored rounded to 5 decimals (the precision the
   Self-Pruner prompts ask for), so equal-looking vectors have equal keys.
+- ``LevelVector``: a compression level per decoder block for its attention and
+  for its MLP (DarwinLM's search points; what a level removes is defined by a
+  level database, :mod:`evoprune.prune.levels_db`). Invariant: two equally long,
+  non-empty tuples of non-negative ints.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
-__all__ = ["DropPattern", "RateVector", "GenomeError", "parse_layer_list", "replace"]
+__all__ = ["DropPattern", "RateVector", "LevelVector", "GenomeError", "parse_layer_list", "replace"]
 
 RATE_DECIMALS = 5
 _DROP_KEY = re.compile(r"L(\d+):d([0-9,]*)")
@@ -169,6 +173,53 @@ class RateVector:
         if len(rates) != int(m.group(1)):
             raise GenomeError(f"rate-vector key {key!r} lists {len(rates)} rates for {m.group(1)} layers")
         return cls(rates)
+
+    def __str__(self) -> str:
+        return self.key
+
+
+_LEVEL_KEY = re.compile(r"V(\d+):a([0-9,]*);m([0-9,]*)")
+
+
+@dataclass(frozen=True, order=True)
+class LevelVector:
+    """Per-block compression levels: ``attn[i]`` of block ``i``'s attention, ``mlp[i]`` of its MLP
+    (0 = intact). Raises :class:`GenomeError` for empty or unequal tuples or a negative level."""
+
+    attn: tuple[int, ...]
+    mlp: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        try:
+            a, m = tuple(int(x) for x in self.attn), tuple(int(x) for x in self.mlp)
+        except (TypeError, ValueError):
+            raise GenomeError(f"levels must be integers, got {self.attn!r}, {self.mlp!r}") from None
+        if not a or len(a) != len(m):
+            raise GenomeError(f"need one attention and one MLP level per block, got {len(a)} and {len(m)}")
+        if min(a + m) < 0:
+            raise GenomeError(f"levels must be >= 0, got {min(a + m)}")
+        object.__setattr__(self, "attn", a)
+        object.__setattr__(self, "mlp", m)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.attn)
+
+    @property
+    def key(self) -> str:
+        """Stable key, e.g. ``"V3:a1,0,2;m3,3,2"``."""
+        return f"V{self.n_layers}:a" + ",".join(map(str, self.attn)) + ";m" + ",".join(map(str, self.mlp))
+
+    @classmethod
+    def from_key(cls, key: str) -> "LevelVector":
+        m = _LEVEL_KEY.fullmatch(key)
+        if not m:
+            raise GenomeError(f"not a level-vector key: {key!r}")
+        a = tuple(int(x) for x in m.group(2).split(",") if x)
+        b = tuple(int(x) for x in m.group(3).split(",") if x)
+        if len(a) != int(m.group(1)):
+            raise GenomeError(f"level-vector key {key!r} lists {len(a)} levels for {m.group(1)} blocks")
+        return cls(a, b)
 
     def __str__(self) -> str:
         return self.key

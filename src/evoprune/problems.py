@@ -1,8 +1,10 @@
 """What a search space means for a model: setup, evaluators, history rows and results per space kind.
 
-Owns :class:`LayerProblem` (``--space layers``: drop exactly k blocks) and
+Owns :class:`LayerProblem` (``--space layers``: drop exactly k blocks),
 :class:`WidthProblem` (``--space width``: a Wanda-sp width-pruning rate per
-layer, mean = the target sparsity) and :func:`make_problem`. The loop in
+layer, mean = the target sparsity), :class:`LevelProblem` (``--space levels``:
+DarwinLM's attention and MLP compression levels from a level database, scored
+one-shot or after brief training) and :func:`make_problem`. The loop in
 :mod:`evoprune.run` is the same for both; a problem supplies
 
 - ``space`` (torch-free, handed to the strategy),
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["LayerProblem", "WidthProblem", "make_problem"]
+__all__ = ["LayerProblem", "WidthProblem", "LevelProblem", "make_problem"]
 
 
 class LayerProblem:
@@ -141,7 +143,126 @@ class WidthProblem:
                f"{p.params_kept / p.params_total:.1%} of prunable params kept"
 
 
-PROBLEMS = {"layers": LayerProblem, "width": WidthProblem}
+class LevelProblem:
+    """DarwinLM-style levels: a level database (built once per model, calibration set and ladder; found again
+    under ``$EVOPRUNE_CACHE/levels`` or ``--levels-db``), one evaluator per selection stage, each with its
+    fitness slice and, when training-aware, its training windows (disjoint from the calibration set)."""
+
+    kind = "levels"
+    setup_files: tuple[str, ...] = ("levels_db.json",)
+
+    def __init__(self, cfg, lm) -> None:
+        from .models.width import width_spec
+        from .prune.levels_db import level_ladders
+        from .space_levels import LevelSpace
+
+        if cfg.sparsity is None:
+            raise UserError("--space levels needs --sparsity")
+        self.cfg, self.lm = cfg, lm
+        self.spec = width_spec(lm.model, lm.adapter)
+        self.n = self.spec.n_layers
+        self.counts = level_ladders(self.spec, cfg.attn_levels, cfg.mlp_levels)
+        lw = self.spec.layers[0]
+        self.space = LevelSpace(self.n, tuple(c * lw.group_params for c in self.counts[0]),
+                                tuple(c * lw.channel_params for c in self.counts[1]), float(cfg.sparsity),
+                                self.spec.total, separate=cfg.separate_budgets)
+        self.evaluators: list = []
+        self.db = None
+        self.db_info: dict = {}
+
+    def _database(self, calib, run, fresh: bool) -> int:
+        import json
+
+        from .models.loading import cache_dir
+        from .prune.levels_db import LevelDatabase, db_fingerprint
+
+        cfg, record = self.cfg, Path(run.path) / "levels_db.json"
+        if record.exists():  # a resumed run; if it built the database it counts that once (when still fresh)
+            info = json.loads(record.read_text())
+            self.db, self.db_info = LevelDatabase.load(info["path"]), info
+            return int(info["token_layers"]) if fresh and info.get("built_by_this_run") else 0
+        fp = db_fingerprint(self.lm, calib, cfg.database, *self.counts, cfg.obs_damp)
+        path = Path(cfg.levels_db).expanduser() if cfg.levels_db else cache_dir() / "levels" / fp
+        spent, built = 0, False
+        if (path / "levels.json").exists():
+            self.db = LevelDatabase.load(path)
+            if self.db.meta.get("fingerprint") != fp:
+                raise UserError(f"--levels-db {path} was built from another model, calibration set or ladder")
+        else:
+            self.db = LevelDatabase.build(self.lm, calib, path, method=cfg.database, attn_counts=self.counts[0],
+                                          mlp_counts=self.counts[1], damp=cfg.obs_damp, hessian_mb=cfg.hessian_mb,
+                                          batch_size=cfg.batch_size, progress=True, fingerprint=fp)
+            spent, built = int(self.db.meta["token_layers"]), True
+        self.db_info = {"path": str(path), "fingerprint": fp, "built_by_this_run": built,
+                        "token_layers": int(self.db.meta["token_layers"]), "build_s": self.db.meta["build_s"]}
+        from .record import atomic_write_json
+
+        atomic_write_json(record, self.db_info)
+        return spent if fresh else 0
+
+    def _train_pool(self, calib):
+        from .finetune.brief import disjoint_windows, shuffled
+        from .finetune.data import pack_windows, train_documents
+
+        cfg = self.cfg
+        spec = cfg.train_data or cfg.calib
+        pool = disjoint_windows(pack_windows(self.lm.tokenizer, train_documents(spec), calib.seqlen), calib.input_ids)
+        return shuffled(pool, cfg.seed)
+
+    def prepare(self, calib, run, fresh: bool) -> tuple[int, dict]:
+        from .finetune.brief import BriefTrainConfig
+        from .fitness.levels import LevelEvaluator
+        from .prune.levels_db import AppliedLevels
+
+        cfg = self.cfg
+        spent = self._database(calib, run, fresh)
+        applied = AppliedLevels(self.lm, self.db)
+        slices = cfg.stage_slices(calib.n_samples, calib.seqlen)
+        train = cfg.train_tokens(calib.n_samples, calib.seqlen)
+        pool = self._train_pool(calib) if train else None
+        tcfg = BriefTrainConfig(mode=cfg.train_mode, lr=cfg.train_lr, rank=cfg.train_rank, seed=cfg.seed)
+        self.evaluators = []
+        for s, (m, t) in enumerate(slices):
+            windows = None
+            if train:
+                need = max(1, train[s] // calib.seqlen)
+                if need > pool.shape[0]:
+                    raise UserError(f"training data has {pool.shape[0]} windows of {calib.seqlen} tokens apart from "
+                                    f"the calibration set; stage {s} needs {need}")
+                windows = pool[:need]
+            part = calib if (m, t) == (calib.n_samples, calib.seqlen) else calib.slice(m, t)
+            self.evaluators.append(LevelEvaluator(applied, part, train_windows=windows, train_cfg=tcfg,
+                                                  batch_size=cfg.batch_size, metric=cfg.fitness, kl_topk=cfg.kl_topk))
+        if fresh:
+            for ev in self.evaluators:  # dense KL targets (nll: nothing), before any level is applied
+                ev.prepare()
+                spent += ev.setup_token_layers
+        return spent, {}
+
+    def plan(self, g):
+        return self.db.plan(g.attn, g.mlp, self.spec)
+
+    def row(self, g) -> dict:
+        return {"attn_levels": list(g.attn), "mlp_levels": list(g.mlp)}
+
+    def result(self, g) -> dict:
+        p = self.plan(g)
+        dense = sum(t.numel() for t in self.lm.model.parameters())
+        return {"sparsity": self.space.sparsity, "n_layers": self.n, "attn_levels": list(g.attn),
+                "mlp_levels": list(g.mlp), "layer_rates": [round(r, 6) for r in p.layer_rates],
+                "database": self.cfg.database, "levels_db": self.db_info,
+                "training_aware": self.cfg.trains,
+                "params": int(dense - (p.params_total - p.params_kept)), "params_dense": int(dense),
+                "prunable_params_kept": int(p.params_kept), "prunable_params_total": int(p.params_total),
+                "param_sparsity": 1.0 - p.params_kept / p.params_total}
+
+    def summary(self, g) -> str:
+        p = self.plan(g)
+        return (f"levels attn {sum(g.attn)} / mlp {sum(g.mlp)} steps; "
+                f"{p.params_kept / p.params_total:.1%} of prunable params kept")
+
+
+PROBLEMS = {"layers": LayerProblem, "width": WidthProblem, "levels": LevelProblem}
 
 
 def make_problem(cfg, lm):

@@ -25,7 +25,10 @@ from pathlib import Path
 from .atomic import atomic_open
 from .errors import UserError
 
-__all__ = ["RunDir", "atomic_write_json", "is_run_dir", "load_run_model"]
+__all__ = ["RunDir", "atomic_write_json", "is_run_dir", "load_run_model", "width_plan", "WIDTH_SPACES"]
+
+# search spaces whose result is a width-pruned model (per-block attention groups and MLP channels)
+WIDTH_SPACES = ("width", "levels")
 
 RUN_FORMAT = 1
 
@@ -152,13 +155,13 @@ def load_run_model(path, *, dtype=None, device="cpu", progress: bool = True):
     if dtype is not None:
         kw["dtype"] = dtype
     lm = load_model(cfg["model"], **kw)
-    if cfg.get("space") == "width":
+    if cfg.get("space") in WIDTH_SPACES:
         from .models.width import apply_width_inplace
 
         plan = width_plan(run, lm)
         apply_width_inplace(lm.model, plan)
         lm.name = str(path)
-        lm.extra["run"] = {"method": res.get("method"), "calib_loss": res.get("calib_loss"), "space": "width",
+        lm.extra["run"] = {"method": res.get("method"), "calib_loss": res.get("calib_loss"), "space": cfg["space"],
                            "rates": list(plan.rates), "params": res.get("params")}
         return lm
     dropped = tuple(res.get("dropped_layers", ()))
@@ -169,14 +172,30 @@ def load_run_model(path, *, dtype=None, device="cpu", progress: bool = True):
 
 
 def width_plan(path, lm):
-    """The :class:`~evoprune.prune.width_plan.WidthPlan` of a finished width run, for the unpruned base
-    model ``lm`` (its importance scores are read from ``RUN/importance.pt``)."""
+    """The :class:`~evoprune.prune.width_plan.WidthPlan` of a finished width or levels run, for the unpruned
+    base model ``lm``. Width runs: from the rates and ``RUN/importance.pt``. Levels runs: from the run's level
+    database, whose weights for the chosen levels are also written into ``lm``'s output / MLP-output
+    projections (the masked form: slicing ``lm`` by the plan then gives the pruned model)."""
     from .prune.wanda_sp import WidthImportance
     from .prune.width_plan import plan_widths
 
     run = path if isinstance(path, RunDir) else RunDir(path)
     res = run.read_result()
+    if res is not None and "attn_levels" in res:
+        return _levels_plan(run, res, lm)
     imp = run.path / "importance.pt"
     if res is None or "rates" not in res or not imp.is_file():
         raise UserError(f"{run.path}: not a finished width-pruning run (needs result.json with rates and importance.pt)")
     return plan_widths(lm, WidthImportance.load(imp), res["rates"])
+
+
+def _levels_plan(run: RunDir, res: dict, lm):
+    from .prune.levels_db import AppliedLevels, LevelDatabase
+
+    info = res.get("levels_db") or {}
+    if not info.get("path") or not (Path(info["path"]) / "levels.json").is_file():
+        raise UserError(f"{run.path}: its level database {info.get('path')!r} is gone; rerun the search with the "
+                        f"same arguments in a new directory to rebuild it")
+    applied = AppliedLevels(lm, LevelDatabase.load(info["path"]))
+    applied.apply(res["attn_levels"], res["mlp_levels"])
+    return applied.db.plan(res["attn_levels"], res["mlp_levels"], applied.spec)

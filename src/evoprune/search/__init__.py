@@ -2,8 +2,9 @@
 
 Owns :data:`STRATEGIES` (method name -> :class:`~evoprune.search.base.Strategy`
 subclass), the :func:`register` decorator, and :func:`make_strategy`. Importing
-this package registers the built-in methods (``evop``, ``sleb``, ``shortgpt``,
-``exhaustive``, ``random``). Torch-free: strategies only see ``DropPattern``s
+this package registers the built-in methods (layers: ``evop``, ``sleb``,
+``shortgpt``, ``exhaustive``, ``random``, ``evo``; width: ``uniform``, ``owl``,
+``evo``, ``self-pruner``; levels: ``darwinlm``, ``uniform``). Torch-free: strategies only see genomes
 and fitness numbers; evaluation lives elsewhere.
 """
 from __future__ import annotations
@@ -16,8 +17,8 @@ from ..space import SearchError
 
 __all__ = ["REGISTRY", "STRATEGIES", "methods", "register", "make_strategy", "Strategy", "drive"]
 
-# space kind ("layers", "width") -> method name -> Strategy subclass
-REGISTRY: dict[str, dict[str, type]] = {"layers": {}, "width": {}}
+# space kind ("layers", "width", "levels") -> method name -> Strategy subclass
+REGISTRY: dict[str, dict[str, type]] = {"layers": {}, "width": {}, "levels": {}}
 STRATEGIES = REGISTRY["layers"]  # the layer-drop methods (the default space)
 
 
@@ -58,4 +59,4 @@ def make_strategy(name: str, space, rng: np.random.Generator, **options: Any):
 
 # Imported last: each module registers itself via ``register`` defined above.
 from .base import Strategy, drive  # noqa: E402
-from . import evo, evop, exhaustive, random_search, self_pruner, shortgpt, sleb, width  # noqa: E402,F401
+from . import evo, evop, exhaustive, random_search, self_pruner, shortgpt, sleb, training_aware, width  # noqa: E402,F401

@@ -53,32 +53,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
 from ..genome import DropPattern
 from ..space import SearchError
 from . import register
-from .base import Strategy, _dec, _enc, pattern_from_key
+from .staged import Request, StagedStrategy
 
 __all__ = ["EvoConfig", "EvoStrategy", "Request"]
-
-
-@dataclass(frozen=True)
-class Request:
-    """One evaluation a multi-fidelity strategy asks for: ``pattern`` on the stage-``stage`` data slice."""
-
-    pattern: DropPattern
-    stage: int
-
-    @property
-    def key(self) -> str:
-        return self.pattern.key
-
-    @property
-    def dropped(self) -> tuple[int, ...]:
-        return self.pattern.dropped
 
 
 @dataclass(frozen=True)
@@ -123,8 +106,12 @@ class EvoConfig:
 
 
 @register("evo")
-class EvoStrategy(Strategy):
-    """Multi-fidelity (mu + lambda) evolution with swap mutation. Options: see :class:`EvoConfig`."""
+class EvoStrategy(StagedStrategy):
+    """Multi-fidelity (mu + lambda) evolution with swap mutation. Options: see :class:`EvoConfig`.
+
+    The staged selection is :class:`~evoprune.search.staged.StagedStrategy`'s; this class adds the
+    greedy seeding phase, the one-shot-score seeds and swap mutation.
+    """
 
     config_cls = EvoConfig
     config: EvoConfig
@@ -135,28 +122,12 @@ class EvoStrategy(Strategy):
             raise SearchError(f"scores must have {space.n_layers} entries (one per block), got {len(self.config.scores)}")
         if space.k >= space.n_droppable:
             raise SearchError(f"evo needs k < droppable blocks, got k={space.k} of {space.n_droppable}")
-        self.last = self.config.n_stages - 1
-        self.parents: list[DropPattern] = []
-        self._low: dict[str, float] = {}  # "key@stage" -> fitness, stages < last
-        self.stage = 0
-        self._requests: list[Request] = []
         # greedy seeding phase: blocks dropped so far (None once the phase is over or not used)
         self.greedy: list[int] | None = [] if (self.config.greedy_seed and self.last > 0) else None
-        self.cohort: list[DropPattern] = [] if self.greedy is not None else self._initial_cohort()
-        self.active: list[DropPattern] = list(self.cohort)
-        if self.greedy is None and not self.cohort:
-            self._done = True
+        if self.greedy is None:
+            self._start(self._initial_cohort())
 
-    # -- fitness memo over (pattern, stage) -------------------------------------------
-
-    def stage_fitness(self, p: DropPattern, stage: int) -> float | None:
-        """Memoised fitness of ``p`` at ``stage`` or ``None``."""
-        return self._memo.get(p.key) if stage == self.last else self._low.get(f"{p.key}@{stage}")
-
-    def _seen(self, p: DropPattern) -> bool:
-        return p.key in self._memo or any(f"{p.key}@{s}" in self._low for s in range(self.last))
-
-    # -- ask / tell ------------------------------------------------------------------
+    # -- greedy seeding ----------------------------------------------------------------
 
     def _greedy_candidates(self) -> list[DropPattern]:
         sp, g = self.space, self.greedy
@@ -175,8 +146,7 @@ class EvoStrategy(Strategy):
         ranked = sorted(range(len(cands)), key=lambda i: (self._low[f"{cands[i].key}@0"], i))
         keys = {cands[i].key for i in ranked}
         extra = [p for p in self._initial_cohort() if p.key not in keys]
-        self.cohort = [cands[i] for i in ranked] + extra
-        self.active, self.stage = list(self.cohort), 0
+        self._start([cands[i] for i in ranked] + extra)
 
     def ask(self) -> list[Request]:
         while self.greedy is not None and not self._requests and not self._done:
@@ -185,58 +155,13 @@ class EvoStrategy(Strategy):
                 self._requests = fresh
                 return list(self._requests)
             self._greedy_step()
-        while not self._requests and not self._done:
-            fresh = [Request(p, self.stage) for p in self.active if self.stage_fitness(p, self.stage) is None]
-            if fresh:
-                self._requests = fresh
-            else:
-                self._complete_stage()
-        return list(self._requests)
+        return super().ask()
 
-    def tell(self, candidates: Sequence[Request], fitnesses: Sequence[float]) -> None:
-        ids, fits = self._checked_tell(candidates, fitnesses, [(r.key, r.stage) for r in self._requests],
-                                       lambda r: (getattr(r, "key", None), getattr(r, "stage", None)))
-        for r, f in zip(candidates, fits):
-            self.n_evaluations += 1
-            if r.stage == self.last:
-                self._memo[r.key] = f
-                self._update_best(r.pattern, f)
-            else:
-                self._low[f"{r.key}@{r.stage}"] = f
-        told = set(ids)
-        self._requests = [r for r in self._requests if (r.key, r.stage) not in told]
-        if not self._requests:
-            if self.greedy is not None:
-                self._greedy_step()
-            else:
-                self._complete_stage()
-
-    def _ranked(self, pats: list[DropPattern], stage: int) -> list[DropPattern]:
-        order = sorted(range(len(pats)), key=lambda i: (self.stage_fitness(pats[i], stage), i))
-        return [pats[i] for i in order]
-
-    def _complete_stage(self) -> None:
-        if self.stage < self.last:
-            self.active = self._ranked(self.active, self.stage)[: self.config.survivors[self.stage]]
-            self.stage += 1
-            return
-        self.generation += 1
-        pool, seen = [], set()
-        for p in self.parents + self.active:
-            if p.key not in seen:
-                seen.add(p.key)
-                pool.append(p)
-        self.parents = self._ranked(pool, self.last)[: self.config.survivors[-1]]
-        if self.generation >= self.config.generations:
-            self._done = True
-            return
-        self.cohort = self._offspring()
-        self.active, self.stage = list(self.cohort), 0
-        if not self.cohort:
-            self._done = True
-
-    def _advance(self) -> None:  # pragma: no cover - ask/tell are overridden
-        raise NotImplementedError
+    def _batch_done(self) -> None:
+        if self.greedy is not None:
+            self._greedy_step()
+        else:
+            self._complete_stage()
 
     # -- operators -------------------------------------------------------------------
 
@@ -262,9 +187,7 @@ class EvoStrategy(Strategy):
         for _ in range(50 * self.config.offspring):
             if len(out) == self.config.offspring:
                 break
-            # binary tournament on the ranked parents: the better of two uniform draws
-            i = min(int(self.rng.integers(len(self.parents))), int(self.rng.integers(len(self.parents))))
-            child = self._swap(self.parents[i])
+            child = self._swap(self._tournament())
             if child.key not in keys and not self._seen(child):
                 keys.add(child.key)
                 out.append(child)
@@ -303,16 +226,8 @@ class EvoStrategy(Strategy):
     # -- state -----------------------------------------------------------------------
 
     def _extra_state(self) -> dict:
-        return {"greedy": self.greedy, "parents": [p.key for p in self.parents], "cohort": [p.key for p in self.cohort],
-                "active": [p.key for p in self.active], "stage": self.stage,
-                "low": {k: _enc(v) for k, v in self._low.items()},
-                "requests": [[r.key, r.stage] for r in self._requests]}
+        return {"greedy": self.greedy, **super()._extra_state()}
 
     def _load_extra_state(self, d: dict) -> None:
         self.greedy = None if d.get("greedy") is None else [int(i) for i in d["greedy"]]
-        self.parents = [pattern_from_key(k) for k in d["parents"]]
-        self.cohort = [pattern_from_key(k) for k in d["cohort"]]
-        self.active = [pattern_from_key(k) for k in d["active"]]
-        self.stage = int(d["stage"])
-        self._low = {str(k): _dec(v) for k, v in d["low"].items()}
-        self._requests = [Request(pattern_from_key(k), int(s)) for k, s in d["requests"]]
+        super()._load_extra_state(d)

@@ -1,0 +1,109 @@
+"""Fitness of a level vector (``--space levels``), one-shot or after brief training (DarwinLM).
+
+Owns :class:`LevelEvaluator`. One evaluation of a :class:`~evoprune.genome.LevelVector` ``g``:
+
+1. :class:`~evoprune.prune.levels_db.AppliedLevels` writes the database weights of
+   the units whose level differs from the previous candidate's (shared by all of
+   a run's stages: it is the model's state);
+2. inside :func:`~evoprune.models.width.width_sliced` with the database's plan for
+   ``g`` (fresh, smaller projection copies; the originals go back on exit):
+3. with training (``train_windows``), :func:`~evoprune.finetune.brief.brief_train`
+   fine-tunes the copies on this stage's windows (the same windows and seed for
+   every candidate, so a fitness is a function of the candidate and the stage);
+4. the mean NLL (or KL to the dense model) on this stage's calibration slice, by a
+   naive :class:`~evoprune.fitness.evaluator.NLLEvaluator`.
+
+Cost: ``token_layers = n_tokens * n_layers`` for the fitness pass plus
+``BACKWARD_FACTOR * train_tokens * n_layers`` for the training (every block runs,
+including one whose attention is fully pruned).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..data.calibration import CalibSet
+from ..finetune.brief import BACKWARD_FACTOR, BriefTrainConfig, brief_train
+from ..genome import DropPattern
+from ..models.loading import LoadedModel
+from ..models.width import width_sliced
+from ..prune.levels_db import AppliedLevels
+from .evaluator import Evaluation, NLLEvaluator
+
+__all__ = ["LevelEvaluator"]
+
+
+class LevelEvaluator:
+    """Scores level vectors of ``applied.lm`` on ``calib`` (see the module docstring).
+
+    ``train_windows``: ``[n, seqlen]`` token ids for the brief training (``None``:
+    one-shot), ``train_cfg`` its options. Counters as :class:`NLLEvaluator`'s.
+    """
+
+    def __init__(self, applied: AppliedLevels, calib: CalibSet, *, train_windows: torch.Tensor | None = None,
+                 train_cfg: BriefTrainConfig | None = None, batch_size: int = 1, metric: str = "nll",
+                 kl_topk: int | None = None) -> None:
+        self.applied = applied
+        self.lm: LoadedModel = applied.lm
+        self.calib = calib
+        self.train_windows = train_windows
+        self.train_cfg = train_cfg or BriefTrainConfig()
+        self.n_layers = self.lm.n_layers
+        self._dense = DropPattern(self.n_layers)
+        self._nll = NLLEvaluator(self.lm, calib, batch_size=batch_size, prefix_cache=False, metric=metric,
+                                 kl_topk=kl_topk)
+        self.n_evaluations = 0
+        self.last_train: dict | None = None
+
+    @property
+    def metric(self) -> str:
+        return self._nll.metric
+
+    @property
+    def tokens(self) -> int:
+        return self._nll.tokens
+
+    @property
+    def train_tokens(self) -> int:
+        return 0 if self.train_windows is None else int(self.train_windows.numel())
+
+    @property
+    def dense_token_layers(self) -> int:
+        """Cost of one evaluation: the fitness pass plus the training (see the module docstring)."""
+        return self._nll.dense_token_layers + BACKWARD_FACTOR * self.train_tokens * self.n_layers
+
+    @property
+    def setup_token_layers(self) -> int:
+        return self._nll.setup_token_layers
+
+    @property
+    def spent_token_layers(self) -> int:
+        return self._nll.setup_token_layers + self.n_evaluations * self.dense_token_layers
+
+    def prepare(self) -> None:
+        """Dense KL targets (``metric="kl"``), from the dense model: call before any level is applied."""
+        if self.metric == "kl" and any(lv for lv in self.applied.current.values()):
+            raise RuntimeError("KL targets must come from the dense model; prepare before applying levels")
+        self._nll.prepare()
+
+    def plan(self, g):
+        return self.applied.db.plan(g.attn, g.mlp, self.applied.spec)
+
+    def evaluate(self, g) -> Evaluation:
+        self.prepare()
+        self.applied.apply(g.attn, g.mlp)
+        with width_sliced(self.lm.model, self.plan(g), self.lm.adapter):
+            if self.train_windows is not None:
+                self.last_train = brief_train(self.lm, self.train_windows, self.train_cfg)
+            with torch.no_grad():
+                e = self._nll.evaluate(self._dense)
+        self.n_evaluations += 1
+        return Evaluation(e.loss, e.tokens, self.dense_token_layers)
+
+    def replay(self, g) -> int:
+        """No cache depends on past candidates; returns :meth:`evaluate`'s ``token_layers``."""
+        return self.dense_token_layers
+
+    def release(self) -> None:
+        """Dense weights back, KL targets freed."""
+        self.applied.restore()
+        self._nll.release()

@@ -1,0 +1,160 @@
+"""Multi-stage (mu + lambda) selection shared by ``evo`` (layer dropping) and ``darwinlm`` (levels).
+
+Owns :class:`Request` and :class:`StagedStrategy`, the ask/tell machinery of a
+generation scored stage by stage (EvoPress / DarwinLM selection):
+
+- a generation's *cohort* (subclass hook :meth:`StagedStrategy._offspring`, or
+  :meth:`~StagedStrategy._initial_cohort` for generation 0) is scored at stage 0;
+  the best ``survivors[s]`` of stage ``s`` (ties: cohort order) are scored at
+  stage ``s + 1``; the last stage is the full-fidelity fitness;
+- after the last stage the next parents are the best ``survivors[-1]``
+  distinct genomes among the old parents (with ``elitism``) and the cohort's
+  last-stage candidates (a parent leaves only for a strictly better genome:
+  ties keep parents first); without ``elitism`` only the cohort's;
+- ``ask()`` returns :class:`Request` objects (a genome and its stage), each
+  (genome, stage) pair at most once per run: the fitness memo is keyed by
+  (genome key, stage), i.e. by (genome, data slice);
+- ``generation`` counts completed cohorts (the initial one included); the
+  search ends after ``generations`` cohorts, or when a cohort comes out empty.
+  ``best`` is the lowest last-stage fitness seen.
+
+The subclass's ``config`` needs ``generations`` and ``survivors`` (a tuple, one
+entry per stage) and may have ``elitism`` (default on). Torch-free.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .base import Strategy, _dec, _enc
+
+__all__ = ["Request", "StagedStrategy"]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One evaluation a multi-stage strategy asks for: ``pattern`` (any genome) on stage ``stage``'s data."""
+
+    pattern: Any
+    stage: int
+
+    @property
+    def key(self) -> str:
+        return self.pattern.key
+
+    @property
+    def dropped(self) -> tuple[int, ...]:
+        return self.pattern.dropped
+
+
+class StagedStrategy(Strategy):
+    """Base class; subclasses supply :meth:`_initial_cohort` and :meth:`_offspring` (see the module doc)."""
+
+    def __init__(self, space, rng, **options) -> None:
+        super().__init__(space, rng, **options)
+        self.last = len(self.config.survivors) - 1
+        self.parents: list = []
+        self._low: dict[str, float] = {}  # "key@stage" -> fitness, stages < last
+        self.stage = 0
+        self._requests: list[Request] = []
+        self.cohort: list = []
+        self.active: list = []
+
+    def _start(self, cohort: list) -> None:
+        """Begin scoring ``cohort`` at stage 0 (an empty cohort ends the search)."""
+        self.cohort, self.active, self.stage = list(cohort), list(cohort), 0
+        if not self.cohort:
+            self._done = True
+
+    # -- fitness memo over (genome, stage) --------------------------------------------
+
+    def stage_fitness(self, p, stage: int) -> float | None:
+        """Memoised fitness of ``p`` at ``stage`` or ``None``."""
+        return self._memo.get(p.key) if stage == self.last else self._low.get(f"{p.key}@{stage}")
+
+    def _seen(self, p) -> bool:
+        return p.key in self._memo or any(f"{p.key}@{s}" in self._low for s in range(self.last))
+
+    # -- ask / tell ------------------------------------------------------------------
+
+    def ask(self) -> list[Request]:
+        while not self._requests and not self._done:
+            fresh = [Request(p, self.stage) for p in self.active if self.stage_fitness(p, self.stage) is None]
+            if fresh:
+                self._requests = fresh
+            else:
+                self._complete_stage()
+        return list(self._requests)
+
+    def tell(self, candidates: Sequence[Request], fitnesses: Sequence[float]) -> None:
+        ids, fits = self._checked_tell(candidates, fitnesses, [(r.key, r.stage) for r in self._requests],
+                                       lambda r: (getattr(r, "key", None), getattr(r, "stage", None)))
+        for r, f in zip(candidates, fits):
+            self.n_evaluations += 1
+            if r.stage == self.last:
+                self._memo[r.key] = f
+                self._update_best(r.pattern, f)
+            else:
+                self._low[f"{r.key}@{r.stage}"] = f
+        told = set(ids)
+        self._requests = [r for r in self._requests if (r.key, r.stage) not in told]
+        if not self._requests:
+            self._batch_done()
+
+    def _batch_done(self) -> None:
+        """Every request of the current batch is scored."""
+        self._complete_stage()
+
+    def _ranked(self, pats: list, stage: int) -> list:
+        order = sorted(range(len(pats)), key=lambda i: (self.stage_fitness(pats[i], stage), i))
+        return [pats[i] for i in order]
+
+    def _complete_stage(self) -> None:
+        if self.stage < self.last:
+            self.active = self._ranked(self.active, self.stage)[: self.config.survivors[self.stage]]
+            self.stage += 1
+            return
+        self.generation += 1
+        pool, seen = [], set()
+        for p in (self.parents if getattr(self.config, "elitism", True) else []) + self.active:
+            if p.key not in seen:
+                seen.add(p.key)
+                pool.append(p)
+        self.parents = self._ranked(pool, self.last)[: self.config.survivors[-1]]
+        if self.generation >= self.config.generations:
+            self._done = True
+            return
+        self._start(self._offspring())
+
+    def _advance(self) -> None:  # pragma: no cover - ask/tell are overridden
+        raise NotImplementedError
+
+    # -- subclass hooks ----------------------------------------------------------------
+
+    def _initial_cohort(self) -> list:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _offspring(self) -> list:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _tournament(self):
+        """A parent by binary tournament on the ranked parents: the better of two uniform draws."""
+        i = min(int(self.rng.integers(len(self.parents))), int(self.rng.integers(len(self.parents))))
+        return self.parents[i]
+
+    # -- state -----------------------------------------------------------------------
+
+    def _extra_state(self) -> dict:
+        return {"parents": [p.key for p in self.parents], "cohort": [p.key for p in self.cohort],
+                "active": [p.key for p in self.active], "stage": self.stage,
+                "low": {k: _enc(v) for k, v in self._low.items()},
+                "requests": [[r.key, r.stage] for r in self._requests]}
+
+    def _load_extra_state(self, d: dict) -> None:
+        key = self.space.from_key
+        self.parents = [key(k) for k in d["parents"]]
+        self.cohort = [key(k) for k in d["cohort"]]
+        self.active = [key(k) for k in d["active"]]
+        self.stage = int(d["stage"])
+        self._low = {str(k): _dec(v) for k, v in d["low"].items()}
+        self._requests = [Request(key(k), int(s)) for k, s in d["requests"]]
