@@ -269,6 +269,11 @@ def test_darwinlm_run_export_and_kill_resume(tiny_dirs, calib_text, tmp_path, mo
     stage0 = [r for r in rows if r["stage"] == 0]
     assert {r["eval_token_layers"] for r in stage0} == {48 * 6 + 3 * 96 * 6}
     assert a["calib_loss"] == min(r["loss"] for r in rows if r["stage"] == 1)
+    assert all(len(r["rates"]) == 6 for r in rows) and a["rates"] in [r["rates"] for r in rows]
+    r = subprocess.run(_cmd("report", str(ref)), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    md = (ref / "report.md").read_text()
+    assert "levels: mean rate 0.3 over 6 blocks" in md and (ref / "pattern.png").stat().st_size > 0
     setup = rows[0]["token_layers"] - rows[0]["eval_token_layers"]
     assert setup == a["levels_db"]["token_layers"] == 3 * 48 * 6  # the database's one dense pass
 
@@ -320,3 +325,20 @@ def test_levels_bad_input(tiny_dirs, calib_text, tmp_path):
             del args[i:i + 2]
         r = subprocess.run(_cmd(*args, *extra), env=_env(), capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_levels_config_parses_stage_lists():
+    from evoprune.config import SearchConfig
+    from evoprune.errors import UserError
+
+    kw = dict(space="levels", method="darwinlm", sparsity=0.3, tokens_per_stage="512,2048",
+              survivors_per_stage="2,1", seqlen=512, nsamples=4)
+    cfg = SearchConfig(**kw, train_tokens_per_stage="1024,4096")
+    assert cfg.train_tokens_per_stage == (1024, 4096) and cfg.trains
+    assert cfg.train_tokens(4, 512) == [1024, 4096] and cfg.strategy_options()["survivors"] == (2, 1)
+    assert SearchConfig(**kw).train_tokens(4, 512) == [512, 2048]  # default: the fitness tokens
+    assert SearchConfig(**kw, training_aware=False).train_tokens(4, 512) is None
+    for bad in (dict(train_tokens_per_stage="1024,2048,4096"), dict(train_tokens_per_stage="1024", tokens_per_stage=None,
+                                                                   survivors_per_stage=None, training_aware=False)):
+        with pytest.raises(UserError):
+            SearchConfig(**{**kw, **bad})

@@ -134,8 +134,6 @@ class SearchConfig:
                             f"(choose from {', '.join(methods(self.space))})")
         if self.space == "width":
             self._check_width()
-        if self.space == "levels":
-            self._check_levels()
         if (self.sparsity is None) == (self.drop_count is None):
             raise UserError("give exactly one of --sparsity and --drop-count")
         if self.sparsity is not None and not 0.0 < float(self.sparsity) < 1.0:
@@ -181,6 +179,8 @@ class SearchConfig:
                 raise UserError(f"--tokens-per-stage must increase and start at >= 2 tokens, got {tps}")
         elif sps is not None and len(sps) != 1:
             raise UserError("several --survivors-per-stage entries need --tokens-per-stage")
+        if self.space == "levels":
+            self._check_levels()
         self._check_execution()
 
     def _check_execution(self) -> None:

@@ -243,13 +243,14 @@ class LevelProblem:
         return self.db.plan(g.attn, g.mlp, self.spec)
 
     def row(self, g) -> dict:
-        return {"attn_levels": list(g.attn), "mlp_levels": list(g.mlp)}
+        rates = [round(r, 6) for r in self.plan(g).layer_rates]  # per block, for reports
+        return {"attn_levels": list(g.attn), "mlp_levels": list(g.mlp), "rates": rates}
 
     def result(self, g) -> dict:
         p = self.plan(g)
         dense = sum(t.numel() for t in self.lm.model.parameters())
         return {"sparsity": self.space.sparsity, "n_layers": self.n, "attn_levels": list(g.attn),
-                "mlp_levels": list(g.mlp), "layer_rates": [round(r, 6) for r in p.layer_rates],
+                "mlp_levels": list(g.mlp), "rates": [round(r, 6) for r in p.layer_rates],
                 "database": self.cfg.database, "levels_db": self.db_info,
                 "training_aware": self.cfg.trains,
                 "params": int(dense - (p.params_total - p.params_kept)), "params_dense": int(dense),

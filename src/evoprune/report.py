@@ -66,7 +66,7 @@ def load_run(path) -> dict:
     hist = run.read_history()
     n = (res or {}).get("n_layers") or _n_from_history(hist)
     k = (res or {}).get("k")
-    width = cfg.get("space") == "width"
+    width = cfg.get("space") in ("width", "levels")  # per-block rates (levels: the fraction each block loses)
     if width:
         n = n or next((len(r["rates"]) for r in hist if r.get("rates")), None)
     if k is None and n and not width:
@@ -338,11 +338,11 @@ def _summary_rows(run: dict) -> list[list[str]]:
         ["status", "finished" if run["finished"] else f"in progress ({len(hist)} evaluations so far)"],
         ["method", str(cfg.get("method"))],
         ["model", str(cfg.get("model"))],
-        *([["space", f"width: mean rate {cfg.get('sparsity')} over {n} blocks"],
+        *([["space", f"{cfg.get('space')}: mean rate {cfg.get('sparsity')} over {n} blocks"],
            ["rates", ", ".join(f"{r:.3f}" for r in best.get("rates") or [])],
            ["params", f"{_fmt(res.get('params'), ',.0f')} of {_fmt(res.get('params_dense'), ',.0f')} "
                       f"(prunable: {_fmt(res.get('param_sparsity'), '.1%')} removed)"]]
-          if cfg.get("space") == "width" else
+          if cfg.get("space") in ("width", "levels") else
           [["k (dropped / blocks)", f"{k} / {n}" + (f" (sparsity {k / n:.1%})" if k is not None and n else "")],
            ["dropped layers", _layers(sorted(best.get("dropped", ())))]]),
         ["calib loss", _fmt(loss, ".4f")],
