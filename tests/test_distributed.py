@@ -200,6 +200,21 @@ def test_execution_options_validated(deep_model, calib_text, capsys, tmp_path, m
         assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_device_map_loading_gives_the_same_search(deep_model, calib_text, tmp_path):
+    """--device-map auto (accelerate places the model; with no GPU every block stays on the CPU): same run."""
+    from evoprune.run import SearchConfig, run_search
+
+    kw = dict(model=str(deep_model), calib=f"text:{calib_text}", **{**_KW, "generations": 2})
+    one = run_search(SearchConfig(**kw), tmp_path / "plain", progress=False)
+    mapped = run_search(SearchConfig(**kw, device_map="auto"), tmp_path / "mapped", progress=False)
+    assert _rows(tmp_path / "plain") == _rows(tmp_path / "mapped")
+    assert one["calib_loss"] == mapped["calib_loss"] and one["dropped_layers"] == mapped["dropped_layers"]
+    assert SearchConfig(**kw, device="cuda", gpus_per_worker=2).load_device_map == "auto"
+    assert SearchConfig(**kw, device="cuda", gpus_per_worker=1).load_device_map is None
+    with pytest.raises(UserError, match="--device-map"):
+        SearchConfig(**kw, device_map=" ")
+
+
 def test_actor_resources():
     from evoprune.distributed import actor_resources
 

@@ -33,6 +33,8 @@ def _add_workers(p: argparse.ArgumentParser, resume: bool = False) -> None:
                    + (keep + "; none: drop it (a local cluster, or no Ray with --workers 1)" if resume else ""))
     g.add_argument("--gpus-per-worker", type=float,
                    help="with --device cuda: GPUs per actor (default 1; a fraction shares a GPU)" + keep)
+    g.add_argument("--device-map", help="load the model with from_pretrained(device_map=...), e.g. auto: split it "
+                   "over the visible GPUs (default: auto when --gpus-per-worker > 1, else one --device)" + keep)
 
 
 def _progress() -> bool:

@@ -39,7 +39,7 @@ STAGED = (("layers", "evo"), ("levels", "darwinlm"))
 IMPORTANCES = ("wanda_sp", "magnitude")
 FITNESSES = ("nll", "kl")
 # how a run executes, not what it computes: may change between a run and its resume
-EXECUTION_OPTIONS = ("workers", "ray_address", "gpus_per_worker", "hessian_mb")
+EXECUTION_OPTIONS = ("workers", "ray_address", "gpus_per_worker", "device_map", "hessian_mb")
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,7 @@ class SearchConfig:
     workers: int = 1
     ray_address: str | None = None
     gpus_per_worker: float | None = None
+    device_map: str | None = None
 
     def __post_init__(self) -> None:
         from .search import methods
@@ -195,6 +196,8 @@ class SearchConfig:
             raise UserError("--gpus-per-worker needs --device cuda (CPU workers split the CPUs)")
         if g is not None and not (math.isfinite(float(g)) and float(g) > 0):
             raise UserError(f"--gpus-per-worker must be > 0, got {g}")
+        if self.device_map is not None and not str(self.device_map).strip():
+            raise UserError("--device-map must not be empty (e.g. auto)")
 
     def _check_levels(self) -> None:
         from .finetune.brief import TRAIN_MODES
@@ -222,6 +225,15 @@ class SearchConfig:
             raise UserError("--train-tokens-per-stage needs --method darwinlm with --training-aware on")
         if ttp is not None and len(ttp) != n_stages:
             raise UserError(f"--train-tokens-per-stage needs one entry per selection stage ({n_stages}), got {len(ttp)}")
+
+    @property
+    def load_device_map(self) -> str | None:
+        """The ``device_map`` models are loaded with: ``--device-map``, or ``auto`` when one worker holds
+        several GPUs (``--gpus-per-worker`` > 1: accelerate splits the blocks over them)."""
+        if self.device_map is not None:
+            return self.device_map
+        g = self.gpus_per_worker
+        return "auto" if g is not None and float(g) > 1 and str(self.device).startswith("cuda") else None
 
     @property
     def distributed(self) -> bool:

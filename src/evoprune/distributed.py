@@ -50,14 +50,15 @@ copies them into a private scratch directory for ``problem.prepare`` and
 deletes it once its evaluators are built.
 
 Large models: an actor can hold a model split over several GPUs with
-``--gpus-per-worker G`` (Ray gives it G GPUs). :func:`evoprune.models.load_model`
-places the whole model on one ``device`` today; splitting needs a
-``device_map`` argument there passed to ``from_pretrained(device_map="auto")``
-(accelerate spreads the blocks over the visible GPUs), with the actor calling
-``load_model(..., device_map="auto")`` when ``gpus_per_worker > 1``. The
+``--gpus-per-worker G`` (Ray gives it G GPUs and sets ``CUDA_VISIBLE_DEVICES``):
+for ``G > 1`` (or with an explicit ``--device-map``) the actor, and the driver,
+load the model with ``from_pretrained(device_map="auto")``, so accelerate spreads
+the blocks over the visible GPUs and moves activations between them. The
 evaluators send token ids to the first parameter's device and feed cached
 hidden states back on the device they were captured on, which accelerate's
-dispatch hooks then move as usual (that path is untested).
+dispatch hooks then move as usual. Tested on CPU only (``device_map="auto"``
+with no GPU keeps every block on the CPU and gives the same losses); the
+multi-GPU split has not run: no multi-GPU machine was available.
 
 The driver still loads the model once (calibration, one-shot scores, width
 importance, the dense forward whose token-layers the run counts); after setup
@@ -103,7 +104,8 @@ class EvalWorker:
         torch.set_num_threads(max(1, int(threads)))
         self.threads, self.device, self.delay = int(threads), device, float(eval_delay_s)
         conf = SearchConfig.from_dict(cfg)
-        lm = load_model(conf.model, dtype=getattr(torch, conf.dtype), device=device, progress=False)
+        lm = load_model(conf.model, dtype=getattr(torch, conf.dtype), device=device, progress=False,
+                        device_map=conf.load_device_map)
         self.problem = make_problem(conf, lm)
         scratch = Path(tempfile.mkdtemp(prefix="evoprune-worker-"))
         try:

@@ -142,7 +142,7 @@ class RunDir:
             f.flush()
 
 
-def load_run_model(path, *, dtype=None, device="cpu", progress: bool = True):
+def load_run_model(path, *, dtype=None, device="cpu", progress: bool = True, device_map=None):
     """The base model of a finished run with its best pattern applied (blocks removed in place)."""
     from .models.loading import load_model
 
@@ -151,7 +151,7 @@ def load_run_model(path, *, dtype=None, device="cpu", progress: bool = True):
     res = run.read_result()
     if res is None:
         raise UserError(f"{run.path}: run has no result.json yet (finish it with: evoprune resume {run.path})")
-    kw = {"device": device, "progress": progress}
+    kw = {"device": device, "progress": progress, "device_map": device_map}
     if dtype is not None:
         kw["dtype"] = dtype
     lm = load_model(cfg["model"], **kw)

@@ -160,7 +160,8 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
     elif resume:
         raise UserError(f"{run.path}: nothing to resume")
     t0 = time.time()
-    lm = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, progress=progress)
+    lm = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, progress=progress,
+                    device_map=cfg.load_device_map)
     problem = make_problem(cfg, lm)
     space = problem.space
     options = cfg.strategy_options()

@@ -155,7 +155,7 @@ def _trusted_width_export(path_or_id: str, local: bool) -> bool:
     return True
 
 
-def _load_hf(path_or_id: str, dtype, device, local: bool):
+def _load_hf(path_or_id: str, dtype, device, local: bool, device_map=None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     trust = _trusted_width_export(path_or_id, local)
@@ -169,18 +169,24 @@ def _load_hf(path_or_id: str, dtype, device, local: bool):
             f"model directory, and the hub could not provide it ({type(e).__name__})"
         ) from None
     adapter = adapter_for_type(getattr(config, "model_type", "?"))
+    kw = {} if device_map is None else {"device_map": device_map}
     model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, local_files_only=local,
-                                                 trust_remote_code=trust)
+                                                 trust_remote_code=trust, **kw)
     try:
         tok = AutoTokenizer.from_pretrained(path_or_id, local_files_only=local)
     except Exception:
         tok = None  # tiny test models and bare checkpoints may ship no tokenizer
-    return model.to(device).eval(), tok, adapter
+    # with a device map, accelerate placed the blocks (possibly over several GPUs) and moves activations
+    return (model if device_map is not None else model.to(device)).eval(), tok, adapter
 
 
 def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               progress: bool = True) -> LoadedModel:
+               progress: bool = True, device_map: str | dict | None = None) -> LoadedModel:
     """Load a causal LM (see the module docstring for accepted specs) in eval mode.
+
+    ``device_map`` (e.g. ``"auto"``): passed to ``from_pretrained``, which places the
+    model with accelerate, possibly split over several GPUs (then ``device`` is not
+    used); ``None`` loads it whole and moves it to ``device``.
 
     Returns a :class:`LoadedModel`; raises :class:`UserError` for a missing path,
     an unknown id offline, or an architecture without an adapter.
@@ -193,7 +199,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
         from ..record import is_run_dir, load_run_model
 
         if is_run_dir(p):  # base model + the run's result
-            return load_run_model(p, dtype=dtype, device=device, progress=progress)
+            return load_run_model(p, dtype=dtype, device=device, progress=progress, device_map=device_map)
     if gguf is None and p.suffix == ".gguf":
         if not p.is_file():
             raise UserError(f"model file not found: {spec}")
@@ -202,16 +208,16 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
         cached = _gguf_cache_path(gguf, alias)
         if not _is_cached(cached):
             _gguf_to_cache(gguf, cached, progress)
-        model, tok, adapter = _load_hf(str(cached), dtype, device, local=True)
+        model, tok, adapter = _load_hf(str(cached), dtype, device, local=True, device_map=device_map)
         return LoadedModel(model, tok, adapter, name=spec, base=spec, path=str(cached))
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise UserError(f"{spec} is a directory without config.json (not a model or run directory)")
-        model, tok, adapter = _load_hf(str(p), dtype, device, local=True)
+        model, tok, adapter = _load_hf(str(p), dtype, device, local=True, device_map=device_map)
         return LoadedModel(model, tok, adapter, name=spec, base=spec, path=str(p))
     # hub ids look like "name" or "org/name"; anything else was meant as a local path
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1
     if looks_like_path or p.suffix in (".safetensors", ".bin", ".pt"):
         raise UserError(f"model path not found: {spec}")
-    model, tok, adapter = _load_hf(spec, dtype, device, local=False)
+    model, tok, adapter = _load_hf(spec, dtype, device, local=False, device_map=device_map)
     return LoadedModel(model, tok, adapter, name=spec, base=spec, path=None)
