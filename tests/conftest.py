@@ -62,6 +62,28 @@ def make_tiny_model_dir(path: Path, family: str, n_layers: int = 6, seed: int = 
     return path
 
 
+def random_calib(n: int = 3, seqlen: int = 24, seed: int = 0):
+    """A calibration set of ``n`` x ``seqlen`` uniformly random token ids (for tiny models)."""
+    import torch
+
+    from evoprune.data.calibration import CalibSet
+
+    ids = torch.randint(0, TINY_VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+    return CalibSet(input_ids=ids, cluster_ids=(-1,) * n, meta={})
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module: tiny models gain nothing from intra-op threads, and when other
+    processes share the 2 CPUs, spinning worker threads make such tests ~10x slower. Restored afterwards."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """family -> directory of a saved tiny random model with a tokenizer."""

@@ -7,30 +7,17 @@ import pytest
 import torch
 
 from evoprune import DropPattern, load_model, perplexity
-from evoprune.data.calibration import CalibSet
 from evoprune.errors import UserError
 from evoprune.fitness import NLLEvaluator
 from evoprune.prune import block_influence
-from tests.conftest import FAMILIES, TINY_VOCAB
+from tests.conftest import FAMILIES, TINY_VOCAB, random_calib
 
 N = 6  # tiny models have 6 blocks
 # nothing dropped, first/last block, all trailing blocks, all but one, both ends, interior
 EDGE_PATTERNS = [(), (0,), (5,), (3, 4, 5), (1, 2, 3, 4, 5), (0, 1, 2, 3, 4), (0, 5), (2, 4)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and when other processes share the
-    # 2 CPUs, spinning worker threads make these tests ~10x slower. Restored afterwards.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
-def _calib(n=3, seqlen=24, seed=0) -> CalibSet:
-    ids = torch.randint(0, TINY_VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
-    return CalibSet(input_ids=ids, cluster_ids=(-1,) * n, meta={})
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_patterns(count: int, seed: int) -> list[DropPattern]:
@@ -50,7 +37,7 @@ def _n_hooks(model) -> int:
 def test_cached_equals_naive(tiny_dirs, family):
     """Same loss (<= 1e-6 relative) on edge and random patterns; batch size 2 leaves a ragged last batch."""
     lm = load_model(str(tiny_dirs[family]))
-    calib = _calib()
+    calib = random_calib()
     naive = NLLEvaluator(lm, calib, batch_size=2, prefix_cache=False)
     cached = NLLEvaluator(lm, calib, batch_size=2, prefix_cache=True)
     patterns = [DropPattern(N, d) for d in EDGE_PATTERNS] + _random_patterns(10, seed=FAMILIES.index(family))
@@ -67,7 +54,7 @@ def test_cached_equals_naive(tiny_dirs, family):
 
 def test_token_layers_exact(tiny_dirs):
     lm = load_model(str(tiny_dirs["llama"]))
-    calib = _calib()  # 3 x 24 = 72 tokens
+    calib = random_calib()  # 3 x 24 = 72 tokens
     naive = NLLEvaluator(lm, calib, prefix_cache=False)
     cached = NLLEvaluator(lm, calib, prefix_cache=True)
     assert naive.dense_token_layers == cached.dense_token_layers == 72 * 6
@@ -95,7 +82,7 @@ def test_token_layers_exact(tiny_dirs):
 def test_token_layers_match_blocks_run(tiny_dirs, prefix_cache):
     """The reported cost is what ran: count real block calls with hooks."""
     lm = load_model(str(tiny_dirs["qwen2"]))
-    calib = _calib()
+    calib = random_calib()
     ev = NLLEvaluator(lm, calib, batch_size=2, prefix_cache=prefix_cache)
     ev.prepare()
     calls = [0] * N
@@ -123,7 +110,7 @@ def test_token_layers_match_blocks_run(tiny_dirs, prefix_cache):
 @pytest.mark.parametrize("prefix_cache", [False, True])
 def test_dense_equals_perplexity(tiny_dirs, family, prefix_cache):
     lm = load_model(str(tiny_dirs[family]))
-    calib = _calib(n=2, seqlen=32)
+    calib = random_calib(n=2, seqlen=32)
     ev = NLLEvaluator(lm, calib, prefix_cache=prefix_cache)
     got = ev.evaluate(DropPattern(N))
     ref = perplexity(lm.model, ids=calib.input_ids.reshape(-1), seqlen=32, progress=False)
@@ -135,11 +122,11 @@ def test_dense_equals_perplexity(tiny_dirs, family, prefix_cache):
 def test_model_restored_after_evaluation(tiny_dirs, family):
     lm = load_model(str(tiny_dirs[family]))
     model, adapter = lm.model, lm.adapter
-    ids = _calib().input_ids
+    ids = random_calib().input_ids
     with torch.no_grad():
         before = model(input_ids=ids, use_cache=False).logits
     blocks = adapter.get_blocks(model)
-    ev = NLLEvaluator(lm, _calib(), prefix_cache=True)
+    ev = NLLEvaluator(lm, random_calib(), prefix_cache=True)
     for d in EDGE_PATTERNS:
         ev.evaluate(DropPattern(N, d))
     assert adapter.get_blocks(model) is blocks and len(blocks) == N
@@ -164,7 +151,7 @@ def test_model_restored_after_evaluation(tiny_dirs, family):
 def test_cache_is_what_feeds_the_blocks(tiny_dirs):
     """Negative control: corrupting the cached state changes the loss, so the hook really replaces the input."""
     lm = load_model(str(tiny_dirs["mistral"]))
-    ev = NLLEvaluator(lm, _calib(), prefix_cache=True)
+    ev = NLLEvaluator(lm, random_calib(), prefix_cache=True)
     p = DropPattern(N, (2, 4))
     good = ev.evaluate(p).loss
     orig = ev._hidden_at
@@ -176,13 +163,13 @@ def test_cache_is_what_feeds_the_blocks(tiny_dirs):
 
 def test_bad_inputs(tiny_dirs):
     lm = load_model(str(tiny_dirs["llama"]))
-    ev = NLLEvaluator(lm, _calib())
+    ev = NLLEvaluator(lm, random_calib())
     with pytest.raises(UserError):
         ev.evaluate(DropPattern(8, (1,)))
     with pytest.raises(ValueError):
-        NLLEvaluator(lm, _calib(seqlen=1))
+        NLLEvaluator(lm, random_calib(seqlen=1))
     with pytest.raises(ValueError):
-        NLLEvaluator(lm, _calib(), batch_size=0)
+        NLLEvaluator(lm, random_calib(), batch_size=0)
 
 
 def _make_identity(lm, i: int) -> None:
@@ -200,7 +187,7 @@ def _make_identity(lm, i: int) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_block_influence(tiny_dirs, family):
     lm = load_model(str(tiny_dirs[family]))
-    calib = _calib(n=3, seqlen=24)
+    calib = random_calib(n=3, seqlen=24)
     scores, tl = block_influence(lm, calib)
     assert len(scores) == N and tl == 72 * N
     assert all(0.0 <= s <= 2.0 for s in scores)
@@ -221,7 +208,7 @@ def test_block_influence(tiny_dirs, family):
 def test_lru_prefix_cache_equals_naive(tiny_dirs, family):
     """With the LRU, losses equal naive (<= 1e-6 rel) and a shared kept prefix is not recomputed."""
     lm = load_model(str(tiny_dirs[family]))
-    calib = _calib()
+    calib = random_calib()
     naive = NLLEvaluator(lm, calib, batch_size=2, prefix_cache=False)
     lru = NLLEvaluator(lm, calib, batch_size=2, prefix_cache=True, cache_mb=1.0)
     entry = 3 * 24 * lm.model.config.hidden_size * 4
@@ -245,7 +232,7 @@ def test_lru_prefix_cache_equals_naive(tiny_dirs, family):
 def test_lru_bounded_and_replay_matches(tiny_dirs):
     """Capacity is respected; replaying the bookkeeping gives the same later costs and losses (resume)."""
     lm = load_model(str(tiny_dirs["llama"]))
-    calib = _calib()
+    calib = random_calib()
     entry = 3 * 24 * lm.model.config.hidden_size * 4
     pats = _random_patterns(30, seed=3)
     a = NLLEvaluator(lm, calib, prefix_cache=True, cache_mb=3 * entry / 2 ** 20)
@@ -269,7 +256,7 @@ def test_lru_bounded_and_replay_matches(tiny_dirs):
 def test_kl_fitness(tiny_dirs, prefix_cache):
     """KL of the dense pattern is 0; KL >= 0; top-k KL is a close lower bound of the full KL."""
     lm = load_model(str(tiny_dirs["llama"]))
-    calib = _calib()
+    calib = random_calib()
     full = NLLEvaluator(lm, calib, batch_size=2, prefix_cache=prefix_cache, metric="kl")
     top = NLLEvaluator(lm, calib, batch_size=2, prefix_cache=prefix_cache, metric="kl", kl_topk=TINY_VOCAB // 4)
     assert abs(full.evaluate(DropPattern(N, ())).loss) <= 1e-6
@@ -296,7 +283,7 @@ def test_kl_fitness(tiny_dirs, prefix_cache):
 def test_block_influence_from_cache_matches(tiny_dirs):
     """The evaluator's BI (from its cached dense states, no extra forward) equals prune.block_influence."""
     lm = load_model(str(tiny_dirs["llama"]))
-    calib = _calib()
+    calib = random_calib()
     ev = NLLEvaluator(lm, calib, batch_size=2)
     want, _ = block_influence(lm, calib, batch_size=2)
     got = ev.block_influence()

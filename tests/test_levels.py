@@ -1,7 +1,6 @@
 """DarwinLM-style levels: structured OBS, level databases, the level space, darwinlm search, training-aware runs."""
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import pytest
 import torch
 
 from evoprune import load_model
-from evoprune.data.calibration import CalibSet
 from evoprune.finetune.brief import BriefTrainConfig, disjoint_windows
 from evoprune.fitness.levels import LevelEvaluator
 from evoprune.genome import GenomeError, LevelVector
@@ -21,21 +19,11 @@ from evoprune.prune.obs import obs_error, structured_obs
 from evoprune.search import drive, make_strategy
 from evoprune.space import SearchError
 from evoprune.space_levels import LevelSpace
-from tests.conftest import TINY_VOCAB
+from tests.conftest import TINY_VOCAB, random_calib
 from tests.test_run import _cmd, _env, _history, _kill_resume
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
-def _calib(n=3, seqlen=24, seed=0) -> CalibSet:
-    ids = torch.randint(0, TINY_VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
-    return CalibSet(input_ids=ids, cluster_ids=(-1,) * n, meta={})
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- structured OBS -----------------------------------------------------------------
@@ -154,7 +142,7 @@ def dbs(tiny_dirs, tmp_path_factory):
         lm = load_model(str(tiny_dirs[fam]))
         spec = width_spec(lm.model, lm.adapter)
         a, m = level_ladders(spec)
-        calib = _calib()
+        calib = random_calib()
         obs = LevelDatabase.build(lm, calib, root / f"{fam}-obs", attn_counts=a, mlp_counts=m)
         wsp = LevelDatabase.build(lm, calib, root / f"{fam}-wsp", method="wanda_sp", attn_counts=a, mlp_counts=m)
         out[fam] = (lm, obs, wsp, calib)
@@ -239,6 +227,11 @@ def test_training_aware_fitness_is_deterministic_and_leaves_the_model_alone(dbs)
         assert a.token_layers == calib.n_tokens * 6 + 3 * windows.numel() * 6
     base = one_shot.evaluate(g)
     assert base.token_layers == calib.n_tokens * 6
+    kl = LevelEvaluator(applied, calib, metric="kl")
+    applied.restore()  # KL targets come from the dense model
+    kl.prepare()
+    assert kl.evaluate(LevelVector((0,) * 6, (0,) * 6)).loss == pytest.approx(0.0, abs=1e-6)
+    assert kl.evaluate(g).loss > 1e-3 and kl.evaluate(g).loss == kl.evaluate(g).loss  # tiny random model: small KL
     assert results["lora"].loss != base.loss and results["full"].loss != base.loss
     applied.restore()
     assert all(torch.equal(v, dense[k]) for k, v in lm.model.state_dict().items())

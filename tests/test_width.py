@@ -19,18 +19,13 @@ from evoprune.models.loading import LoadedModel
 from evoprune.models.width import WIDTH_KEY, apply_width_inplace, width_masked, width_sliced, width_spec
 from evoprune.prune.wanda_sp import WidthImportance, compute_importance
 from evoprune.prune.width_plan import allocate, plan_widths
-from tests.conftest import TINY_VOCAB
+from tests.conftest import TINY_VOCAB, random_calib
 
 # every edge in one vector: intact block, all groups + channels gone, rounding cases
 RATES = [0.0, 0.3, 0.5, 1.0, 0.7, 0.2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on 2 shared CPUs: threads only add contention
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +34,8 @@ def lms(tiny_dirs):
     out = {}
     for fam in ("llama", "qwen2", "qwen3", "gemma3_text", "opt"):
         lm = load_model(str(tiny_dirs[fam]))
-        out[fam] = (lm, compute_importance(lm, _calib())[0])
+        out[fam] = (lm, compute_importance(lm, random_calib())[0])
     return out
-
-
-def _calib(n=3, seqlen=24, seed=0) -> CalibSet:
-    ids = torch.randint(0, TINY_VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
-    return CalibSet(input_ids=ids, cluster_ids=(-1,) * n, meta={})
 
 
 def _ids(n=40, seed=1):
@@ -82,7 +72,7 @@ def test_spec_counts_every_prunable_parameter(lms):
 def test_wanda_sp_scores_match_definition(lms):
     """Reference scores from independently captured activations: sum |W| * ||X_col||_2 per structure."""
     lm, imp = lms["llama"]
-    calib = _calib()
+    calib = random_calib()
     block = lm.adapter.get_blocks(lm.model)[2]
     attn, mlp = block.self_attn, block.mlp
     sq = {}
@@ -255,7 +245,7 @@ def test_kv_cache_with_an_empty_attention(lms, family):
 
 def test_evaluator_loss_is_the_sliced_models(lms):
     lm, imp = lms["qwen2"]
-    calib = _calib(n=2, seqlen=20, seed=3)
+    calib = random_calib(n=2, seqlen=20, seed=3)
     ev = WidthEvaluator(lm, calib, imp)
     res = ev.evaluate(RATES)
     sliced = copy.deepcopy(lm.model)

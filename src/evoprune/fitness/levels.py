@@ -23,16 +23,15 @@ import torch
 
 from ..data.calibration import CalibSet
 from ..finetune.brief import BACKWARD_FACTOR, BriefTrainConfig, brief_train
-from ..genome import DropPattern
-from ..models.loading import LoadedModel
 from ..models.width import width_sliced
 from ..prune.levels_db import AppliedLevels
-from .evaluator import Evaluation, NLLEvaluator
+from .evaluator import Evaluation
+from .width import WholeModelEvaluator
 
 __all__ = ["LevelEvaluator"]
 
 
-class LevelEvaluator:
+class LevelEvaluator(WholeModelEvaluator):
     """Scores level vectors of ``applied.lm`` on ``calib`` (see the module docstring).
 
     ``train_windows``: ``[n, seqlen]`` token ids for the brief training (``None``:
@@ -42,48 +41,26 @@ class LevelEvaluator:
     def __init__(self, applied: AppliedLevels, calib: CalibSet, *, train_windows: torch.Tensor | None = None,
                  train_cfg: BriefTrainConfig | None = None, batch_size: int = 1, metric: str = "nll",
                  kl_topk: int | None = None) -> None:
+        super().__init__(applied.lm, calib, batch_size=batch_size, metric=metric, kl_topk=kl_topk)
         self.applied = applied
-        self.lm: LoadedModel = applied.lm
-        self.calib = calib
         self.train_windows = train_windows
         self.train_cfg = train_cfg or BriefTrainConfig()
-        self.n_layers = self.lm.n_layers
-        self._dense = DropPattern(self.n_layers)
-        self._nll = NLLEvaluator(self.lm, calib, batch_size=batch_size, prefix_cache=False, metric=metric,
-                                 kl_topk=kl_topk)
-        self.n_evaluations = 0
         self.last_train: dict | None = None
-
-    @property
-    def metric(self) -> str:
-        return self._nll.metric
-
-    @property
-    def tokens(self) -> int:
-        return self._nll.tokens
 
     @property
     def train_tokens(self) -> int:
         return 0 if self.train_windows is None else int(self.train_windows.numel())
 
     @property
-    def dense_token_layers(self) -> int:
-        """Cost of one evaluation: the fitness pass plus the training (see the module docstring)."""
-        return self._nll.dense_token_layers + BACKWARD_FACTOR * self.train_tokens * self.n_layers
-
-    @property
-    def setup_token_layers(self) -> int:
-        return self._nll.setup_token_layers
-
-    @property
-    def spent_token_layers(self) -> int:
-        return self._nll.setup_token_layers + self.n_evaluations * self.dense_token_layers
+    def extra_token_layers(self) -> int:
+        """The brief training's cost (see the module docstring)."""
+        return BACKWARD_FACTOR * self.train_tokens * self.n_layers
 
     def prepare(self) -> None:
         """Dense KL targets (``metric="kl"``), from the dense model: call before any level is applied."""
-        if self.metric == "kl" and any(lv for lv in self.applied.current.values()):
+        if self.metric == "kl" and self._nll.setup_token_layers == 0 and any(self.applied.current.values()):
             raise RuntimeError("KL targets must come from the dense model; prepare before applying levels")
-        self._nll.prepare()
+        super().prepare()
 
     def plan(self, g):
         return self.applied.db.plan(g.attn, g.mlp, self.applied.spec)
@@ -95,15 +72,9 @@ class LevelEvaluator:
             if self.train_windows is not None:
                 self.last_train = brief_train(self.lm, self.train_windows, self.train_cfg)
             with torch.no_grad():
-                e = self._nll.evaluate(self._dense)
-        self.n_evaluations += 1
-        return Evaluation(e.loss, e.tokens, self.dense_token_layers)
-
-    def replay(self, g) -> int:
-        """No cache depends on past candidates; returns :meth:`evaluate`'s ``token_layers``."""
-        return self.dense_token_layers
+                return self._score()
 
     def release(self) -> None:
         """Dense weights back, KL targets freed."""
         self.applied.restore()
-        self._nll.release()
+        super().release()

@@ -1,6 +1,8 @@
 """Fitness of a width-pruning rate vector: mean calibration NLL (or KL) of the masked model.
 
-Owns :class:`WidthEvaluator`, the width counterpart of
+Owns :class:`WholeModelEvaluator` (the base of evaluators that edit the whole
+model per candidate; :mod:`evoprune.fitness.levels` builds on it too) and
+:class:`WidthEvaluator`, the width counterpart of
 :class:`~evoprune.fitness.evaluator.NLLEvaluator`: rates -> :class:`WidthPlan`
 (:func:`~evoprune.prune.width_plan.plan_widths`) -> the model run inside
 :func:`~evoprune.models.width.width_masked` by a naive ``NLLEvaluator`` (no
@@ -25,32 +27,28 @@ from ..prune.wanda_sp import WidthImportance
 from ..prune.width_plan import WidthPlan, plan_widths
 from .evaluator import Evaluation, NLLEvaluator
 
-__all__ = ["WidthEvaluator"]
+__all__ = ["WholeModelEvaluator", "WidthEvaluator"]
 
 
-class WidthEvaluator:
-    """Scores per-layer width rates of ``lm`` on ``calib``, structures ranked by ``importance``.
+class WholeModelEvaluator:
+    """Base of evaluators that edit the whole model per candidate and score it with a naive
+    :class:`~evoprune.fitness.evaluator.NLLEvaluator` (every block on every token, no prefix cache):
+    the counters under :class:`NLLEvaluator`'s names, the dense KL targets, no replay state.
+    Subclasses implement ``evaluate`` (scoring ``self._dense`` inside their edit) and may add
+    ``extra_token_layers`` per evaluation (e.g. training)."""
 
-    ``evaluate(rates)`` returns an :class:`Evaluation` (``loss``: mean NLL, or KL
-    to the dense model with ``metric="kl"``, in nats per predicted token;
-    ``tokens``; ``token_layers = n_samples * seqlen * n_layers``). ``rates`` is a
-    sequence of floats in ``[0, 1]``, one per block, or a ``RateVector``.
-    The model is edited in place inside each evaluation and restored bit for bit.
-    """
+    extra_token_layers = 0
 
-    def __init__(self, lm: LoadedModel, calib: CalibSet, importance: WidthImportance, *, batch_size: int = 1,
-                 metric: str = "nll", kl_topk: int | None = None, progress: bool = False) -> None:
+    def __init__(self, lm: LoadedModel, calib: CalibSet, *, batch_size: int = 1, metric: str = "nll",
+                 kl_topk: int | None = None, progress: bool = False) -> None:
         self.lm = lm
         self.calib = calib
-        self.importance = importance
-        self.spec = width_spec(lm.model, lm.adapter)
-        self.n_layers = self.spec.n_layers
+        self.n_layers = lm.n_layers
         self._dense = DropPattern(self.n_layers)
         self._nll = NLLEvaluator(lm, calib, batch_size=batch_size, prefix_cache=False, metric=metric,
                                  kl_topk=kl_topk, progress=progress)
-        self.plan([0.0] * self.n_layers)  # fail now if the importance does not fit the model
+        self.n_evaluations = 0
 
-    # -- sizes and counters (same names as NLLEvaluator) -------------------------
     @property
     def metric(self) -> str:
         return self._nll.metric
@@ -62,8 +60,9 @@ class WidthEvaluator:
 
     @property
     def dense_token_layers(self) -> int:
-        """Cost of one evaluation (every block on every token): ``n_samples * seqlen * n_layers``."""
-        return self._nll.dense_token_layers
+        """Cost of one evaluation: every block on every token (``n_samples * seqlen * n_layers``), plus
+        :attr:`extra_token_layers`."""
+        return self._nll.dense_token_layers + self.extra_token_layers
 
     @property
     def setup_token_layers(self) -> int:
@@ -71,34 +70,54 @@ class WidthEvaluator:
         return self._nll.setup_token_layers
 
     @property
-    def n_evaluations(self) -> int:
-        return self._nll.n_evaluations
-
-    @property
     def spent_token_layers(self) -> int:
         """Setup + all evaluations so far."""
-        return self._nll.spent_token_layers
-
-    # -- evaluation ---------------------------------------------------------------
-    def plan(self, rates: Sequence[float]) -> WidthPlan:
-        """The :class:`WidthPlan` for ``rates`` (no forward)."""
-        return plan_widths(self.spec, self.importance, rates)
+        return self.setup_token_layers + self.n_evaluations * self.dense_token_layers
 
     def prepare(self) -> None:
-        """Compute the dense KL targets now (``metric="kl"``); a no-op for ``nll``."""
+        """Compute the dense KL targets now (``metric="kl"``), from the unedited model; a no-op for ``nll``."""
         self._nll.prepare()
 
-    def evaluate(self, rates: Sequence[float]) -> Evaluation:
-        """Score ``rates`` (:class:`~evoprune.errors.UserError` if they do not fit the model)."""
-        plan = self.plan(rates)
-        self._nll.prepare()  # dense targets must come from the unmasked model
-        with width_masked(self.lm.model, plan, self.lm.adapter):
-            return self._nll.evaluate(self._dense)
+    def _score(self):
+        """The loss of the model as it is now (inside the subclass's edit); counts one evaluation."""
+        e = self._nll.evaluate(self._dense)
+        self.n_evaluations += 1
+        return Evaluation(e.loss, e.tokens, self.dense_token_layers)
 
-    def replay(self, rates: Sequence[float]) -> int:
+    def replay(self, genome) -> int:
         """No caches depend on past candidates: nothing to replay; returns :meth:`evaluate`'s ``token_layers``."""
         return self.dense_token_layers
 
     def release(self) -> None:
         """Free the dense KL targets (see :meth:`NLLEvaluator.release`)."""
         self._nll.release()
+
+
+class WidthEvaluator(WholeModelEvaluator):
+    """Scores per-layer width rates of ``lm`` on ``calib``, structures ranked by ``importance``.
+
+    ``evaluate(rates)`` returns an :class:`Evaluation` (``loss``: mean NLL, or KL
+    to the dense model with ``metric="kl"``, in nats per predicted token;
+    ``tokens``; ``token_layers = n_samples * seqlen * n_layers``). ``rates`` is a
+    sequence of floats in ``[0, 1]``, one per block, or a ``RateVector``.
+    The model is edited in place inside each evaluation and restored bit for bit.
+    """
+
+    def __init__(self, lm: LoadedModel, calib: CalibSet, importance: WidthImportance, *, batch_size: int = 1,
+                 metric: str = "nll", kl_topk: int | None = None, progress: bool = False) -> None:
+        super().__init__(lm, calib, batch_size=batch_size, metric=metric, kl_topk=kl_topk, progress=progress)
+        self.importance = importance
+        self.spec = width_spec(lm.model, lm.adapter)
+        self.plan([0.0] * self.n_layers)  # fail now if the importance does not fit the model
+
+    # -- evaluation ---------------------------------------------------------------
+    def plan(self, rates: Sequence[float]) -> WidthPlan:
+        """The :class:`WidthPlan` for ``rates`` (no forward)."""
+        return plan_widths(self.spec, self.importance, rates)
+
+    def evaluate(self, rates: Sequence[float]) -> Evaluation:
+        """Score ``rates`` (:class:`~evoprune.errors.UserError` if they do not fit the model)."""
+        plan = self.plan(rates)
+        self._nll.prepare()  # dense targets must come from the unmasked model
+        with width_masked(self.lm.model, plan, self.lm.adapter):
+            return self._score()

@@ -59,7 +59,7 @@ import numpy as np
 from ..genome import DropPattern
 from ..space import SearchError
 from . import register
-from .staged import Request, StagedStrategy
+from .staged import Request, StagedStrategy, check_staged_options
 
 __all__ = ["EvoConfig", "EvoStrategy", "Request"]
 
@@ -77,19 +77,7 @@ class EvoConfig:
     greedy_seed: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("generations", "offspring"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise SearchError(f"{name} must be an integer >= 1, got {v!r}")
-        try:
-            surv = tuple(int(x) for x in self.survivors)
-        except (TypeError, ValueError):
-            raise SearchError(f"survivors must be a list of integers, got {self.survivors!r}") from None
-        if not surv or min(surv) < 1:
-            raise SearchError(f"survivors must be a non-empty list of integers >= 1, got {self.survivors!r}")
-        if any(s > self.offspring for s in surv[:-1]):
-            raise SearchError(f"survivors per stage (before the last) must be <= offspring={self.offspring}, got {surv}")
-        object.__setattr__(self, "survivors", surv)
+        object.__setattr__(self, "survivors", check_staged_options(self, last_may_exceed=True))
         if self.scores is not None:
             sc = tuple(float(x) for x in self.scores)
             if not all(math.isfinite(x) for x in sc):

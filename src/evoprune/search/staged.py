@@ -26,9 +26,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ..space import SearchError
 from .base import Strategy, _dec, _enc
 
-__all__ = ["Request", "StagedStrategy"]
+__all__ = ["Request", "StagedStrategy", "check_staged_options"]
+
+
+def check_staged_options(cfg, last_may_exceed: bool) -> tuple[int, ...]:
+    """Validate ``cfg.generations`` / ``cfg.offspring`` (integers >= 1) and ``cfg.survivors`` (a non-empty
+    list of integers >= 1, each at most ``offspring``; with ``last_may_exceed`` the last, the parents kept,
+    may be more); returns the survivors as a tuple. Raises ``SearchError``."""
+    for name in ("generations", "offspring"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise SearchError(f"{name} must be an integer >= 1, got {v!r}")
+    try:
+        surv = tuple(int(x) for x in cfg.survivors)
+    except (TypeError, ValueError):
+        raise SearchError(f"survivors must be a list of integers, got {cfg.survivors!r}") from None
+    if not surv or min(surv) < 1:
+        raise SearchError(f"survivors must be a non-empty list of integers >= 1, got {cfg.survivors!r}")
+    capped = surv[:-1] if last_may_exceed else surv
+    if any(s > cfg.offspring for s in capped):
+        raise SearchError(f"survivors per stage{' (before the last)' if last_may_exceed else ''} must be "
+                          f"<= offspring={cfg.offspring}, got {surv}")
+    return surv
 
 
 @dataclass(frozen=True)

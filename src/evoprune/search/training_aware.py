@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from ..space import SearchError
 from ..space_levels import LevelSpace
 from . import register
-from .staged import StagedStrategy
+from .staged import StagedStrategy, check_staged_options
 from .width import _NoOptions, _OneShot
 
 __all__ = ["DarwinLMConfig", "DarwinLMStrategy", "LevelUniform"]
@@ -47,17 +47,9 @@ class DarwinLMConfig:
     elitism: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("generations", "offspring", "max_flips"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise SearchError(f"{name} must be an integer >= 1, got {v!r}")
-        try:
-            surv = tuple(int(x) for x in self.survivors)
-        except (TypeError, ValueError):
-            raise SearchError(f"survivors must be a list of integers, got {self.survivors!r}") from None
-        if not surv or min(surv) < 1 or any(s > self.offspring for s in surv):
-            raise SearchError(f"survivors per stage must be integers in [1, offspring={self.offspring}], got {surv}")
-        object.__setattr__(self, "survivors", surv)
+        object.__setattr__(self, "survivors", check_staged_options(self, last_may_exceed=False))
+        if not isinstance(self.max_flips, int) or isinstance(self.max_flips, bool) or self.max_flips < 1:
+            raise SearchError(f"max_flips must be an integer >= 1, got {self.max_flips!r}")
         object.__setattr__(self, "elitism", bool(self.elitism))
 
 
