@@ -82,7 +82,8 @@ def test_two_workers_same_as_one_process_budget(deep_model, calib_text, referenc
     """Under --budget-token-layers: 2 workers stop at the same candidate as one process and dispatch nothing past it."""
     from evoprune.run import run_search
 
-    budget = json.loads((reference / "result.json").read_text())["token_layers"] // 2
+    # 80%: past the greedy phase (its full-fidelity promotions come first), short of the end
+    budget = json.loads((reference / "result.json").read_text())["token_layers"] * 4 // 5
     one = run_search(_cfg(deep_model, calib_text, budget_token_layers=budget), tmp_path / "w1", progress=False)
     rows = [json.loads(l) for l in _rows(tmp_path / "w1").splitlines()]
     assert one["stopped_early"] and rows[-2]["token_layers"] < budget <= rows[-1]["token_layers"]

@@ -139,29 +139,38 @@ def test_state_dict_roundtrip_mid_run(survivors):
 
 
 def test_greedy_seeding_phase():
-    """Multi-stage evo starts with a SLEB-like greedy pass at stage 0; its last step is the first cohort."""
+    """Multi-stage evo starts with a SLEB-like greedy pass: each step scores every candidate at stage 0, re-scores
+    the best 2 at the full stage and keeps the best of those; the last step is the first cohort."""
     f, w = _toy(14, 3)
+    lure = int(np.argmax(w))  # the worst block to drop; stage 0 is made to like it best
+    f0 = (lambda p: f(p) - 100.0 * (lure in p.dropped))
     space = LayerDropSpace(14, 3)
     s = make_strategy("evo", space, np.random.default_rng(0), generations=3, offspring=8, survivors=(4, 2),
                       scores=tuple(w))
     steps = []
-    for _ in range(3):  # three greedy steps: 14, 13, 12 candidates with 1, 2, 3 blocks, all at stage 0
+    for _ in range(6):  # three greedy steps of two batches: 14, 13, 12 candidates at stage 0, 2 of each at stage 1
         reqs = s.ask()
         steps.append((len(reqs), {r.pattern.k for r in reqs}, {r.stage for r in reqs}))
-        s.tell(reqs, [f(r.pattern) for r in reqs])
-    assert steps == [(14, {1}, {0}), (13, {2}, {0}), (12, {3}, {0})]
+        s.tell(reqs, [f0(r.pattern) if r.stage == 0 else f(r.pattern) for r in reqs])
+    assert steps == [(14, {1}, {0}), (2, {1}, {1}), (13, {2}, {0}), (2, {2}, {1}), (12, {3}, {0}), (2, {3}, {1})]
     g = []
-    for j in range(3):
-        g = min((sorted(g + [i]) for i in range(14) if i not in g), key=lambda d: f(DropPattern(14, tuple(d))))
-    # next: at most seed_fraction * offspring = 4 one-shot seeds at stage 0, then the top 4 at the full stage
+    for j in range(3):  # the full-fitness greedy, which never drops the lure
+        g = min((sorted(g + [i]) for i in range(14) if i not in g and i != lure),
+                key=lambda d: f(DropPattern(14, tuple(d))))
+    assert s.fitness_of(DropPattern(14, tuple(g))) == f(DropPattern(14, tuple(g)))  # promoted at the last step
+    # next: at most seed_fraction * offspring = 4 one-shot seeds at stage 0, then the stage-0 top 4 at full
     reqs = s.ask()
     assert {r.stage for r in reqs} == {0} and len(reqs) <= 4 and all(r.pattern.k == 3 for r in reqs)
-    s.tell(reqs, [f(r.pattern) for r in reqs])
-    reqs = s.ask()
-    assert {r.stage for r in reqs} == {1} and len(reqs) == 4
-    assert DropPattern(14, tuple(g)).key in {r.key for r in reqs}  # the greedy answer is promoted
+    s.tell(reqs, [f0(r.pattern) for r in reqs])
     _run(s, f)
     assert s.best[1] <= f(DropPattern(14, tuple(g)))
+    # without promotion the greedy follows the stage-0 lure
+    t = make_strategy("evo", space, np.random.default_rng(0), generations=3, offspring=8, survivors=(4, 2),
+                      greedy_promote=0)
+    reqs = t.ask()
+    t.tell(reqs, [f0(r.pattern) for r in reqs])
+    nxt = t.ask()  # the greedy moves on when asked
+    assert t.greedy == [lure] and {r.stage for r in nxt} == {0} and all(lure in r.dropped for r in nxt)
 
 
 def test_finds_exhaustive_optimum():

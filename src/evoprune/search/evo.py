@@ -6,12 +6,18 @@ Owns :class:`Request`, :class:`EvoConfig` and :class:`EvoStrategy`. A
 
 - **Greedy seeding** (``greedy_seed``, multi-stage runs only): first a SLEB-like
   greedy pass on the cheapest (stage-0) slice: step ``j`` scores every pattern
-  "blocks chosen so far + one more" at stage 0 and keeps the best, until ``k``
-  blocks. Its last step's ``n - k + 1`` patterns (already scored at stage 0) are
-  the initial cohort, ranked, followed by the one-shot-score seeds below
+  "blocks chosen so far + one more" at stage 0, re-scores the best
+  ``greedy_promote`` of them (at most ``survivors[0]``) at the last (full) stage
+  and keeps the best of those by full fitness (``greedy_promote=0``: the best at
+  stage 0), until ``k`` blocks. The promotion keeps a noisy low-fidelity slice
+  from steering the greedy path away from full-fidelity SLEB's (on SmolLM2, a
+  512-token slice preferred a block that the whole calibration set does not).
+  The last step's ``n - k + 1`` patterns (already scored at stage 0) are the
+  initial cohort, ranked, followed by the one-shot-score seeds below
   (``seed_fraction * offspring`` of them, no random ones). The greedy costs about
-  stage-0 tokens / full tokens of a full-fidelity SLEB; the evolution then
-  refines its answer with full-fidelity comparisons.
+  stage-0 tokens / full tokens of a full-fidelity SLEB plus ``greedy_promote``
+  full evaluations per step; the evolution then refines its answer with
+  full-fidelity comparisons.
 - **Initial cohort** without greedy seeding (``offspring`` patterns, at least ``survivors[-1]``): when
   one-shot ``scores`` are given (ShortGPT Block Influence, lower = more
   droppable), a ``seed_fraction`` share is seeded from them: first the
@@ -75,6 +81,7 @@ class EvoConfig:
     seed_fraction: float = 0.5
     adjacent: float = 0.35
     greedy_seed: bool = True
+    greedy_promote: int = 2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "survivors", check_staged_options(self, last_may_exceed=True))
@@ -87,6 +94,8 @@ class EvoConfig:
             raise SearchError(f"seed_fraction must be in [0, 1], got {self.seed_fraction!r}")
         if not 0.0 <= float(self.adjacent) <= 1.0:
             raise SearchError(f"adjacent must be in [0, 1], got {self.adjacent!r}")
+        if not isinstance(self.greedy_promote, int) or isinstance(self.greedy_promote, bool) or self.greedy_promote < 0:
+            raise SearchError(f"greedy_promote must be an integer >= 0, got {self.greedy_promote!r}")
 
     @property
     def n_stages(self) -> int:
@@ -121,12 +130,22 @@ class EvoStrategy(StagedStrategy):
         sp, g = self.space, self.greedy
         return [DropPattern(sp.n_layers, tuple(sorted(g + [i]))) for i in sp.droppable if i not in g]
 
+    def _greedy_promoted(self, cands: list[DropPattern]) -> list[DropPattern]:
+        """The step's candidates re-scored at full fidelity: the best ``greedy_promote`` at stage 0."""
+        n = min(self.config.greedy_promote, self.config.survivors[0])
+        ranked = sorted(range(len(cands)), key=lambda i: (self._low[f"{cands[i].key}@0"], i))
+        return [cands[i] for i in ranked[:n]]
+
     def _greedy_step(self) -> None:
-        """All candidates of this greedy step are scored at stage 0: keep the best, or end the phase."""
+        """This greedy step is scored (stage 0, then its promoted candidates): keep the best, or end the phase."""
         cands = self._greedy_candidates()
-        best = min(range(len(cands)), key=lambda i: (self._low[f"{cands[i].key}@0"], i))
+        pool = self._greedy_promoted(cands)
+        if pool:
+            best = min(pool, key=lambda p: self._memo[p.key])  # min() keeps the first of equals
+        else:
+            best = min(cands, key=lambda p: self._low[f"{p.key}@0"])
         if len(self.greedy) + 1 < self.space.k:
-            self.greedy = list(cands[best].dropped)
+            self.greedy = list(best.dropped)
             return
         # the last step's candidates are k-block patterns already scored at stage 0: the initial cohort
         # (greedy order, best first) plus the one-shot-score seeds, then promotion as usual
@@ -138,7 +157,10 @@ class EvoStrategy(StagedStrategy):
 
     def ask(self) -> list[Request]:
         while self.greedy is not None and not self._requests and not self._done:
-            fresh = [Request(p, 0) for p in self._greedy_candidates() if f"{p.key}@0" not in self._low]
+            cands = self._greedy_candidates()
+            fresh = [Request(p, 0) for p in cands if f"{p.key}@0" not in self._low]
+            if not fresh:
+                fresh = [Request(p, self.last) for p in self._greedy_promoted(cands) if p.key not in self._memo]
             if fresh:
                 self._requests = fresh
                 return list(self._requests)
@@ -146,9 +168,7 @@ class EvoStrategy(StagedStrategy):
         return super().ask()
 
     def _batch_done(self) -> None:
-        if self.greedy is not None:
-            self._greedy_step()
-        else:
+        if self.greedy is None:  # (the greedy phase moves on in ask(): a step has two batches)
             self._complete_stage()
 
     # -- operators -------------------------------------------------------------------
