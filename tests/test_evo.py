@@ -140,13 +140,13 @@ def test_state_dict_roundtrip_mid_run(survivors):
 
 def test_greedy_seeding_phase():
     """Multi-stage evo starts with a SLEB-like greedy pass: each step scores every candidate at stage 0, re-scores
-    the best 2 at the full stage and keeps the best of those; the last step is the first cohort."""
+    the best 2 (greedy_promote) at the full stage and keeps the best of those; the last step is the first cohort."""
     f, w = _toy(14, 3)
     lure = int(np.argmax(w))  # the worst block to drop; stage 0 is made to like it best
     f0 = (lambda p: f(p) - 100.0 * (lure in p.dropped))
     space = LayerDropSpace(14, 3)
     s = make_strategy("evo", space, np.random.default_rng(0), generations=3, offspring=8, survivors=(4, 2),
-                      scores=tuple(w))
+                      scores=tuple(w), greedy_promote=2)
     steps = []
     for _ in range(6):  # three greedy steps of two batches: 14, 13, 12 candidates at stage 0, 2 of each at stage 1
         reqs = s.ask()

@@ -11,7 +11,8 @@ Owns :class:`Request`, :class:`EvoConfig` and :class:`EvoStrategy`. A
   and keeps the best of those by full fitness (``greedy_promote=0``: the best at
   stage 0), until ``k`` blocks. The promotion keeps a noisy low-fidelity slice
   from steering the greedy path away from full-fidelity SLEB's (on SmolLM2, a
-  512-token slice preferred a block that the whole calibration set does not).
+  512-token slice preferred a block that the whole calibration set does not;
+  there the full-fidelity best ranked 0-3rd at stage 0, hence the default 4).
   The last step's ``n - k + 1`` patterns (already scored at stage 0) are the
   initial cohort, ranked, followed by the one-shot-score seeds below
   (``seed_fraction * offspring`` of them, no random ones). The greedy costs about
@@ -81,7 +82,7 @@ class EvoConfig:
     seed_fraction: float = 0.5
     adjacent: float = 0.35
     greedy_seed: bool = True
-    greedy_promote: int = 2
+    greedy_promote: int = 4
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "survivors", check_staged_options(self, last_may_exceed=True))
