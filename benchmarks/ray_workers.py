@@ -12,9 +12,10 @@ Only the generation is timed, ``--repeats`` times (the fastest counts): model
 loading and the dense prefix caches are built before the clock starts, and
 each way first scores ``--warmup`` patterns outside the timed set. Every way
 must give bit-identical losses (checked). Prints a markdown table, the ratios
-``process / ray x2`` and ``ray x1 / ray x2``, and a JSON last line. Does not
-write docs/RESULTS.md. Run it on an otherwise idle machine without
-``OMP_NUM_THREADS`` (which caps every way's torch threads).
+``process / ray x2`` and ``ray x1 / ray x2``, and a JSON last line; ``--write``
+also writes the ``ray-workers`` section of docs/RESULTS.md. Run it on an
+otherwise idle machine without ``OMP_NUM_THREADS`` (which caps every way's
+torch threads).
 
     python benchmarks/ray_workers.py                          # 16 candidates, 4 x 512 tokens
     python benchmarks/ray_workers.py --candidates 4 --nsamples 1 --seqlen 32 --warmup 1 --repeats 1   # smoke
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import md_table  # noqa: E402
+from _results import md_table, write_section  # noqa: E402
 
 from evoprune.genome import DropPattern  # noqa: E402
 from evoprune.run import SearchConfig  # noqa: E402
@@ -61,6 +62,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed patterns per way first (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per way, fastest kept (default: %(default)s)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
+    ap.add_argument("--write", action="store_true", help="write the ray-workers section of docs/RESULTS.md")
     args = ap.parse_args()
 
     import ray
@@ -121,12 +123,17 @@ def main() -> int:
 
     same = all(v == losses["process"] for v in losses.values())
     secs = {name: s for name, _, _, s in rows}
-    print(f"SmolLM2-135M, {len(timed)} candidates dropping {args.k} of 30 blocks, {args.nsamples} x {args.seqlen} "
-          f"tokens, {cpus} CPUs\n")
-    print(md_table(["way", "workers", "torch threads / worker", "generation s", "s / candidate"],
-                   [[n, w, th, f"{s:.2f}", f"{s / len(timed):.3f}"] for n, w, th, s in rows]))
     ratio = {"process / ray x2": secs["process"] / secs["ray x2"], "ray x1 / ray x2": secs["ray x1"] / secs["ray x2"]}
-    print("\n" + "; ".join(f"{k}: {v:.2f}x" for k, v in ratio.items()) + f"; identical losses: {same}")
+    body = (f"### One generation on Ray workers vs one process (SmolLM2-135M, CPU)\n\n"
+            f"{len(timed)} candidates dropping {args.k} of 30 blocks, {args.nsamples} x {args.seqlen} calibration "
+            f"tokens, {cpus} CPUs; fastest of {args.repeats} passes, after {args.warmup} warm-up candidates; model "
+            f"loading and the dense prefix caches are not timed.\n\n"
+            + md_table(["way", "workers", "torch threads / worker", "generation s", "s / candidate"],
+                       [[n, w, th, f"{s:.2f}", f"{s / len(timed):.3f}"] for n, w, th, s in rows])
+            + "\n\n" + "; ".join(f"{k}: {v:.2f}x" for k, v in ratio.items()) + f"; identical losses: {same}\n")
+    print(body)
+    if args.write:
+        write_section("ray-workers", body)
     print(json.dumps({"candidates": len(timed), "k": args.k, "nsamples": args.nsamples, "seqlen": args.seqlen,
                       "repeats": args.repeats, "cpus": cpus, "seconds": secs, "ratios": ratio, "identical_losses": same}))
     return 0 if same else 1
