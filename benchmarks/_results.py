@@ -38,6 +38,11 @@ def write_section(name: str, body: str) -> None:
     RESULTS.write_text(text)
 
 
+def floats(s: str) -> list[float]:
+    """``"0.2,0.3"`` -> ``[0.2, 0.3]`` (a comma-separated command-line list)."""
+    return [float(x) for x in s.split(",") if x]
+
+
 def md_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

@@ -28,16 +28,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import md_table, write_section  # noqa: E402
+from _results import floats, md_table, write_section  # noqa: E402
+from _runs import MODEL  # noqa: E402
 
 from evoprune.run import SearchConfig, run_search  # noqa: E402
-
-MODEL = "smollm2-135m"
-
-
-def _floats(s: str) -> list[float]:
-    return [float(x) for x in s.split(",") if x]
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +67,7 @@ def main() -> None:
         return res
 
     runs = []  # (label, sparsity, run name, result)
-    for s in _floats(args.sparsities):
+    for s in floats(args.sparsities):
         tag = f"{int(round(s * 100))}"
         for label, name, kw in (
                 ("uniform", f"uniform_{tag}", dict(method="uniform")),
@@ -123,7 +117,7 @@ def main() -> None:
                      f"{rec['before'] / rec['after']:.2f}x", res["evaluations"], cost, f"{res['wall_s']:.0f}"])
         print("  " + " | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
     verdicts = []
-    for s in _floats(args.sparsities):
+    for s in floats(args.sparsities):
         one, ta = table.get(("darwinlm one-shot", s)), table.get(("darwinlm training-aware", s))
         if one and ta:
             verdicts.append(f"- {s:.0%}: after recovery, training-aware {ta['after']:.2f} vs one-shot "

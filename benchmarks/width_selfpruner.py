@@ -26,16 +26,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import md_table, write_section  # noqa: E402
+from _results import floats, md_table, write_section  # noqa: E402
+from _runs import MODEL  # noqa: E402
 
 from evoprune.run import SearchConfig, run_search  # noqa: E402
-
-MODEL = "smollm2-135m"
-
-
-def _floats(s: str) -> list[float]:
-    return [float(x) for x in s.split(",") if x]
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,7 +78,7 @@ def main() -> None:
     names: dict[tuple, str] = {}
     with start_local_server(lm.path) as srv:
         endpoints.insert(0, ("self-pruner", srv.url, srv.model))
-        for beta in _floats(args.sparsities):
+        for beta in floats(args.sparsities):
             tag = f"{int(round(beta * 100))}"
             for m in ("uniform", "owl"):
                 names[(m, beta)] = f"{m}_{tag}"

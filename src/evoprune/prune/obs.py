@@ -70,53 +70,49 @@ def structured_obs(weight: torch.Tensor, hessian: torch.Tensor, size: int, count
     w[:, dead] = 0.0
     h.diagonal().add_(float(damp) * float(torch.diag(h).mean()))
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    steps = max(counts, default=0)
-    if size == 1:
-        order, snapshots = _columns(w, hinv, steps, set(counts))
-    else:
-        order, snapshots = _blocks(w, hinv, size, steps, set(counts))
+    step = _column_step(w, hinv) if size == 1 else _block_step(w, hinv, size)
+    order, snapshots = [], {}
+    for done in range(max(counts, default=0) + 1):  # greedy: one structure per step, snapshots at the levels
+        if done in counts:
+            snapshots[done] = w.clone()
+        if done < max(counts, default=0):
+            order.append(step())
     return order, [snapshots[c] for c in counts]
 
 
-def _columns(w: torch.Tensor, hinv: torch.Tensor, steps: int, want: set) -> tuple[list[int], dict]:
-    """Single-column structures: rank-1 updates in place, squared column norms kept up to date
-    (``||w_j - r_j w_q||^2 = ||w_j||^2 - 2 r_j w_q.w_j + r_j^2 ||w_q||^2``), no gathers per step."""
+def _column_step(w: torch.Tensor, hinv: torch.Tensor):
+    """Single-column structures: a function removing the best remaining column (returns its index), with
+    rank-1 updates of ``w`` and ``hinv`` in place and squared column norms kept up to date
+    (``||w_j - r_j w_q||^2 = ||w_j||^2 - 2 r_j w_q.w_j + r_j^2 ||w_q||^2``): no gathers per step."""
     colsq = w.pow(2).sum(0)
     removed = torch.zeros(w.shape[1], dtype=torch.bool, device=w.device)
-    order, snapshots = [], {}
-    for step in range(steps + 1):
-        if step in want:
-            snapshots[step] = w.clone()
-        if step == steps:
-            break
+
+    def step() -> int:
         score = colsq / torch.diag(hinv)
         score[removed] = torch.inf
         j = int(torch.argmin(score))
         r = hinv[j] / hinv[j, j]  # [in]
         r[removed] = 0.0  # removed columns stay exactly zero (their Hinv entries are only ~0 in floats)
         wq = w[:, j].clone()
-        dots = wq @ w  # [in]
-        colsq.add_(-2.0 * r * dots + r.pow(2) * colsq[j])
+        colsq.add_(-2.0 * r * (wq @ w) + r.pow(2) * colsq[j])
         w.addr_(wq, r, alpha=-1.0)
         hinv.addr_(hinv[:, j].clone(), r, alpha=-1.0)
         w[:, j] = 0.0
         colsq[j] = 0.0
         removed[j] = True
-        order.append(j)
-    return order, snapshots
+        return j
+
+    return step
 
 
-def _blocks(w: torch.Tensor, hinv: torch.Tensor, size: int, steps: int, want: set) -> tuple[list[int], dict]:
-    """Structures of ``size`` contiguous columns: the block formulas of the module docstring."""
+def _block_step(w: torch.Tensor, hinv: torch.Tensor, size: int):
+    """Structures of ``size`` contiguous columns: a function removing the best remaining one (returns its
+    index) by the block formulas of the module docstring, ``w`` and ``hinv`` updated in place."""
     n = w.shape[1] // size
     cols = torch.arange(w.shape[1], device=w.device).view(n, size)
     alive = torch.ones(n, dtype=torch.bool, device=w.device)
-    order, snapshots = [], {}
-    for step in range(steps + 1):
-        if step in want:
-            snapshots[step] = w.clone()
-        if step == steps:
-            break
+
+    def step() -> int:
         idx = torch.nonzero(alive).reshape(-1)
         q = cols[idx]  # [m, size]
         blocks = hinv[q[:, :, None], q[:, None, :]]  # [m, size, size]
@@ -126,9 +122,10 @@ def _blocks(w: torch.Tensor, hinv: torch.Tensor, size: int, steps: int, want: se
         q = cols[j]
         row = torch.linalg.inv(hinv[q[:, None], q[None, :]]) @ hinv[q, :]  # [size, in]
         row[:, cols[~alive].reshape(-1)] = 0.0  # removed columns stay exactly zero
-        w -= w[:, q] @ row
-        hinv -= hinv[:, q] @ row
+        w.sub_(w[:, q] @ row)
+        hinv.sub_(hinv[:, q] @ row)
         w[:, q] = 0.0
         alive[j] = False
-        order.append(j)
-    return order, snapshots
+        return j
+
+    return step
