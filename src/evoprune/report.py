@@ -38,7 +38,7 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import UserError
-from .record import RunDir
+from .record import WIDTH_SPACES, RunDir
 
 __all__ = ["load_run", "write_report", "compare_runs", "read_eval_files", "cmd_report", "cmd_compare",
            "add_report_parsers"]
@@ -66,7 +66,7 @@ def load_run(path) -> dict:
     hist = run.read_history()
     n = (res or {}).get("n_layers") or _n_from_history(hist)
     k = (res or {}).get("k")
-    width = cfg.get("space") in ("width", "levels")  # per-block rates (levels: the fraction each block loses)
+    width = cfg.get("space") in WIDTH_SPACES  # per-block rates (levels: the fraction each block loses)
     if width:
         n = n or next((len(r["rates"]) for r in hist if r.get("rates")), None)
     if k is None and n and not width:
@@ -342,7 +342,7 @@ def _summary_rows(run: dict) -> list[list[str]]:
            ["rates", ", ".join(f"{r:.3f}" for r in best.get("rates") or [])],
            ["params", f"{_fmt(res.get('params'), ',.0f')} of {_fmt(res.get('params_dense'), ',.0f')} "
                       f"(prunable: {_fmt(res.get('param_sparsity'), '.1%')} removed)"]]
-          if cfg.get("space") in ("width", "levels") else
+          if cfg.get("space") in WIDTH_SPACES else
           [["k (dropped / blocks)", f"{k} / {n}" + (f" (sparsity {k / n:.1%})" if k is not None and n else "")],
            ["dropped layers", _layers(sorted(best.get("dropped", ())))]]),
         ["calib loss", _fmt(loss, ".4f")],
