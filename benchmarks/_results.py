@@ -1,4 +1,7 @@
-"""Write one named section of docs/RESULTS.md (between BEGIN/END markers), leaving the rest as it is."""
+"""Write one named section of docs/RESULTS.md (between BEGIN/END markers), leaving the rest as it is.
+
+Tables come from :func:`evoprune.report.tables.md_table` (re-exported here), the one markdown table formatter.
+"""
 from __future__ import annotations
 
 import platform
@@ -6,6 +9,8 @@ import re
 import sys
 from datetime import date
 from pathlib import Path
+
+from evoprune.report.tables import md_table  # noqa: F401  (re-exported)
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"
 
@@ -41,9 +46,3 @@ def write_section(name: str, body: str) -> None:
 def floats(s: str) -> list[float]:
     """``"0.2,0.3"`` -> ``[0.2, 0.3]`` (a comma-separated command-line list)."""
     return [float(x) for x in s.split(",") if x]
-
-
-def md_table(header: list[str], rows: list[list]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)

@@ -9,15 +9,16 @@ import sys
 import time
 from pathlib import Path
 
-from evoprune.record import RunDir
-from evoprune.run import SearchConfig, run_search
+from evoprune.runner.rundir import RunDir
+from evoprune.runner.config import SearchConfig  # noqa: E402
+from evoprune.runner.loop import run_search
 
 MODEL = "smollm2-135m"
 
 
 def search(work: Path, name: str, **kw) -> dict:
     """Run (or reuse) the search ``kw`` in ``work / name``; returns its ``result.json``."""
-    cfg = SearchConfig(model=MODEL, **kw)
+    cfg = SearchConfig.build(model=MODEL, **kw)
     t = time.time()
     res = run_search(cfg, work / name, progress=False)
     print(f"  {name}: drop {res['dropped_layers']} loss {res['calib_loss']:.4f} evals {res['evaluations']} "
@@ -47,7 +48,7 @@ class HeldOut:
     def __init__(self, seqlen: int, windows: int, datasets: tuple[str, ...] = ("wikitext2",)):
         from evoprune.data.sources import get_text
         from evoprune.evaluate.perplexity import tokenize_text
-        from evoprune.models import load_model
+        from evoprune import load_model
 
         self.lm = load_model(MODEL, progress=False)
         self.seqlen, self.windows = seqlen, windows

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import floats, md_table, write_section  # noqa: E402
 from _runs import MODEL  # noqa: E402
 
-from evoprune.run import SearchConfig, run_search  # noqa: E402
+from evoprune.runner.config import SearchConfig  # noqa: E402
+from evoprune.runner.loop import run_search  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,7 +62,7 @@ def main() -> None:
                   tokens_per_stage=args.tokens_per_stage, survivors_per_stage=args.survivors_per_stage)
 
     def run(name, **kw):
-        res = run_search(SearchConfig(**common, **kw), work / name, progress=False)
+        res = run_search(SearchConfig.build(**common, **kw), work / name, progress=False)
         print(f"  {name}: loss {res['calib_loss']:.4f} evals {res['evaluations']} tl {res['token_layers']:.3g} "
               f"({res['wall_s']:.0f} s)", file=sys.stderr, flush=True)
         return res
@@ -81,8 +82,8 @@ def main() -> None:
     from evoprune.data.sources import get_text
     from evoprune.evaluate.perplexity import perplexity, tokenize_text
     from evoprune.finetune import LoRAConfig, finetune_lora, train_documents
-    from evoprune.models import load_model
-    from evoprune.record import load_run_model
+    from evoprune import load_model
+    from evoprune.runner.pruned import load_run_model
 
     dense = load_model(MODEL, progress=False)
     ids = tokenize_text(dense.tokenizer, get_text("wikitext2", "eval"))

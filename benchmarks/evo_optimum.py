@@ -20,10 +20,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import md_table, write_section  # noqa: E402
 
-from evoprune.genome import DropPattern  # noqa: E402
-from evoprune.record import RunDir  # noqa: E402
+from evoprune.spaces import DropPattern  # noqa: E402
+from evoprune.runner.rundir import RunDir  # noqa: E402
 from evoprune.search import make_strategy  # noqa: E402
-from evoprune.space import LayerDropSpace  # noqa: E402
+from evoprune.spaces import LayerDropSpace  # noqa: E402
 
 
 def drive(strategy, table):
@@ -47,7 +47,8 @@ def main() -> None:
     import torch
 
     from evoprune.data.calibration import CalibSet
-    from evoprune.models import load_model
+    from evoprune import load_model
+    from evoprune.fitness import dense_states
     from evoprune.prune.block_influence import block_influence
 
     lm = load_model("smollm2-135m", progress=False)
@@ -59,7 +60,7 @@ def main() -> None:
         space = LayerDropSpace(res["n_layers"], res["k"])
         assert len(table) == space.size(), f"{path}: not a complete exhaustive run"
         with torch.no_grad():
-            bi, _ = block_influence(lm, CalibSet.load(rd.calib_path))
+            bi = block_influence(b.states for b in dense_states(lm, CalibSet.load(rd.calib_path)))
         opt = min(table.values())
         hits, evals = 0, []
         for seed in range(args.seeds):

@@ -5,7 +5,7 @@ Draws ``--candidates`` random patterns dropping ``--k`` of the 30 blocks (seed
 ``--nsamples`` random windows x ``--seqlen`` tokens) three ways:
 
 - ``process``: one process, no Ray, torch's default threads (what ``--workers 1`` runs);
-- ``ray x1``: a :class:`~evoprune.distributed.WorkerPool` with 1 actor (all CPUs);
+- ``ray x1``: a :class:`~evoprune.runner.distributed.WorkerPool` with 1 actor (all CPUs);
 - ``ray x2``: 2 actors, CPUs split between them (``--workers 2``).
 
 Only the generation is timed, ``--repeats`` times (the fastest counts): model
@@ -36,8 +36,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import md_table, write_section  # noqa: E402
 
-from evoprune.genome import DropPattern  # noqa: E402
-from evoprune.run import SearchConfig  # noqa: E402
+from evoprune.spaces import DropPattern  # noqa: E402
+from evoprune.runner.config import SearchConfig  # noqa: E402
 
 MODEL = "smollm2-135m"
 
@@ -70,9 +70,9 @@ def main() -> int:
 
     from evoprune.data.calibration import random_windows
     from evoprune.data.sources import get_text
-    from evoprune.distributed import WorkerPool
+    from evoprune.runner.distributed import WorkerPool
     from evoprune.fitness import NLLEvaluator
-    from evoprune.models import load_model
+    from evoprune import load_model
 
     work = Path(args.work or tempfile.mkdtemp(prefix="evoprune-raybench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -101,8 +101,9 @@ def main() -> int:
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
     try:
         for workers in (1, 2):
-            cfg = SearchConfig(method="evop", model=MODEL, drop_count=args.k, calib="wikitext2", sampling="random",
-                               nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, workers=workers)
+            cfg = SearchConfig.build(method="evop", model=MODEL, drop_count=args.k, calib="wikitext2",
+                                     sampling="random", nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                     workers=workers)
             events = []
             pool = WorkerPool(cfg, work, log=events.append)
             try:

@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import md_table, write_section  # noqa: E402
 from _runs import HeldOut, search, sleb_prefixes  # noqa: E402
 
-from evoprune.genome import DropPattern  # noqa: E402
-from evoprune.record import RunDir  # noqa: E402
-from evoprune.run import SearchConfig  # noqa: E402
+from evoprune.spaces import DropPattern  # noqa: E402
+from evoprune.runner.rundir import RunDir  # noqa: E402
+from evoprune.runner.config import SearchConfig  # noqa: E402
+from evoprune.runner.problems.common import stage_slices, stage_tokens  # noqa: E402
 
 METHODS = ("sleb", "evop", "evo", "random")
 
@@ -74,7 +75,7 @@ def per_eval_ratio(run: Path, n_layers: int, k: int) -> tuple[float, float]:
     rd = RunDir(run)
     rows, res = rd.read_history(), rd.read_result()
     cfg = SearchConfig.from_dict(rd.read_config())
-    slices = cfg.stage_slices(res["calib"]["samples"], res["calib"]["seqlen"])
+    slices = stage_slices(stage_tokens(cfg.method_options), res["calib"]["samples"], res["calib"]["seqlen"])
     # a naive forward of each candidate runs all its kept blocks on its stage's slice (greedy-phase candidates
     # drop fewer than k blocks, so they keep more)
     naive = sum(slices[r.get("stage", -1)][0] * slices[r.get("stage", -1)][1] * (n_layers - len(r["dropped"]))

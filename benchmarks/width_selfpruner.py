@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import floats, md_table, write_section  # noqa: E402
 from _runs import MODEL  # noqa: E402
 
-from evoprune.run import SearchConfig, run_search  # noqa: E402
+from evoprune.runner.config import SearchConfig  # noqa: E402
+from evoprune.runner.loop import run_search  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,14 +61,14 @@ def main() -> None:
               generations=args.generations)
 
     def run(name, **kw):
-        cfg = SearchConfig(**common, **kw)
+        cfg = SearchConfig.build(**common, **kw)
         res = run_search(cfg, work / name, progress=False)
         print(f"  {name}: loss {res['calib_loss']:.4f} evals {res['evaluations']} "
               f"params {res['params']:,} ({res['wall_s']:.0f} s)", file=sys.stderr, flush=True)
         return res
 
-    from evoprune.llm_server import start_local_server
-    from evoprune.models import load_model
+    from evoprune.search.llm.server import start_local_server
+    from evoprune import load_model
 
     lm = load_model(MODEL, progress=False)
     endpoints = []
@@ -104,9 +105,9 @@ def main() -> None:
     from evoprune.data.sources import get_text
     from evoprune.evaluate.bench import bench
     from evoprune.evaluate.perplexity import perplexity, tokenize_text
-    from evoprune.export_width import export_width
-    from evoprune.models.width import width_masked
-    from evoprune.record import RunDir, width_plan
+    from evoprune.export import export_width
+    from evoprune.models.slicing import width_masked
+    from evoprune.runner.rundir import RunDir, width_plan
 
     ids = tokenize_text(lm.tokenizer, get_text("wikitext2", "eval"))
 

@@ -16,28 +16,12 @@ from pathlib import Path
 import pytest
 
 from evoprune import cli
-from evoprune.evaluate.bench import add_bench_parser, forward_flops, ideal_speedup
-from evoprune.report import add_report_parsers
+from evoprune.evaluate.flops import forward_flops, ideal_speedup
 
 
 @pytest.fixture
 def evo(monkeypatch, capsys):
-    """Run the evoprune CLI in-process -> (exit code, last-line JSON or None, stdout, stderr).
-
-    Registers ``bench`` / ``report`` / ``compare`` on the parser when ``cli.py`` does not yet.
-    """
-    orig = cli.build_parser
-
-    def build():
-        ap = orig()
-        sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
-        if "bench" not in sub.choices:
-            add_bench_parser(sub)
-        if "report" not in sub.choices:
-            add_report_parsers(sub)
-        return ap
-
-    monkeypatch.setattr(cli, "build_parser", build)
+    """Run the evoprune CLI in-process -> (exit code, last-line JSON or None, stdout, stderr)."""
 
     def run(*argv):
         capsys.readouterr()
@@ -134,7 +118,7 @@ def _check_bench(js: dict, n_dense: int, n_pruned: int):
 
 def test_bench_export(tiny_dirs, tmp_path, evo):
     from evoprune.export import export_dropped
-    from evoprune.models import load_model
+    from evoprune import load_model
 
     base = load_model(str(tiny_dirs["llama"]))
     dense_params = sum(p.numel() for p in base.model.parameters())
@@ -186,7 +170,7 @@ def test_bench_cuda(tiny_dirs, tmp_path, evo):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     from evoprune.export import export_dropped
-    from evoprune.models import load_model
+    from evoprune import load_model
 
     export_dropped(load_model(str(tiny_dirs["llama"])), [1, 4], tmp_path / "pruned")
     rc, js, _, _ = evo("bench", tmp_path / "pruned", "--device", "cuda", "--repeats", 2, "--seqlen", 64,

@@ -18,14 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from evoprune.data.calibration import (
-    CalibSet,
-    ccds,
-    cluster_chunks,
-    make_chunks,
-    random_windows,
-    split_sentences,
-)
+from evoprune.data.calibration import CalibSet, random_windows
+from evoprune.data.ccds import ccds, cluster_chunks, make_chunks, split_sentences
 
 WIKI_VALID = "/work/shared/data/wikitext-2-raw/wiki.valid.raw"
 

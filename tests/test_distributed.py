@@ -29,9 +29,9 @@ _KW = dict(method="evo", drop_count=4, sampling="random", nsamples=3, seqlen=48,
 
 
 def _cfg(model, calib, **kw):
-    from evoprune.run import SearchConfig
+    from evoprune.runner.config import SearchConfig
 
-    return SearchConfig(model=str(model), calib=f"text:{calib}", **{**_KW, **kw})
+    return SearchConfig.build(model=str(model), calib=f"text:{calib}", **{**_KW, **kw})
 
 
 def _rows(run) -> str:
@@ -60,7 +60,7 @@ def _wait(cond, what: str, timeout: float = 120.0) -> None:
 @pytest.fixture(scope="module")
 def reference(deep_model, calib_text, tmp_path_factory):
     """The single-process run (no Ray) every distributed run must reproduce."""
-    from evoprune.run import run_search
+    from evoprune.runner.loop import run_search
 
     out = tmp_path_factory.mktemp("ref") / "run"
     res = run_search(_cfg(deep_model, calib_text), out, progress=False)
@@ -80,7 +80,7 @@ def ray_cluster():
 
 def test_two_workers_same_as_one_process_budget(deep_model, calib_text, reference, ray_cluster, tmp_path):
     """Under --budget-token-layers: 2 workers stop at the same candidate as one process and dispatch nothing past it."""
-    from evoprune.run import run_search
+    from evoprune.runner.loop import run_search
 
     # 80%: past the greedy phase (its full-fidelity promotions come first), short of the end
     budget = json.loads((reference / "result.json").read_text())["token_layers"] * 4 // 5
@@ -99,7 +99,7 @@ def test_two_workers_same_as_one_process_budget(deep_model, calib_text, referenc
 
 def test_worker_killed_mid_run_same_result(deep_model, calib_text, reference, ray_cluster, tmp_path, monkeypatch):
     """SIGKILL one of 2 workers after 10 evaluations: it is replaced, its candidate re-run, the run unchanged."""
-    from evoprune import run as run_mod
+    from evoprune.runner import loop as run_mod
 
     monkeypatch.setattr(run_mod, "_EVAL_DELAY", 0.1)  # evaluations last long enough to be killed inside one
     out = tmp_path / "killed"
@@ -162,13 +162,14 @@ def test_driver_killed_then_resumed_with_other_worker_count(deep_model, calib_te
 
 def test_width_run_two_workers_same_as_one_process(deep_model, calib_text, ray_cluster, tmp_path):
     """--space width: the workers get the driver's importance.pt (not recomputed) and reproduce the run."""
-    from evoprune.run import SearchConfig, run_search
+    from evoprune.runner.config import SearchConfig
+    from evoprune.runner.loop import run_search
 
     kw = dict(space="width", method="evo", model=str(deep_model), sparsity=0.3, calib=f"text:{calib_text}",
               sampling="random", nsamples=2, seqlen=32, seed=1, population=4, mutations=2, crossovers=2,
               generations=1)
-    one = run_search(SearchConfig(**kw), tmp_path / "w1", progress=False)
-    two = run_search(SearchConfig(**kw, workers=2), tmp_path / "w2", progress=False)
+    one = run_search(SearchConfig.build(**kw), tmp_path / "w1", progress=False)
+    two = run_search(SearchConfig.build(**kw, workers=2), tmp_path / "w2", progress=False)
     assert _rows(tmp_path / "w2") == _rows(tmp_path / "w1")
     assert {k: v for k, v in two.items() if k != "wall_s"} == {k: v for k, v in one.items() if k != "wall_s"}
     ev = _events(tmp_path / "w2")
@@ -177,7 +178,7 @@ def test_width_run_two_workers_same_as_one_process(deep_model, calib_text, ray_c
 
 def test_worker_that_cannot_start_is_a_user_error(calib_text, reference, ray_cluster, tmp_path):
     """A worker whose constructor fails (here: a model path its node lacks) stops the pool with that one line."""
-    from evoprune.distributed import WorkerPool
+    from evoprune.runner.distributed import WorkerPool
 
     events = []
     with pytest.raises(UserError, match="a Ray worker failed to start: .*model path not found"):
@@ -203,21 +204,22 @@ def test_execution_options_validated(deep_model, calib_text, capsys, tmp_path, m
 
 def test_device_map_loading_gives_the_same_search(deep_model, calib_text, tmp_path):
     """--device-map auto (accelerate places the model; with no GPU every block stays on the CPU): same run."""
-    from evoprune.run import SearchConfig, run_search
+    from evoprune.runner.config import SearchConfig
+    from evoprune.runner.loop import run_search
 
     kw = dict(model=str(deep_model), calib=f"text:{calib_text}", **{**_KW, "generations": 2})
-    one = run_search(SearchConfig(**kw), tmp_path / "plain", progress=False)
-    mapped = run_search(SearchConfig(**kw, device_map="auto"), tmp_path / "mapped", progress=False)
+    one = run_search(SearchConfig.build(**kw), tmp_path / "plain", progress=False)
+    mapped = run_search(SearchConfig.build(**kw, device_map="auto"), tmp_path / "mapped", progress=False)
     assert _rows(tmp_path / "plain") == _rows(tmp_path / "mapped")
     assert one["calib_loss"] == mapped["calib_loss"] and one["dropped_layers"] == mapped["dropped_layers"]
-    assert SearchConfig(**kw, device="cuda", gpus_per_worker=2).load_device_map == "auto"
-    assert SearchConfig(**kw, device="cuda", gpus_per_worker=1).load_device_map is None
+    assert SearchConfig.build(**kw, device="cuda", gpus_per_worker=2).load_device_map == "auto"
+    assert SearchConfig.build(**kw, device="cuda", gpus_per_worker=1).load_device_map is None
     with pytest.raises(UserError, match="--device-map"):
-        SearchConfig(**kw, device_map=" ")
+        SearchConfig.build(**kw, device_map=" ")
 
 
 def test_actor_resources():
-    from evoprune.distributed import actor_resources
+    from evoprune.runner.distributed import actor_resources
 
     assert actor_resources([2], 2) == 1 and actor_resources([16], 4) == 4 and actor_resources([3], 2) == 1
     assert actor_resources([8, 8], 3) == 4  # 2 actors on one node, 1 on the other
@@ -231,7 +233,7 @@ def test_gpu_workers_same_as_one_process(deep_model, calib_text, ray_cluster, tm
 
     if not torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) < 1:
         pytest.skip("needs CUDA")
-    from evoprune.run import run_search
+    from evoprune.runner.loop import run_search
 
     one = run_search(_cfg(deep_model, calib_text, device="cuda"), tmp_path / "one", progress=False)
     two = run_search(_cfg(deep_model, calib_text, device="cuda", workers=2, gpus_per_worker=0.5), tmp_path / "two",

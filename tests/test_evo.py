@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from evoprune.genome import DropPattern
+from evoprune.spaces import DropPattern
 from evoprune.search import make_strategy
-from evoprune.search.evo import EvoStrategy, Request  # noqa: F401  (registers "evo")
-from evoprune.space import LayerDropSpace, SearchError
+from evoprune.search.layers.evo import EvoStrategy, Request  # noqa: F401  (registers "evo")
+from evoprune.spaces import LayerDropSpace, SearchError
 
 
 def _toy(n: int, seed: int):

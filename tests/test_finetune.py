@@ -94,7 +94,7 @@ def test_default_targets_follow_the_family(tiny_dirs):
 def test_training_reduces_loss_and_export_reloads(tiny_dirs, tmp_path):
     from evoprune import load_model
     from evoprune.finetune import finetune_lora, pack_windows
-    from evoprune.finetune.command import save_finetuned
+    from evoprune.export import save_pruned as save_finetuned
 
     lm = load_model(str(tiny_dirs["llama"]), progress=False)
     model = lm.model
@@ -150,10 +150,11 @@ def test_failure_leaves_the_model_unchanged(tiny_dirs):
 def test_width_pruned_run_finetunes_and_exports(tiny_dirs, calib_text, tmp_path):
     from evoprune import load_model
     from evoprune.finetune import finetune_lora
-    from evoprune.finetune.command import save_finetuned
-    from evoprune.run import SearchConfig, run_search
+    from evoprune.export import save_pruned as save_finetuned
+    from evoprune.runner.config import SearchConfig
+    from evoprune.runner.loop import run_search
 
-    res = run_search(SearchConfig(model=str(tiny_dirs["llama"]), space="width", method="uniform", sparsity=0.4,
+    res = run_search(SearchConfig.build(model=str(tiny_dirs["llama"]), space="width", method="uniform", sparsity=0.4,
                                   calib=f"text:{calib_text}", sampling="random", nsamples=2, seqlen=32),
                      tmp_path / "run", progress=False)
     lm = load_model(str(tmp_path / "run"), progress=False)
@@ -195,9 +196,10 @@ def test_cli_finetune_with_drop(tiny_dirs, text_file, tmp_path, capsys):
 def test_cli_finetune_layer_drop_run(tiny_dirs, calib_text, tmp_path, capsys):
     from evoprune import load_model
     from evoprune.cli import main
-    from evoprune.run import SearchConfig, run_search
+    from evoprune.runner.config import SearchConfig
+    from evoprune.runner.loop import run_search
 
-    res = run_search(SearchConfig(model=str(tiny_dirs["llama"]), method="shortgpt", drop_count=2,
+    res = run_search(SearchConfig.build(model=str(tiny_dirs["llama"]), method="shortgpt", drop_count=2,
                                   calib=f"text:{calib_text}", sampling="random", nsamples=2, seqlen=32),
                      tmp_path / "run", progress=False)
     out = tmp_path / "ft"

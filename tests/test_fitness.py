@@ -9,7 +9,8 @@ import torch
 from evoprune import DropPattern, load_model, perplexity
 from evoprune.errors import UserError
 from evoprune.fitness import NLLEvaluator
-from evoprune.prune import block_influence
+from evoprune.fitness import dense_states
+from evoprune.prune.block_influence import block_influence as bi_of_states
 from tests.conftest import FAMILIES, TINY_VOCAB, random_calib
 
 N = 6  # tiny models have 6 blocks
@@ -182,6 +183,11 @@ def _make_identity(lm, i: int) -> None:
             m.weight.zero_()
             if m.bias is not None:
                 m.bias.zero_()
+
+
+def block_influence(lm, calib, batch_size=1):
+    """Block Influence from one streamed dense forward, and that forward's token-layers."""
+    return bi_of_states(b.states for b in dense_states(lm, calib, batch_size)), calib.n_tokens * lm.n_layers
 
 
 @pytest.mark.parametrize("family", FAMILIES)

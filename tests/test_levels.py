@@ -12,13 +12,13 @@ import torch
 from evoprune import load_model
 from evoprune.finetune.brief import BriefTrainConfig, disjoint_windows
 from evoprune.fitness.levels import LevelEvaluator
-from evoprune.genome import GenomeError, LevelVector
-from evoprune.models.width import width_linears, width_masked, width_sliced, width_spec
+from evoprune.spaces import GenomeError, LevelVector
+from evoprune.models.slicing import width_linears, width_masked, width_sliced, width_spec
 from evoprune.prune.levels_db import AppliedLevels, LevelDatabase, level_ladders
 from evoprune.prune.obs import obs_error, structured_obs
 from evoprune.search import drive, make_strategy
-from evoprune.space import SearchError
-from evoprune.space_levels import LevelSpace
+from evoprune.spaces import SearchError
+from evoprune.spaces import LevelSpace
 from tests.conftest import TINY_VOCAB, random_calib
 from tests.test_run import _cmd, _env, _history, _kill_resume
 
@@ -321,17 +321,19 @@ def test_levels_bad_input(tiny_dirs, calib_text, tmp_path):
 
 
 def test_levels_config_parses_stage_lists():
-    from evoprune.config import SearchConfig
+    from evoprune.runner.config import SearchConfig
     from evoprune.errors import UserError
 
     kw = dict(space="levels", method="darwinlm", sparsity=0.3, tokens_per_stage="512,2048",
               survivors_per_stage="2,1", seqlen=512, nsamples=4)
-    cfg = SearchConfig(**kw, train_tokens_per_stage="1024,4096")
-    assert cfg.train_tokens_per_stage == (1024, 4096) and cfg.trains
-    assert cfg.train_tokens(4, 512) == [1024, 4096] and cfg.strategy_options()["survivors"] == (2, 1)
-    assert SearchConfig(**kw).train_tokens(4, 512) == [512, 2048]  # default: the fitness tokens
-    assert SearchConfig(**kw, training_aware=False).train_tokens(4, 512) is None
+    from evoprune.runner.problems.levels import train_tokens, trains
+
+    cfg = SearchConfig.build(**kw, train_tokens_per_stage="1024,4096")
+    assert cfg.training.tokens_per_stage == (1024, 4096) and trains(cfg)
+    assert train_tokens(cfg, 4, 512) == [1024, 4096] and cfg.strategy_options()["survivors"] == (2, 1)
+    assert train_tokens(SearchConfig.build(**kw), 4, 512) == [512, 2048]  # default: the fitness tokens
+    assert train_tokens(SearchConfig.build(**kw, training_aware=False), 4, 512) is None
     for bad in (dict(train_tokens_per_stage="1024,2048,4096"), dict(train_tokens_per_stage="1024", tokens_per_stage=None,
                                                                    survivors_per_stage=None, training_aware=False)):
         with pytest.raises(UserError):
-            SearchConfig(**{**kw, **bad})
+            SearchConfig.build(**{**kw, **bad})

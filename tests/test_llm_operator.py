@@ -10,10 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from evoprune.llm_server import free_port
-from evoprune.search.llm_operator import (LLMOperator, OperatorConfig, init_prompt, parse_reply, repair_rates,
+from evoprune.search.llm.server import free_port
+from evoprune.search.llm.operator import (LLMOperator, OperatorConfig, init_prompt, parse_reply, repair_rates,
                                           variation_prompt)
-from evoprune.space import SearchError
+from evoprune.spaces import SearchError
 
 L, BETA = 6, 0.3
 
@@ -329,8 +329,9 @@ def test_replay_from_log(fake, tmp_path):
 
 @pytest.fixture(scope="module")
 def smol_server():
-    from evoprune.llm_server import start_local_server
-    from evoprune.models.loading import cache_dir, load_model
+    from evoprune.search.llm.server import start_local_server
+    from evoprune.models.loading import cache_dir
+    from evoprune.models.loading import load_pretrained as load_model
 
     d = cache_dir() / "models" / "smollm2-135m"  # where the alias is de-quantized once
     if not (d / "config.json").is_file():

@@ -144,7 +144,7 @@ def test_ccds_search_and_calib_reuse(tiny_dirs, tmp_path):
     calib = CalibSet.load(run / "calib.pt")
     assert calib.input_ids.shape == (6, 32) and sorted(calib.cluster_ids) == [0, 0, 1, 1, 2, 2]
     run2 = tmp_path / "reuse"
-    args2 = args[:args.index("--out")] + ["--method", "sleb", "--calib-from", str(run), "--out", str(run2)]
+    args2 = args[:args.index("--population")] + ["--method", "sleb", "--calib-from", str(run), "--out", str(run2)]
     del args2[args2.index("--method"):args2.index("--method") + 2]
     r = subprocess.run(_cmd(*args2), env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evoprune.genome import DropPattern
-from evoprune.search import REGISTRY, STRATEGIES, drive, make_strategy
-from evoprune.search.evop import EvopConfig
-from evoprune.space import LayerDropSpace
+from evoprune.spaces import DropPattern
+from evoprune.search import drive, get_strategy, make_strategy, methods
+from evoprune.search.layers.evop import EvopConfig
+from evoprune.spaces import LayerDropSpace
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -115,15 +115,15 @@ def test_sleb_separable_finds_k_cheapest():
     assert [len(a) for a in asks] == [16, 15, 14, 13, 12] and s.generation == 5
 
 
-def test_sleb_protect_ends_and_space_protection():
-    space = LayerDropSpace(10, 3, (4,))
+def test_sleb_respects_space_protection():
+    space = LayerDropSpace(10, 3, (0, 4, 9))  # --protect-ends protects 0 and 9 in the space, for every method
     cost = np.array([0.0, 5, 5, 5, 0.0, 1, 2, 3, 4, 0.0])  # ends and 4 are cheapest but protected
     f = lambda p: float(cost[list(p.dropped)].sum())
-    s = make_strategy("sleb", space, np.random.default_rng(0), protect_ends=True)
+    s = make_strategy("sleb", space, np.random.default_rng(0))
     _, best, _ = trajectory(s, f)
     assert best[0].dropped == (5, 6, 7)
-    with pytest.raises(ValueError, match="protect_ends"):
-        make_strategy("sleb", LayerDropSpace(5, 2, (2,)), np.random.default_rng(0), protect_ends=True)
+    with pytest.raises(ValueError, match="droppable"):
+        LayerDropSpace(5, 2, (0, 2, 4))
 
 
 def test_shortgpt_drops_lowest_bi_once():
@@ -290,12 +290,12 @@ def test_random_search_unique_and_capped_by_space():
 
 
 def test_registry():
-    assert set(STRATEGIES) == {"evo", "evop", "sleb", "shortgpt", "exhaustive", "random"}
-    with pytest.raises(ValueError, match=r"unknown method evx for --space layers \(choose from evo, evop, exhaustive, random, shortgpt, sleb\)"):
+    assert set(methods("layers")) == {"evo", "evop", "sleb", "shortgpt", "exhaustive", "random"}
+    with pytest.raises(ValueError, match=r"unknown method 'evx' for --space layers \(choose from evo, evop, exhaustive, random, shortgpt, sleb\)"):
         make_strategy("evx", LayerDropSpace(8, 2), np.random.default_rng(0))
-    assert set(REGISTRY["width"]) == {"uniform", "owl", "evo", "self-pruner"}
-    with pytest.raises(ValueError, match="searches a WidthSpace"):
-        REGISTRY["width"]["evo"](LayerDropSpace(8, 2), np.random.default_rng(0))
+    assert set(methods("width")) == {"uniform", "owl", "evo", "self-pruner"}
+    with pytest.raises(ValueError, match="searches --space width, got a layers space"):
+        get_strategy("evo", "width")(LayerDropSpace(8, 2), np.random.default_rng(0))
 
 
 def test_drive_returns_best():
@@ -307,9 +307,8 @@ def test_drive_returns_best():
 
 def test_search_core_does_not_import_torch():
     code = (
-        "import sys; import evoprune.search, evoprune.search.evop, evoprune.search.sleb, "
-        "evoprune.search.shortgpt, evoprune.search.exhaustive, evoprune.search.random_search, "
-        "evoprune.space, evoprune.genome; "
+        "import sys; import evoprune.search as s, evoprune.spaces, evoprune.runner.config; "
+        "[s.get_strategy(m, k) for k in s.SPACE_KINDS for m in s.methods(k)]; "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad"
     )
     env = dict(os.environ, PYTHONPATH=str(SRC))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from evoprune.errors import UserError
-from evoprune.genome import DropPattern
-from evoprune.space import LayerDropSpace, SearchError, k_from_sparsity
+from evoprune.spaces import DropPattern
+from evoprune.spaces import LayerDropSpace, SearchError, k_from_sparsity
 
 
 def test_search_error_is_value_error_and_user_error():

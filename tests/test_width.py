@@ -12,11 +12,11 @@ import torch
 from evoprune import DropPattern, load_model
 from evoprune.data.calibration import CalibSet
 from evoprune.errors import UserError
-from evoprune.export_width import export_width
+from evoprune.export import export_width
 from evoprune.fitness import NLLEvaluator
-from evoprune.fitness.width import WidthEvaluator
+from evoprune.fitness.whole_model import WidthEvaluator
 from evoprune.models.loading import LoadedModel
-from evoprune.models.width import WIDTH_KEY, apply_width_inplace, width_masked, width_sliced, width_spec
+from evoprune.models.slicing import WIDTH_KEY, apply_width_inplace, width_masked, width_sliced, width_spec
 from evoprune.prune.wanda_sp import WidthImportance, compute_importance
 from evoprune.prune.width_plan import allocate, plan_widths
 from tests.conftest import TINY_VOCAB, random_calib

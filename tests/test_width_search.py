@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from evoprune.genome import GenomeError, RateVector
+from evoprune.spaces import GenomeError, RateVector
 from evoprune.search import drive, make_strategy
-from evoprune.search.width import owl_rates
-from evoprune.space import SearchError, WidthSpace
+from evoprune.search.width.oneshot import owl_rates
+from evoprune.spaces import SearchError, WidthSpace
 from tests.test_llm_operator import FakeServer
 from tests.test_run import _cmd, _env, _kill_resume
 
@@ -79,7 +79,7 @@ class FakeOperator:
         self.space, self.rng, self.calls = space, np.random.default_rng(rng_seed), []
 
     def _result(self, k):
-        from evoprune.search.llm_operator import OperatorResult
+        from evoprune.search.llm.operator import OperatorResult
 
         good = [self.space.sample(self.rng).rates for _ in range(max(k - 2, 0))]
         configs = good + good[:1]  # the duplicate must be rejected by the strategy
@@ -150,18 +150,19 @@ def _smart_reply(body):
 
 def test_width_runs_end_to_end(tiny_dirs, calib_text, tmp_path):
     from evoprune import load_model
-    from evoprune.run import SearchConfig, run_search
+    from evoprune.runner.config import SearchConfig
+    from evoprune.runner.loop import run_search
 
     model = tiny_dirs["llama"]
     common = dict(model=str(model), space="width", sparsity=0.4, calib=f"text:{calib_text}", sampling="random",
                   nsamples=2, seqlen=32, seed=1)
-    uni = run_search(SearchConfig(method="uniform", **common), tmp_path / "u", progress=False)
+    uni = run_search(SearchConfig.build(method="uniform", **common), tmp_path / "u", progress=False)
     assert uni["evaluations"] == 1 and uni["rates"] == [0.4] * 6
     assert 0.3 < uni["param_sparsity"] < 0.5 and uni["prunable_params_kept"] < uni["prunable_params_total"]
     assert uni["params_dense"] - uni["params"] == uni["prunable_params_total"] - uni["prunable_params_kept"]
-    owl = run_search(SearchConfig(method="owl", **common), tmp_path / "o", progress=False)
+    owl = run_search(SearchConfig.build(method="owl", **common), tmp_path / "o", progress=False)
     assert owl["evaluations"] == 1 and abs(np.mean(owl["rates"]) - 0.4) < 1e-4
-    evo = run_search(SearchConfig(method="evo", population=4, mutations=2, crossovers=2, generations=3, **common),
+    evo = run_search(SearchConfig.build(method="evo", population=4, mutations=2, crossovers=2, generations=3, **common),
                      tmp_path / "e", progress=False)
     assert evo["evaluations"] == 4 + 3 * 4 and evo["calib_loss"] <= uni["calib_loss"]  # uniform is in generation 0
     rows = [json.loads(l) for l in (tmp_path / "e" / "history.jsonl").read_text().splitlines()]
@@ -173,7 +174,7 @@ def test_width_runs_end_to_end(tiny_dirs, calib_text, tmp_path):
         p.numel() for p in load_model(str(model), progress=False).model.parameters())
     from evoprune.data.calibration import CalibSet
     from evoprune.fitness import NLLEvaluator
-    from evoprune.genome import DropPattern
+    from evoprune.spaces import DropPattern
 
     loss = NLLEvaluator(lm, CalibSet.load(tmp_path / "e" / "calib.pt"), prefix_cache=False).evaluate(
         DropPattern(6, ())).loss

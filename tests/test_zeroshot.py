@@ -20,6 +20,7 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from evoprune.data.sources import data_dir  # noqa: E402
 from evoprune.errors import UserError  # noqa: E402
+from evoprune.cli.evaluate import cmd_eval  # noqa: E402
 from evoprune.evaluate import zeroshot as zs  # noqa: E402
 
 TASKS = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "openbookqa"]
@@ -187,14 +188,14 @@ def test_same_loglikelihoods_and_scores(offline, stock, tiny_hflm):
 
 
 def _args(argv):
-    ap = argparse.ArgumentParser()
-    zs.add_eval_parser(ap.add_subparsers(dest="command"))
-    return ap.parse_args(["eval", *argv])
+    from evoprune import cli
+
+    return cli.build_parser().parse_args(["eval", *argv])
 
 
 def test_eval_end_to_end_tiny(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "res.json"
-    rc = zs.cmd_eval(_args([str(tiny_dirs["llama"]), "--tasks", "arc_easy,winogrande", "--limit", "2",
+    rc = cmd_eval(_args([str(tiny_dirs["llama"]), "--tasks", "arc_easy,winogrande", "--limit", "2",
                             "--batch-size", "2", "--out", str(out)]))
     assert rc == 0
     stdout = capsys.readouterr().out.strip().splitlines()
@@ -210,7 +211,7 @@ def test_eval_end_to_end_tiny(tiny_dirs, tmp_path, capsys):
     assert json.loads(out.read_text()) == res
 
     # --drop: the blocks are removed before scoring
-    assert zs.cmd_eval(_args([str(tiny_dirs["llama"]), "--tasks", "boolq", "--limit", "1", "--drop", "1,4"])) == 0
+    assert cmd_eval(_args([str(tiny_dirs["llama"]), "--tasks", "boolq", "--limit", "1", "--drop", "1,4"])) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["dropped_layers"] == [1, 4] and res["n_layers"] == 4 and 0.0 <= res["tasks"]["boolq"]["acc"] <= 1.0
 
@@ -222,7 +223,7 @@ def test_missing_data_file_names_it(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"piqa/valid-labels\.lst"):
         zs.build_tasks("piqa")
     with pytest.raises(UserError, match=r"arc_easy/test\.json"):
-        zs.cmd_eval(_args(["does-not-matter", "--tasks", "arc_easy"]))
+        cmd_eval(_args(["does-not-matter", "--tasks", "arc_easy"]))
 
 
 def test_bad_arguments():

@@ -1,7 +1,7 @@
 """Zero-shot accuracy through lm-evaluation-harness, offline by default.
 
-Owns ``evoprune eval`` (:func:`cmd_eval`, :func:`add_eval_parser`) and the library
-call :func:`zeroshot`. The in-memory (possibly pruned) model is wrapped in
+Owns the library call :func:`zeroshot` and the offline task data; the command ``evoprune eval`` is
+:mod:`evoprune.cli.evaluate`. The in-memory (possibly pruned) model is wrapped in
 lm-eval's stock ``HFLM`` and scored by ``lm_eval.simple_evaluate``; nothing is
 re-implemented here.
 
@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 from ..errors import UserError
 
 __all__ = ["TASKS", "DEFAULT_TASKS", "tasks_dir", "task_manager", "data_files", "local_rows", "local_dataset", "build_tasks",
-           "zeroshot", "format_table", "cmd_eval", "add_eval_parser"]
+           "zeroshot"]
 
 # stock task -> (local files under the data dir, the split the stock task evaluates)
 TASKS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -282,68 +281,3 @@ def zeroshot(model, tokenizer, tasks=DEFAULT_TASKS, *, limit: int | None = None,
         "lm_eval_version": getattr(lm_eval, "__version__", None),
         "seconds": round(seconds, 2),
     }
-
-
-def format_table(res: dict) -> str:
-    """A plain-text table of ``res`` from :func:`zeroshot` (acc and acc_norm in %, the mean last)."""
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.2f}"
-
-    rows = [("task", "n", "acc", "acc_norm")]
-    for name, v in res["tasks"].items():
-        rows.append((name, str(v["n"] or "-"), pct(v["acc"]), pct(v["acc_norm"])))
-    rows.append(("mean", "", pct(res["mean_acc"]), pct(res.get("mean_acc_norm_or_acc")) + " *"))
-    w = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]:>{w[3]}}" for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    lines.insert(-1, "-" * len(lines[0]))
-    lines.append("* mean of acc_norm, or acc where the task has no acc_norm")
-    return "\n".join(lines)
-
-
-def cmd_eval(args) -> int:
-    """``evoprune eval``: load, (optionally) drop blocks, score, print a table and JSON."""
-    from ..cli import _drop_arg, _emit, _load
-
-    drop = _drop_arg(args.drop)
-    if not os.environ.get("EVOPRUNE_VERBOSE"):
-        import datasets
-
-        datasets.disable_progress_bars()
-    if args.limit is not None and args.limit < 1:
-        raise UserError("--limit must be >= 1")
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be >= 1")
-    if args.out and Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a directory; give a file name")
-    built = build_tasks(args.tasks, stock=args.stock_tasks, num_fewshot=args.num_fewshot)  # data errors first
-    lm = _load(args)
-    dropped = list(lm.dropped)
-    if drop:
-        if dropped:
-            raise UserError(f"--drop cannot be combined with a run directory ({args.model} already drops {dropped})")
-        dropped = list(lm.adapter.drop_inplace(lm.model, drop).dropped)
-    res = zeroshot(lm.model, lm.tokenizer, list(built[0]), limit=args.limit, num_fewshot=args.num_fewshot,
-                   batch_size=args.batch_size, stock=args.stock_tasks, built=built)
-    res = {"model": args.model, "dropped_layers": dropped, "n_layers": lm.adapter.n_layers(lm.model), **res}
-    print(format_table(res))
-    print(f"({res['task_source']} tasks, limit {args.limit or 'none'}, {res['seconds']:.1f} s)", file=sys.stderr)
-    _emit(res, args.out)
-    return 0
-
-
-def add_eval_parser(sub) -> None:
-    """Register ``evoprune eval`` on the CLI's subparsers."""
-    p = sub.add_parser("eval", help="zero-shot accuracy with lm-evaluation-harness (offline task copies by default)")
-    p.add_argument("model", nargs="?", default="smollm2-135m",
-                   help="alias (smollm2-135m), run dir, .gguf file, local HF dir or hub id (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated tasks (default: all seven)")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
-    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (offline tasks: 0 only)")
-    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default: %(default)s)")
-    p.add_argument("--drop", default=None, help="comma-separated block indices to drop before scoring")
-    p.add_argument("--stock-tasks", action="store_true", help="use lm-eval's own task definitions (needs the hub)")
-    p.add_argument("--out", default=None, help="also write the JSON result to this file")
-    p.set_defaults(func=cmd_eval)

@@ -12,7 +12,7 @@ decoder blocks' projections (q/k/v/o and MLP) **in place**, nothing else:
   embeddings and the LM head stay frozen).
 
 The caller scopes it: training-aware selection runs it inside
-:func:`~evoprune.models.width.width_sliced`, whose projections are fresh copies
+:func:`~evoprune.models.slicing.width_sliced`, whose projections are fresh copies
 that are dropped on exit, so the model is the database's again for the next
 candidate and no model copy is ever made. Deterministic for a seed on CPU.
 
@@ -21,59 +21,33 @@ through all ``L`` blocks; it is counted as ``3 * T * L`` (backward ~ 2 forwards)
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from ..errors import UserError
+from .options import BriefTrainConfig
 
-__all__ = ["BriefTrainConfig", "brief_train", "disjoint_windows", "shuffled", "TRAIN_MODES", "BACKWARD_FACTOR"]
+__all__ = ["BriefTrainConfig", "brief_train", "disjoint_windows", "shuffled", "BACKWARD_FACTOR"]
 
-TRAIN_MODES = ("lora", "full")
 BACKWARD_FACTOR = 3  # token-layers of a training token per block: forward + backward
-_DEFAULT_LR = {"lora": 5e-4, "full": 5e-5}
 
 
-@dataclass(frozen=True)
-class BriefTrainConfig:
-    """``mode`` lora | full; ``lr`` (default 5e-4 for LoRA, 5e-5 full; constant); LoRA ``rank``;
-    ``batch_size`` windows per step; ``seed`` (LoRA init and window order). Validated (:class:`UserError`)."""
-
-    mode: str = "lora"
-    lr: float | None = None
-    rank: int = 8
-    batch_size: int = 1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.mode not in TRAIN_MODES:
-            raise UserError(f"unknown training mode {self.mode!r} (choose from {', '.join(TRAIN_MODES)})")
-        lr = _DEFAULT_LR[self.mode] if self.lr is None else float(self.lr)
-        if not (math.isfinite(lr) and lr > 0):
-            raise UserError(f"training lr must be > 0, got {self.lr}")
-        object.__setattr__(self, "lr", lr)
-        if int(self.rank) < 1 or int(self.batch_size) < 1:
-            raise UserError("training rank and batch size must be >= 1")
-
-
-def brief_train(lm, windows: torch.Tensor, cfg: BriefTrainConfig) -> dict:
-    """Train ``lm.model`` on ``windows`` (``[n, seqlen]`` token ids) once through; returns
-    ``{"steps", "tokens", "loss_first", "loss_last"}`` (see the module docstring for what changes)."""
+def brief_train(lm, windows: torch.Tensor, cfg: BriefTrainConfig, seed: int = 0) -> dict:
+    """Train ``lm.model`` on ``windows`` (``[n, seqlen]`` token ids) once through (LoRA init from ``seed``);
+    returns ``{"steps", "tokens", "loss_first", "loss_last"}`` (see the module docstring for what changes)."""
     if windows.dim() != 2 or windows.shape[0] < 1:
         raise UserError(f"training windows must be [n >= 1, seqlen], got {tuple(windows.shape)}")
     steps = -(-int(windows.shape[0]) // int(cfg.batch_size))
     with torch.enable_grad():  # callers may score candidates under no_grad
-        return _lora(lm, windows, cfg, steps) if cfg.mode == "lora" else _full(lm, windows, cfg, steps)
+        return _lora(lm, windows, cfg, steps, seed) if cfg.mode == "lora" else _full(lm, windows, cfg, steps)
 
 
-def _lora(lm, windows: torch.Tensor, cfg: BriefTrainConfig, steps: int) -> dict:
+def _lora(lm, windows: torch.Tensor, cfg: BriefTrainConfig, steps: int, seed: int) -> dict:
     from .lora import LoRAConfig, finetune_lora
 
     lc = LoRAConfig(steps=steps, rank=int(cfg.rank), alpha=2.0 * int(cfg.rank), dropout=0.0, lr=cfg.lr,
                     seqlen=int(windows.shape[1]), batch_size=int(cfg.batch_size), schedule="constant",
-                    seed=int(cfg.seed))
+                    seed=int(seed))
     stats = finetune_lora(lm, windows, lc)
     return {"steps": stats["steps"], "tokens": stats["tokens"], "loss_first": stats["loss_first"],
             "loss_last": stats["loss_last"]}

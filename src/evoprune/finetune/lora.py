@@ -30,11 +30,9 @@ Learning rate: linear warm-up over ``warmup_steps`` (``lr·(t+1)/warmup``), then
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
 import numpy as np
@@ -42,81 +40,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..models.base import family
+from .options import LoRAConfig
 
-__all__ = ["LoRAConfig", "finetune_lora", "default_targets", "resolve_targets", "SCHEDULES"]
-
-SCHEDULES = ("linear", "constant")
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    """One LoRA recovery run; validated on construction (:class:`UserError`).
-
-    - ``steps``: optimizer steps (>= 1); ``batch_size`` windows of ``seqlen``
-      tokens each per step (``tokens = steps * batch_size * seqlen``);
-    - ``rank`` r (>= 1), ``alpha`` (> 0; adapter scale ``alpha / r``),
-      ``dropout`` on the adapter input ([0, 1));
-    - ``lr`` peak learning rate (> 0), ``warmup_steps`` (0..steps),
-      ``schedule`` (``linear`` | ``constant``), ``weight_decay`` (>= 0, AdamW),
-      ``max_grad_norm`` (> 0, or ``None``: no clipping);
-    - ``target``: projection names (last path component, e.g. ``q_proj``) to
-      adapt inside the decoder blocks; ``None``: the family's attention and MLP
-      projections (:func:`default_targets`);
-    - ``seed``: LoRA init, dropout and window order.
-    """
-
-    steps: int
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    lr: float = 2e-4
-    seqlen: int = 512
-    batch_size: int = 1
-    warmup_steps: int = 0
-    schedule: str = "linear"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    target: tuple[str, ...] | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise UserError(msg)
-
-        for name in ("steps", "rank", "seqlen", "batch_size", "warmup_steps", "seed"):
-            v = getattr(self, name)
-            need(isinstance(v, (int, np.integer)) and not isinstance(v, bool), f"{name} must be an integer, got {v!r}")
-        need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
-        need(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
-        need(self.seqlen >= 2, f"seqlen must be >= 2, got {self.seqlen}")
-        need(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
-        need(0 <= self.warmup_steps <= self.steps, f"warmup steps must be in [0, steps={self.steps}], "
-                                                   f"got {self.warmup_steps}")
-        need(math.isfinite(self.alpha) and self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
-        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        need(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-             f"weight decay must be >= 0, got {self.weight_decay}")
-        need(self.max_grad_norm is None or (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0),
-             f"max grad norm must be > 0 or None, got {self.max_grad_norm}")
-        need(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.target is not None:
-            t = (self.target,) if isinstance(self.target, str) else tuple(self.target)
-            t = tuple(str(x).strip() for x in t)
-            need(bool(t) and all(t), f"target must name at least one module, got {self.target!r}")
-            object.__setattr__(self, "target", t)
-        need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["target"] = list(self.target) if self.target is not None else None
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LoRAConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+__all__ = ["LoRAConfig", "finetune_lora", "default_targets", "resolve_targets"]
 
 
 def default_targets(adapter) -> tuple[str, ...]:
@@ -147,7 +74,7 @@ def resolve_targets(lm, target: Sequence[str] | None = None) -> list[str]:
     missing = [n for n in names if n not in seen]
     if missing:
         raise UserError(f"LoRA target {', '.join(missing)} matches no linear layer in the decoder blocks "
-                        f"(this {model.config.model_type} model has {', '.join(default_targets(adapter))})")
+                        f"(this {family(model)} model has {', '.join(default_targets(adapter))})")
     if not found:
         raise UserError("no LoRA target layer has a non-zero width")
     return found

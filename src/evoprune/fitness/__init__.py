@@ -1,11 +1,12 @@
 """Fitness evaluation of pruning candidates (torch code; the search core never imports it).
 
-Owns turning a :class:`~evoprune.genome.DropPattern` into a fitness number and
-its compute cost in token-layers: :class:`NLLEvaluator` (naive or prefix-cached
-mean calibration NLL) and :func:`dense_states`, the shared dense hidden-state
-capture. Width-pruning rate vectors are scored by
-:class:`evoprune.fitness.width.WidthEvaluator` (import it from its module).
+- :mod:`.dense`: dense hidden states of the calibration set (the prefix cache's source);
+- :mod:`.evaluator`: :class:`NLLEvaluator` (drop patterns, naive or prefix-cached, NLL or KL);
+- :mod:`.whole_model`: evaluators that edit the whole model per candidate (width rates);
+- :mod:`.levels`: level vectors, one-shot or after brief training (DarwinLM);
+- :mod:`.kl`, :mod:`.prefix_lru`: KL targets and the shared-prefix LRU.
 """
-from .evaluator import DenseBatch, Evaluation, NLLEvaluator, dense_states
+from .dense import DenseBatch, dense_states
+from .evaluator import Evaluation, NLLEvaluator
 
 __all__ = ["DenseBatch", "Evaluation", "NLLEvaluator", "dense_states"]

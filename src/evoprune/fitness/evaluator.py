@@ -1,12 +1,10 @@
 """Fitness of a drop pattern: mean calibration NLL, naive or from cached dense hidden states.
 
 Owns
-- :func:`dense_states`, the one place that captures hidden states from a dense
-  forward (block inputs and the final-norm input, via forward pre-hooks); the
-  evaluator's prefix cache and ShortGPT's Block Influence both use it;
 - :class:`Evaluation`, what one fitness evaluation returns (loss + cost);
-- :class:`NLLEvaluator`, which scores :class:`~evoprune.genome.DropPattern`\\ s
-  on a :class:`~evoprune.data.calibration.CalibSet`.
+- :class:`NLLEvaluator`, which scores drop patterns on a
+  :class:`~evoprune.data.calibration.CalibSet`, from the dense hidden states
+  of :func:`evoprune.fitness.dense.dense_states`.
 
 Cost unit: *token-layers* = input tokens x decoder blocks actually run. Only
 decoder blocks count (embedding, final norm and LM head are not), so a naive
@@ -28,128 +26,24 @@ batching, which the evaluator guarantees.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
-from torch import nn
 
 from ..data.calibration import CalibSet
 from ..evaluate.perplexity import window_nll
-from ..genome import DropPattern
+from ..models.hooks import hidden_arg, hooked, model_device, with_hidden
 from ..models.loading import LoadedModel
+from ..prune.block_influence import block_influence
+from ..spaces import DropPattern
+from .dense import batches, dense_states, no_blocks
 from .kl import KLTarget, kl_sum
 from .prefix_lru import PrefixLRU, prefix_key
 
-__all__ = ["DenseBatch", "Evaluation", "NLLEvaluator", "dense_states", "METRICS"]
+__all__ = ["Evaluation", "NLLEvaluator", "METRICS"]
 
 METRICS = ("nll", "kl")
-
-
-# -- hidden-state plumbing --------------------------------------------------------
-
-def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The ``hidden_states`` input of a block/norm call (positional arg 0 or keyword)."""
-    if args:
-        return args[0]
-    if "hidden_states" in kwargs:
-        return kwargs["hidden_states"]
-    raise RuntimeError("cannot find the hidden_states input of a decoder block call")
-
-
-def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` with the ``hidden_states`` input replaced by ``h``."""
-    old = _hidden_arg(args, kwargs)
-    if old.shape != h.shape:
-        raise RuntimeError(f"cached hidden state has shape {tuple(h.shape)}, the model fed {tuple(old.shape)}")
-    if args:
-        return (h, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": h}
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """``[start, end)`` sample ranges of each batch."""
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return [(s, min(s + int(batch_size), n)) for s in range(0, n, int(batch_size))]
-
-
-@dataclass(frozen=True)
-class DenseBatch:
-    """One calibration batch after a dense forward.
-
-    - ``start``: index of the batch's first sample in the calibration set;
-    - ``ids``: token ids ``[B, T]`` on the model device;
-    - ``states``: ``n_layers + 1`` tensors ``[B, T, hidden]`` (model dtype, model
-      device): ``states[i]`` is the input of block ``i``, ``states[n_layers]`` the
-      input of the final norm (= the last block's output);
-    - ``logits``: ``[B, T, vocab]``.
-    """
-
-    start: int
-    ids: torch.Tensor
-    states: list[torch.Tensor]
-    logits: torch.Tensor
-
-
-@torch.no_grad()
-def dense_states(lm: LoadedModel, calib: CalibSet, batch_size: int = 1) -> Iterator[DenseBatch]:
-    """Run the model as loaded over ``calib`` and yield every block's input hidden state.
-
-    One dense forward per batch costs ``B * seqlen * n_layers`` token-layers. Hooks
-    live only for the duration of each forward (removed in ``finally``), so the
-    caller may run the model between yields. Captured tensors are clones: nothing
-    the model does later can alter them.
-    """
-    model, adapter = lm.model, lm.adapter
-    blocks = list(adapter.get_blocks(model))
-    norm = adapter.final_norm(model)
-    device = _device(model)
-    for s, e in _batches(calib.n_samples, batch_size):
-        ids = calib.input_ids[s:e].to(device)
-        states: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
-
-        def capture(i: int) -> Callable:
-            def hook(module, args, kwargs):
-                states[i] = _hidden_arg(args, kwargs).detach().clone()
-
-            return hook
-
-        handles = [b.register_forward_pre_hook(capture(i), with_kwargs=True) for i, b in enumerate(blocks)]
-        handles.append(norm.register_forward_pre_hook(capture(len(blocks)), with_kwargs=True))
-        try:
-            logits = model(input_ids=ids, use_cache=False).logits
-        finally:
-            for h in handles:
-                h.remove()
-        missing = [i for i, t in enumerate(states) if t is None]
-        if missing:
-            raise RuntimeError(f"dense forward did not call blocks/norm {missing} (of {len(blocks)} blocks + norm)")
-        yield DenseBatch(start=s, ids=ids, states=states, logits=logits)
-
-
-@contextlib.contextmanager
-def _no_blocks(lm: LoadedModel) -> Iterator[None]:
-    """Run the model with an empty block list, then put the blocks back.
-
-    For candidates whose remaining work is zero blocks (e.g. every block from the
-    first dropped one on is dropped), which :class:`DropPattern` cannot express.
-    Config is left alone: no block runs, so the masks and per-layer config the
-    model still builds are never used. Zero-copy and reversed in ``finally``.
-    """
-    path, _, attr = lm.adapter.blocks.rpartition(".")
-    parent = lm.model.get_submodule(path) if path else lm.model
-    blocks = getattr(parent, attr)
-    setattr(parent, attr, nn.ModuleList())
-    try:
-        yield
-    finally:
-        setattr(parent, attr, blocks)
 
 
 # -- evaluation ---------------------------------------------------------------------
@@ -223,7 +117,7 @@ class NLLEvaluator:
         self.lm = lm
         self.calib = calib
         self.batch_size = int(batch_size)
-        self.batches = _batches(calib.n_samples, batch_size)
+        self.batches = batches(calib.n_samples, batch_size)
         self.prefix_cache = bool(prefix_cache)
         self.progress = bool(progress)
         self.metric = metric
@@ -282,18 +176,13 @@ class NLLEvaluator:
         assert self._cache is not None
         return self._cache[batch_index][block]
 
-    @torch.no_grad()
     def block_influence(self) -> list[float]:
-        """ShortGPT Block Influence (as :func:`evoprune.prune.block_influence`) from the cached dense states."""
+        """ShortGPT Block Influence (:func:`evoprune.prune.block_influence.block_influence`) of every block,
+        from the cached dense states: no forward beyond the cache's."""
         self.prepare()
         if self._cache is None:
             raise RuntimeError("block_influence needs prefix_cache=True")
-        cos_sum = torch.zeros(self.n_layers, dtype=torch.float64)
-        for states in self._cache:
-            for i in range(self.n_layers):
-                c = torch.nn.functional.cosine_similarity(states[i].float(), states[i + 1].float(), dim=-1)
-                cos_sum[i] += c.double().sum().cpu()
-        return [float(x) for x in (1.0 - cos_sum / self.calib.n_tokens).clamp(0.0, 2.0)]
+        return block_influence(self._cache)
 
     # -- evaluation ----------------------------------------------------------
     def _plan(self, pattern: DropPattern) -> tuple[int, object]:
@@ -392,41 +281,33 @@ class NLLEvaluator:
             scope = adapter.dropped(model, DropPattern(self.n_layers, skipped))
         else:
             target = adapter.final_norm(model)
-            scope = _no_blocks(lm)
+            scope = no_blocks(lm)
         current = [0]
         captured: dict[int, list[torch.Tensor]] = {j: [] for j in capture}
 
         def feed(module, args, kwargs):
             # clone: a block that updated its input in place must not corrupt the cache
-            return _with_hidden(args, kwargs, source(current[0]).clone())
+            return with_hidden(args, kwargs, source(current[0]).clone())
 
         def grab(j: int) -> Callable:
             def hook(module, args, kwargs):
-                captured[j].append(_hidden_arg(args, kwargs).detach().clone())
+                captured[j].append(hidden_arg(args, kwargs).detach().clone())
 
             return hook
 
-        device = _device(model)
+        hooks = [(target, feed)] if source is not None else []
+        hooks += [(adapter.final_norm(model) if j == self.n_layers else blocks[j], grab(j)) for j in capture]
+        device = model_device(model)
         total = 0.0
-        with scope:
-            handles = []
-            try:
-                if source is not None:
-                    handles.append(target.register_forward_pre_hook(feed, with_kwargs=True))
-                for j in capture:
-                    mod = adapter.final_norm(model) if j == self.n_layers else blocks[j]
-                    handles.append(mod.register_forward_pre_hook(grab(j), with_kwargs=True))
-                for b, (s, e) in enumerate(self._bar(self.batches, "eval")):
-                    current[0] = b
-                    ids = self.calib.input_ids[s:e].to(device)
-                    logits = model(input_ids=ids, use_cache=False).logits
-                    if self.metric == "kl":
-                        total += kl_sum(self._targets[b], logits)
-                    else:
-                        total += float(window_nll(logits, ids).sum())
-            finally:
-                for h in handles:
-                    h.remove()
+        with scope, hooked(hooks, pre=True, with_kwargs=True):
+            for b, (s, e) in enumerate(self._bar(self.batches, "eval")):
+                current[0] = b
+                ids = self.calib.input_ids[s:e].to(device)
+                logits = model(input_ids=ids, use_cache=False).logits
+                if self.metric == "kl":
+                    total += kl_sum(self._targets[b], logits)
+                else:
+                    total += float(window_nll(logits, ids).sum())
         ev = Evaluation(loss=total / self.tokens, tokens=self.tokens, token_layers=self.calib.n_tokens * len(run))
         return ev, captured
 

@@ -5,7 +5,7 @@ Owns :class:`LevelEvaluator`. One evaluation of a :class:`~evoprune.genome.Level
 1. :class:`~evoprune.prune.levels_db.AppliedLevels` writes the database weights of
    the units whose level differs from the previous candidate's (shared by all of
    a run's stages: it is the model's state);
-2. inside :func:`~evoprune.models.width.width_sliced` with the database's plan for
+2. inside :func:`~evoprune.models.slicing.width_sliced` with the database's plan for
    ``g`` (fresh, smaller projection copies; the originals go back on exit):
 3. with training (``train_windows``), :func:`~evoprune.finetune.brief.brief_train`
    fine-tunes the copies on this stage's windows (the same windows and seed for
@@ -23,10 +23,10 @@ import torch
 
 from ..data.calibration import CalibSet
 from ..finetune.brief import BACKWARD_FACTOR, BriefTrainConfig, brief_train
-from ..models.width import width_sliced
+from ..models.slicing import width_sliced
 from ..prune.levels_db import AppliedLevels
 from .evaluator import Evaluation
-from .width import WholeModelEvaluator
+from .whole_model import WholeModelEvaluator
 
 __all__ = ["LevelEvaluator"]
 
@@ -35,16 +35,17 @@ class LevelEvaluator(WholeModelEvaluator):
     """Scores level vectors of ``applied.lm`` on ``calib`` (see the module docstring).
 
     ``train_windows``: ``[n, seqlen]`` token ids for the brief training (``None``:
-    one-shot), ``train_cfg`` its options. Counters as :class:`NLLEvaluator`'s.
+    one-shot), ``train_cfg`` its options, ``train_seed`` its LoRA init. Counters as :class:`NLLEvaluator`'s.
     """
 
     def __init__(self, applied: AppliedLevels, calib: CalibSet, *, train_windows: torch.Tensor | None = None,
-                 train_cfg: BriefTrainConfig | None = None, batch_size: int = 1, metric: str = "nll",
+                 train_cfg: BriefTrainConfig | None = None, train_seed: int = 0, batch_size: int = 1, metric: str = "nll",
                  kl_topk: int | None = None) -> None:
         super().__init__(applied.lm, calib, batch_size=batch_size, metric=metric, kl_topk=kl_topk)
         self.applied = applied
         self.train_windows = train_windows
         self.train_cfg = train_cfg or BriefTrainConfig()
+        self.train_seed = int(train_seed)
         self.last_train: dict | None = None
 
     @property
@@ -70,7 +71,7 @@ class LevelEvaluator(WholeModelEvaluator):
         self.applied.apply(g.attn, g.mlp)
         with width_sliced(self.lm.model, self.plan(g), self.lm.adapter):
             if self.train_windows is not None:
-                self.last_train = brief_train(self.lm, self.train_windows, self.train_cfg)
+                self.last_train = brief_train(self.lm, self.train_windows, self.train_cfg, self.train_seed)
             with torch.no_grad():
                 return self._score()
 

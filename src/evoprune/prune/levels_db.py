@@ -6,7 +6,7 @@ a dense model, loading only the units whose level changed).
 
 Units and levels. Block ``i`` has two units, its attention and its MLP. Attention
 level ``a`` removes ``attn_counts[a]`` attention groups (a key/value head with its
-query heads, as in :mod:`evoprune.models.width`), MLP level ``m`` removes
+query heads, as in :mod:`evoprune.models.slicing`), MLP level ``m`` removes
 ``mlp_counts[m]`` MLP channels; level 0 keeps the unit dense and the top level
 removes all of it. The ladders are the same for every block (the supported
 families have equal blocks):
@@ -43,7 +43,6 @@ Hessians fit ``hessian_mb`` (float64), stopped after the chunk's last block;
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -58,16 +57,18 @@ import torch
 
 from ..data.calibration import CalibSet
 from ..errors import UserError
+from ..models.base import family
+from ..models.hooks import hooked, last_logits_kwargs, model_device
 from ..models.loading import LoadedModel
-from ..models.remote.modeling_evoprune_width import spans
-from ..models.width import WidthSpec, width_linears, width_spec
+from ..models.remote.surgery import spans
+from ..models.slicing import WidthSpec, width_linears, width_spec
+from .kinds import DB_METHODS
 from .obs import structured_obs
 from .width_plan import WidthPlan
 
 __all__ = ["DB_METHODS", "level_ladders", "LevelDatabase", "AppliedLevels", "db_fingerprint"]
 
 FORMAT = "evoprune.levels/1"
-DB_METHODS = ("obs", "wanda_sp")
 KINDS = ("attn", "mlp")
 _PROJ = {"attn": "o", "mlp": "mlp_out"}  # the projection whose input columns a unit's structures own
 
@@ -105,7 +106,7 @@ def db_fingerprint(lm: LoadedModel, calib: CalibSet, method: str, attn_counts, m
     calibration token ids, method, ladders, damping)."""
     h = hashlib.sha256()
     h.update(json.dumps([FORMAT, method, list(attn_counts), list(mlp_counts), float(damp),
-                         lm.model.config.model_type]).encode())
+                         family(lm.model)]).encode())
     for name, p in lm.model.named_parameters():
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
@@ -121,7 +122,7 @@ def _hessians(lm: LoadedModel, calib: CalibSet, blocks: Sequence[int], batch_siz
     model, adapter = lm.model, lm.adapter
     all_blocks = adapter.get_blocks(model)
     acc: dict = {}
-    handles = []
+    hooks = []
 
     class _Stop(Exception):
         pass
@@ -137,21 +138,16 @@ def _hessians(lm: LoadedModel, calib: CalibSet, blocks: Sequence[int], batch_siz
 
     for i in blocks:
         lin = width_linears(adapter, all_blocks[i])
-        for kind in KINDS:
-            handles.append(lin[_PROJ[kind]].register_forward_hook(hook((i, kind))))
+        hooks += [(lin[_PROJ[kind]], hook((i, kind))) for kind in KINDS]
     last = max(blocks)
-    handles.append(all_blocks[last].register_forward_hook(stop))
-    kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    device = next(model.parameters()).device
-    try:
+    hooks.append((all_blocks[last], stop))
+    kw, device = last_logits_kwargs(model), model_device(model)
+    with hooked(hooks):
         for s in range(0, calib.n_samples, int(batch_size)):
             try:
                 model(input_ids=calib.input_ids[s:s + int(batch_size)].to(device), use_cache=False, **kw)
             except _Stop:
                 pass
-    finally:
-        for h in handles:
-            h.remove()
     return acc, calib.n_tokens * (last + 1)
 
 
@@ -255,7 +251,7 @@ class LevelDatabase:
             else:
                 token_layers = cls._build_obs(lm, calib, spec, sizes, counts, orders, tmp, damp, hessian_mb,
                                               batch_size, progress)
-            meta = {"format": FORMAT, "method": method, "n_layers": n, "model_type": lm.model.config.model_type,
+            meta = {"format": FORMAT, "method": method, "n_layers": n, "family": family(lm.model),
                     "base_model": lm.base, "structures": {"attn": lw.groups, "mlp": lw.channels},
                     "structure_params": {"attn": lw.group_params, "mlp": lw.channel_params},
                     "counts": counts, "order": orders, "damp": float(damp),
@@ -313,7 +309,7 @@ class LevelDatabase:
 class AppliedLevels:
     """Keeps ``lm``'s output / MLP-output projection weights at a level vector (masked form: the columns
     of removed structures are zero, kept columns hold the database's weights), so that slicing the model
-    with :meth:`LevelDatabase.plan` (e.g. :func:`~evoprune.models.width.width_sliced`) gives the pruned
+    with :meth:`LevelDatabase.plan` (e.g. :func:`~evoprune.models.slicing.width_sliced`) gives the pruned
     model. :meth:`apply` writes only the units whose level changed since the last call and returns how
     many it wrote; :meth:`restore` puts the dense weights back bit for bit (a copy of the two projections
     of every block is kept for that)."""

@@ -5,7 +5,7 @@ structures by; a run keeps it as ``importance.pt``) and
 :func:`compute_importance`, which fills it from one dense forward over a
 calibration set.
 
-Scores, per decoder block (structures as in :mod:`evoprune.models.width`):
+Scores, per decoder block (structures as in :mod:`evoprune.models.slicing`):
 
 - ``wanda_sp`` (structured Wanda, An et al. 2024): the score of a structure is
   ``sum |W_rc| * ||X_c||_2`` over all of its weights, where ``||X_c||_2`` is the
@@ -29,23 +29,24 @@ dense forward (batch by batch, sums of squares accumulated in float64), costing
 """
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
-from ..atomic import atomic_open
 from ..data.calibration import CalibSet
+from ..files import atomic_open
+from ..models.hooks import hooked, last_logits_kwargs, model_device
 from ..models.loading import LoadedModel
-from ..models.width import width_linears, width_spec
+from ..models.slicing import width_linears, width_spec
+from .kinds import IMPORTANCES
 
 __all__ = ["WidthImportance", "compute_importance", "METRICS"]
 
-METRICS = ("wanda_sp", "magnitude")
+METRICS = IMPORTANCES
 FORMAT = "evoprune.width_importance/1"
-# projection role (see models.width.width_linears) -> the input whose feature norms scale its columns;
+# projection role (see models.slicing.width_linears) -> the input whose feature norms scale its columns;
 # q/k/v share one input, so do the MLP input projections: one hook on the first of each
 _INPUT_OF = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in", "mlp_in": "mlp_in", "mlp_out": "mlp_out"}
 
@@ -129,7 +130,7 @@ def _input_norms(lm: LoadedModel, calib: CalibSet, batch_size: int) -> list[dict
     """Per block, the L2 norm over all calibration tokens of each projection input feature (float64, CPU)."""
     model, adapter = lm.model, lm.adapter
     sums: list[dict[str, torch.Tensor]] = []
-    handles = []
+    hooks = []
 
     def hook(acc: dict, key: str):
         def fn(module, args, output):
@@ -140,21 +141,17 @@ def _input_norms(lm: LoadedModel, calib: CalibSet, batch_size: int) -> list[dict
         return fn
 
     for block in adapter.get_blocks(model):
-        acc, hooked = {}, set()
+        acc, seen = {}, set()
         sums.append(acc)
         for role, lin in width_linears(adapter, block).items():
             key = _INPUT_OF[_kind(role)]
-            if key not in hooked:
-                hooked.add(key)
-                handles.append(lin.register_forward_hook(hook(acc, key)))
-    kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    device = next(model.parameters()).device
-    try:
+            if key not in seen:
+                seen.add(key)
+                hooks.append((lin, hook(acc, key)))
+    kw, device = last_logits_kwargs(model), model_device(model)
+    with hooked(hooks):
         for s in range(0, calib.n_samples, int(batch_size)):
             model(input_ids=calib.input_ids[s:s + int(batch_size)].to(device), use_cache=False, **kw)
-    finally:
-        for h in handles:
-            h.remove()
     if any(len(acc) != 4 for acc in sums):
         raise RuntimeError("the dense forward did not call every hooked projection")
     return [{k: v.sqrt().cpu() for k, v in acc.items()} for acc in sums]

@@ -5,7 +5,7 @@ milliseconds: a search calls it for every candidate).
 
 Allocation for block ``i`` with rate ``p`` (fraction of its prunable
 parameters to remove; structures and counts from
-:func:`evoprune.models.width.width_spec`):
+:func:`evoprune.models.slicing.width_spec`):
 
 1. remove ``g = floor(p * G + 1/2)`` attention groups (``G`` groups; halves round up);
 2. remove the number of MLP channels ``c`` that brings the removed parameter
@@ -26,7 +26,7 @@ from typing import Sequence
 
 from ..errors import UserError
 from ..models.loading import LoadedModel
-from ..models.width import LayerWidth, WidthSpec, width_spec
+from ..models.slicing import LayerWidth, WidthSpec, width_spec
 from .wanda_sp import WidthImportance
 
 __all__ = ["WidthPlan", "plan_widths", "allocate"]
@@ -99,7 +99,7 @@ def plan_widths(lm_or_model, importance: WidthImportance, rates: Sequence[float]
     """The :class:`WidthPlan` removing, per block, the least important structures at ``rates``.
 
     ``lm_or_model``: a :class:`~evoprune.models.loading.LoadedModel`, a dense HF
-    causal LM, or its precomputed :class:`~evoprune.models.width.WidthSpec`
+    causal LM, or its precomputed :class:`~evoprune.models.slicing.WidthSpec`
     (fastest). ``rates``: one float in ``[0, 1]`` per block, or a
     :class:`~evoprune.genome.RateVector`. :class:`UserError` when the rates or
     the importance do not fit the model.

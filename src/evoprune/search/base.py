@@ -1,14 +1,14 @@
-"""The ``Strategy`` contract every search method implements (ask/tell, resumable).
+"""The ``Strategy`` contract every search method implements (ask/tell, resumable, self-describing).
 
 Owns :class:`Strategy`, the base class with the bookkeeping shared by all
 methods (pending candidates, fitness memo, best-so-far, generation counter,
-JSON state), plus :func:`drive` (run a strategy against a Python fitness
-function) and :func:`pattern_from_key`. Pure Python + numpy; no torch.
+JSON state), :class:`NoOptions` and :func:`drive` (run a strategy against a
+Python fitness function). Pure Python + numpy; no torch.
 
-Contract (lower fitness is better; fitness is a mean NLL):
+Contract (lower fitness is better; fitness is a mean NLL or KL):
 
 - ``ask()`` returns the candidates still to be evaluated, each at most once per
-  strategy (a fitness memo keyed by ``DropPattern.key`` means a pattern scored
+  strategy (a fitness memo keyed by the genome's ``key`` means a genome scored
   earlier is never requested again). It is idempotent: calling it again before
   ``tell`` returns the same list and consumes no randomness. It returns ``[]``
   only when ``done``.
@@ -17,13 +17,28 @@ Contract (lower fitness is better; fitness is a mean NLL):
   pieces); the strategy advances once every outstanding candidate is scored.
   NaN is treated as +inf (worst). Telling an unasked or already-told
   candidate raises ``ValueError``.
-- ``generation`` counts completed rounds (EPPS generations, SLEB steps,
-  exhaustive/random batches); ``best`` is the lowest-fitness *feasible*
-  pattern told so far (ties: the earliest) or ``None``.
+- ``generation`` counts completed rounds (:attr:`Strategy.round_name`: EPPS
+  generations, SLEB steps, exhaustive/random batches); ``best`` is the
+  lowest-fitness *feasible* genome told so far (ties: the earliest) or ``None``.
 - ``state_dict()`` is JSON-serializable (including the generator's
   ``bit_generator.state``); ``load_state_dict()`` on a strategy constructed
   with the same space and options continues identically to an uninterrupted
-  run. A mismatching method, space or options raises ``ValueError``.
+  run. A mismatching method, space or option value raises ``ValueError``;
+  options that only one side knows (a field added or removed since the state
+  was saved) are not compared.
+
+What a strategy declares, so that the runner never branches on method names:
+
+- ``config_cls``: its frozen options dataclass, which owns the defaults and the
+  validation; fields with ``metadata={"cli": False}`` are internal knobs, fields
+  named in ``inputs`` are filled by the runner (e.g. one-shot ``scores``);
+- ``needs``: what the runner must supply: ``"scores"`` (one-shot per-layer
+  scores of the space: Block Influence, OWL outlier ratios) passed as the
+  ``scores`` option, ``"operator"`` (an LLM operator, constructor argument),
+  ``"training"`` (candidates briefly trained before scoring);
+  :meth:`requirements` may drop some for a given config;
+- :meth:`check`: refuse a configuration before any expensive setup;
+- :meth:`result_extras`: fields the method adds to ``result.json``.
 
 Randomness only from the ``np.random.Generator`` given to the constructor.
 """
@@ -36,17 +51,14 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
-from ..genome import DropPattern, GenomeError
-from ..space import LayerDropSpace, SearchError
+from ..spaces import SearchError
 
-__all__ = ["Strategy", "drive", "pattern_from_key"]
+__all__ = ["Strategy", "NoOptions", "OneShot", "drive"]
 
-def pattern_from_key(key: str) -> DropPattern:
-    """Inverse of ``DropPattern.key`` (``"L30:d3,13"`` -> ``DropPattern(30, (3, 13))``); SearchError otherwise."""
-    try:
-        return DropPattern.from_key(key)
-    except GenomeError as e:
-        raise SearchError(str(e)) from None
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """The options of a method that has none."""
 
 
 def _enc(x: float) -> float | str:
@@ -68,7 +80,7 @@ class Strategy:
 
     Subclass hooks:
 
-    - ``_propose() -> list[DropPattern]``: the candidates of the current round
+    - ``_propose() -> list``: the candidates of the current round
       (may repeat memoised patterns; the base filters them out).
     - ``_advance()``: called when every candidate of the round has a fitness
       (look them up with :meth:`fitness_of`); updates the method's state and
@@ -77,14 +89,17 @@ class Strategy:
     - ``config``: a frozen dataclass of options (compared on resume).
     """
 
-    name: ClassVar[str] = "?"
-    config_cls: ClassVar[type] = type(None)
-    space_types: ClassVar[tuple] = (LayerDropSpace,)
+    name: ClassVar[str] = "?"  # set by registry.register, as is space_kind
+    space_kind: ClassVar[str] = "layers"
+    config_cls: ClassVar[type] = NoOptions
+    inputs: ClassVar[tuple[str, ...]] = ()
+    needs: ClassVar[frozenset[str]] = frozenset()
+    round_name: ClassVar[str] = "generation"
 
-    def __init__(self, space: LayerDropSpace, rng: np.random.Generator, **options: Any) -> None:
-        if not isinstance(space, self.space_types):
-            names = " or ".join(t.__name__ for t in self.space_types)
-            raise SearchError(f"method {self.name} searches a {names}, got {type(space).__name__}")
+    def __init__(self, space, rng: np.random.Generator, **options: Any) -> None:
+        if getattr(space, "kind", None) != self.space_kind:
+            raise SearchError(f"method {self.name} searches --space {self.space_kind}, got a "
+                              f"{getattr(space, 'kind', type(space).__name__)} space")
         if not isinstance(rng, np.random.Generator):
             raise SearchError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
         self.space = space
@@ -94,8 +109,23 @@ class Strategy:
         self.n_evaluations = 0
         self._done = False
         self._memo: dict[str, float] = {}
-        self._pending: list[DropPattern] = []
+        self._pending: list = []
         self._best: tuple[str, float] | None = None
+
+    # -- declarations (see the module docstring) ----------------------------------------
+
+    @classmethod
+    def requirements(cls, config) -> frozenset[str]:
+        """What the runner must supply for this ``config`` (default: :attr:`needs`)."""
+        return cls.needs
+
+    @classmethod
+    def check(cls, space, config) -> None:
+        """Raise :class:`SearchError` for a configuration that cannot run on ``space``, before any setup."""
+
+    def result_extras(self) -> dict:
+        """Fields this method adds to ``result.json`` (default: none)."""
+        return {}
 
     @classmethod
     def _make_config(cls, options: dict[str, Any]):
@@ -114,14 +144,14 @@ class Strategy:
         return self._done
 
     @property
-    def best(self) -> tuple[DropPattern, float] | None:
+    def best(self) -> tuple[Any, float] | None:
         return None if self._best is None else (self.space.from_key(self._best[0]), self._best[1])
 
-    def fitness_of(self, p: DropPattern) -> float | None:
+    def fitness_of(self, p: Any) -> float | None:
         """Memoised fitness of ``p`` or ``None`` if it was never told."""
         return self._memo.get(p.key)
 
-    def ask(self) -> list[DropPattern]:
+    def ask(self) -> list:
         while not self._pending and not self._done:
             fresh, seen = [], set()
             for p in self._propose():
@@ -134,7 +164,7 @@ class Strategy:
                 self._finish_round()
         return list(self._pending)
 
-    def tell(self, candidates: Sequence[DropPattern], fitnesses: Sequence[float]) -> None:
+    def tell(self, candidates: Sequence, fitnesses: Sequence[float]) -> None:
         keys, fits = self._checked_tell(candidates, fitnesses, [p.key for p in self._pending], lambda p: p.key)
         for p, f in zip(candidates, fits):
             self._memo[p.key] = f
@@ -163,7 +193,7 @@ class Strategy:
         fits = [float(f) for f in fitnesses]
         return ids, [math.inf if math.isnan(f) else f for f in fits]
 
-    def _update_best(self, p: DropPattern, f: float) -> None:
+    def _update_best(self, p: Any, f: float) -> None:
         # Strict '<' keeps the earliest of equal-fitness patterns.
         if self.space.feasible(p) and (self._best is None or f < self._best[1]):
             self._best = (p.key, f)
@@ -202,9 +232,12 @@ class Strategy:
         """
         if not isinstance(d, dict):
             raise SearchError(f"corrupted search state (expected a JSON object, got {type(d).__name__})")
-        for field, mine in (("method", self.name), ("space", self.space.to_dict()), ("options", self._options_dict())):
+        for field, mine in (("method", self.name), ("space", self.space.to_dict())):
             if d.get(field) != mine:
                 raise SearchError(f"state was saved with {field}={d.get(field)!r}, this search has {field}={mine!r}")
+        saved, mine = d.get("options"), self._options_dict()
+        if not isinstance(saved, dict) or any(saved[k] != v for k, v in mine.items() if k in saved):
+            raise SearchError(f"state was saved with options={saved!r}, this search has options={mine!r}")
         try:
             self._load(d)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
@@ -227,7 +260,7 @@ class Strategy:
 
     # -- subclass hooks ------------------------------------------------------------------
 
-    def _propose(self) -> list[DropPattern]:  # pragma: no cover - abstract
+    def _propose(self) -> list:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _advance(self) -> None:  # pragma: no cover - abstract
@@ -240,11 +273,24 @@ class Strategy:
         pass
 
 
+class OneShot(Strategy):
+    """A method that proposes one genome (:meth:`_genome`), then is done."""
+
+    def _genome(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _propose(self) -> list:
+        return [self._genome()]
+
+    def _advance(self) -> None:
+        self._done = True
+
+
 def drive(
     strategy: Strategy,
-    fitness: Callable[[DropPattern], float],
+    fitness: Callable[[Any], float],
     max_rounds: int | None = None,
-) -> tuple[DropPattern, float] | None:
+) -> tuple[Any, float] | None:
     """Run ``strategy`` to completion (or ``max_rounds`` ask/tell rounds) with a Python fitness.
 
     For tests and toy problems; the real runner evaluates candidates on a model.

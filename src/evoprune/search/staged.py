@@ -18,39 +18,86 @@ generation scored stage by stage (EvoPress / DarwinLM selection):
   search ends after ``generations`` cohorts, or when a cohort comes out empty.
   ``best`` is the lowest last-stage fitness seen.
 
-The subclass's ``config`` needs ``generations`` and ``survivors`` (a tuple, one
-entry per stage) and may have ``elitism`` (default on). Torch-free.
+The subclass's ``config`` is a :class:`StagedOptions` (``generations``,
+``offspring``, ``survivors`` per stage, ``tokens_per_stage``, ``elitism``). Torch-free.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
-from ..space import SearchError
+from ..options import opt
+from ..spaces import SearchError
 from .base import Strategy, _dec, _enc
 
-__all__ = ["Request", "StagedStrategy", "check_staged_options"]
+__all__ = ["Request", "StagedOptions", "StagedStrategy"]
 
 
-def check_staged_options(cfg, last_may_exceed: bool) -> tuple[int, ...]:
-    """Validate ``cfg.generations`` / ``cfg.offspring`` (integers >= 1) and ``cfg.survivors`` (a non-empty
-    list of integers >= 1, each at most ``offspring``; with ``last_may_exceed`` the last, the parents kept,
-    may be more); returns the survivors as a tuple. Raises ``SearchError``."""
-    for name in ("generations", "offspring"):
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise SearchError(f"{name} must be an integer >= 1, got {v!r}")
+@dataclass(frozen=True)
+class StagedOptions:
+    """Options every staged strategy has; subclasses redefine defaults and add their own fields.
+
+    ``survivors``: candidates promoted past each stage, the last = parents kept (``None``:
+    :meth:`default_survivors`); its length is the number of stages. ``tokens_per_stage``: fitness
+    tokens of each stage, for the runner (the strategy only sees stage indices; ``None``: the runner
+    has one stage, the whole calibration set; the last entry must be the whole set, which the runner
+    checks against it). Validated on construction (``SearchError``).
+    """
+
+    generations: int = opt(10, "generations (the initial cohort counts as one)")
+    offspring: int = opt(16, "candidates per generation")
+    survivors: tuple | None = opt(None, "candidates promoted past each stage, e.g. 4,1 (the last = parents kept)",
+                                  flag="survivors_per_stage")
+    tokens_per_stage: tuple | None = opt(None, "fitness tokens per selection stage, e.g. 512,2048 (the last = the "
+                                               "whole calibration set)", aliases=("fitness_tokens_per_stage",))
+    elitism: bool = opt(True, "parents compete with their offspring")
+
+    last_may_exceed: ClassVar[bool] = True  # may the parents kept (last survivors) outnumber the offspring?
+
+    @classmethod
+    def default_survivors(cls, n_stages: int) -> tuple[int, ...]:
+        """Survivors when none are given (subclasses decide); ``SearchError`` when there is no sensible one."""
+        if n_stages != 1:
+            raise SearchError("--tokens-per-stage needs --survivors-per-stage with as many entries")
+        return (1,)
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.survivors)
+
+    def __post_init__(self) -> None:
+        for name in ("generations", "offspring"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SearchError(f"{name} must be an integer >= 1, got {v!r}")
+        tps = self.tokens_per_stage
+        if tps is not None:
+            tps = _ints("tokens_per_stage", tps)
+            if any(b <= a for a, b in zip(tps, tps[1:])) or tps[0] < 2:
+                raise SearchError(f"--tokens-per-stage must increase and start at >= 2 tokens, got {tps}")
+            object.__setattr__(self, "tokens_per_stage", tps)
+        if self.survivors is None:
+            surv = self.default_survivors(1 if tps is None else len(tps))
+        else:
+            surv = _ints("survivors", self.survivors)
+            if tps is not None and len(surv) != len(tps):
+                raise SearchError("--tokens-per-stage needs --survivors-per-stage with as many entries")
+        capped = surv[:-1] if self.last_may_exceed else surv
+        if any(s > self.offspring for s in capped):
+            raise SearchError(f"survivors per stage{' (before the last)' if self.last_may_exceed else ''} must be "
+                              f"<= offspring={self.offspring}, got {surv}")
+        object.__setattr__(self, "survivors", surv)
+        object.__setattr__(self, "elitism", bool(self.elitism))
+
+
+def _ints(name: str, v) -> tuple[int, ...]:
     try:
-        surv = tuple(int(x) for x in cfg.survivors)
+        out = tuple(int(x) for x in (v.split(",") if isinstance(v, str) else v))
     except (TypeError, ValueError):
-        raise SearchError(f"survivors must be a list of integers, got {cfg.survivors!r}") from None
-    if not surv or min(surv) < 1:
-        raise SearchError(f"survivors must be a non-empty list of integers >= 1, got {cfg.survivors!r}")
-    capped = surv[:-1] if last_may_exceed else surv
-    if any(s > cfg.offspring for s in capped):
-        raise SearchError(f"survivors per stage{' (before the last)' if last_may_exceed else ''} must be "
-                          f"<= offspring={cfg.offspring}, got {surv}")
-    return surv
+        raise SearchError(f"{name} must be a list of integers, got {v!r}") from None
+    if not out or min(out) < 1:
+        raise SearchError(f"{name} must be a non-empty list of integers >= 1, got {v!r}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -138,7 +185,7 @@ class StagedStrategy(Strategy):
             return
         self.generation += 1
         pool, seen = [], set()
-        for p in (self.parents if getattr(self.config, "elitism", True) else []) + self.active:
+        for p in (self.parents if self.config.elitism else []) + self.active:
             if p.key not in seen:
                 seen.add(p.key)
                 pool.append(p)

@@ -1,0 +1,163 @@
+"""``evoprune eval`` (zero-shot accuracy, lm-eval) and ``evoprune bench`` (speed and memory, dense vs pruned).
+
+Owns both commands (``add_parsers``) and their terminal tables (:func:`evoprune.report.tables.text_table`).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+from ..errors import UserError
+from .common import add_model_options, check_out_file, drop_arg, emit, load
+
+__all__ = ["add_parsers", "zeroshot_table", "bench_table"]
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def zeroshot_table(res: dict) -> str:
+    """acc and acc_norm in % per task, the mean last."""
+    rows = [[name, v["n"] or "-", _pct(v["acc"]), _pct(v["acc_norm"])] for name, v in res["tasks"].items()]
+    rows.append(["mean", "", _pct(res["mean_acc"]), _pct(res.get("mean_acc_norm_or_acc")) + " *"])
+    from ..report.tables import text_table
+
+    return text_table(["task", "n", "acc", "acc_norm"], rows,
+                      footer=["* mean of acc_norm, or acc where the task has no acc_norm"])
+
+
+def cmd_eval(args) -> int:
+    from ..evaluate.zeroshot import build_tasks, zeroshot
+
+    drop = drop_arg(args.drop)
+    if not os.environ.get("EVOPRUNE_VERBOSE"):
+        import datasets
+
+        datasets.disable_progress_bars()
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be >= 1")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    check_out_file(args.out)
+    built = build_tasks(args.tasks, stock=args.stock_tasks, num_fewshot=args.num_fewshot)  # data errors first
+    lm = load(args.model, args.device, args.dtype)
+    dropped = list(lm.dropped)
+    if drop:
+        if dropped:
+            raise UserError(f"--drop cannot be combined with a run directory ({args.model} already drops {dropped})")
+        dropped = list(lm.adapter.drop_inplace(lm.model, drop).dropped)
+    res = zeroshot(lm.model, lm.tokenizer, list(built[0]), limit=args.limit, num_fewshot=args.num_fewshot,
+                   batch_size=args.batch_size, stock=args.stock_tasks, built=built)
+    res = {"model": args.model, "dropped_layers": dropped, "n_layers": lm.adapter.n_layers(lm.model), **res}
+    print(zeroshot_table(res))
+    print(f"({res['task_source']} tasks, limit {args.limit or 'none'}, {res['seconds']:.1f} s)", file=sys.stderr)
+    emit(res, args.out)
+    return 0
+
+
+def bench_table(res: dict) -> str:
+    """One line per model, then the speedups and the measurement conditions."""
+    from ..report.tables import text_table
+
+    mb = lambda x: f"{x / 2**20:.1f}"  # noqa: E731
+    rows = [[r["name"], r["layers"], f"{r['params'] / 1e6:.2f}M", f"{r['prefill_ms']:.1f}", f"{r['prefill_tok_s']:.0f}",
+             f"{r['decode_tok_s']:.1f}", mb(r["weight_bytes"]), mb(r["peak_mem_bytes"])] for r in res["rows"]]
+    s, i, o, ih = res["speedup"], res["ideal_speedup"], res["speedup_over_ideal"], res["ideal_speedup_with_head"]
+    footer = [f"speedup dense/pruned: prefill {s['prefill']:.3f}x, decode {s['decode']:.3f}x; "
+              f"ideal (block FLOPs) {i:.3f}x -> {100 * o['prefill']:.1f}% / {100 * o['decode']:.1f}% of ideal",
+              f"ideal incl. LM head: prefill {ih['prefill']:.3f}x, decode {ih['decode']:.3f}x; "
+              f"params x{res['params_ratio']:.3f}, peak memory x{res['peak_mem_ratio']:.3f}",
+              f"batch {res['batch']}, seqlen {res['seqlen']}, {res['decode_tokens']} decode tokens after a "
+              f"{res['prompt_tokens']}-token prompt, median of {res['repeats']} after 1 warm-up, {res['device']}, "
+              f"{res['threads']} threads; memory: {res['mem_method_text']}"]
+    return text_table(["model", "layers", "params", "prefill ms", "prefill tok/s", "decode tok/s", "weights MiB",
+                       "peak MiB"], rows, footer=footer)
+
+
+def _bench_models(args, drop):
+    """The dense base and the pruned model of ``bench``'s arguments, and how the base was found."""
+    from ..evaluate.bench import find_base
+
+    if drop:
+        if args.base:
+            raise UserError("--drop prunes MODEL itself in memory; it cannot be combined with --base")
+        base, dropped, how = args.model, list(drop), "--drop"
+    else:
+        base, dropped, how = find_base(args.model, args.base)
+    dense = load(base, args.device, args.dtype)
+    if drop:
+        if dense.dropped:
+            raise UserError(f"--drop cannot be combined with a run directory ({args.model} already drops "
+                            f"{list(dense.dropped)})")
+        pruned = copy.copy(dense)
+        pruned.model = copy.deepcopy(dense.model)
+        pruned.adapter.drop_inplace(pruned.model, drop)
+        pruned.name, pruned.dropped = f"{args.model} --drop {args.drop}", tuple(drop)
+    else:
+        pruned = load(args.model, args.device, args.dtype)
+        if dropped is None:
+            dropped = list(pruned.dropped) or None
+    dense.name = base
+    return dense, pruned, base, dropped, how
+
+
+def cmd_bench(args) -> int:
+    """Load the dense base and the pruned model, measure both, print a table and JSON."""
+    import torch
+
+    from ..evaluate.bench import bench, speedups
+
+    drop = drop_arg(args.drop)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device available")
+    for name in ("batch", "seqlen", "decode_tokens", "prompt_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_out_file(args.out)
+    dense, pruned, base, dropped, how = _bench_models(args, drop)
+    shape = dict(batch=args.batch, seqlen=args.seqlen, decode_tokens=args.decode_tokens,
+                 prompt_tokens=args.prompt_tokens)
+    res = bench({"dense": dense, "pruned": pruned}, **shape, repeats=args.repeats, device=args.device)
+    res = {"model": args.model, "base": base, "base_from": how, "dropped_layers": dropped, "device": args.device,
+           "dtype": args.dtype, "threads": torch.get_num_threads(), **shape, "repeats": args.repeats, "warmup": 1,
+           "torch_version": torch.__version__, **res}
+    res.update(speedups(res, **shape))
+    if res["device"].startswith("cuda"):
+        res["device_name"] = torch.cuda.get_device_name(torch.device(args.device))
+    print(bench_table(res))
+    emit(res, args.out)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    from ..evaluate.zeroshot import DEFAULT_TASKS
+
+    p = sub.add_parser("eval", help="zero-shot accuracy with lm-evaluation-harness (offline task copies by default)")
+    p.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="alias (smollm2-135m), run dir, .gguf file, local HF dir or hub id (default: %(default)s)")
+    add_model_options(p, model=False)
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated tasks (default: all seven)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (offline tasks: 0 only)")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default: %(default)s)")
+    p.add_argument("--drop", default=None, help="comma-separated block indices to drop before scoring")
+    p.add_argument("--stock-tasks", action="store_true", help="use lm-eval's own task definitions (needs the hub)")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="prefill latency, decode tokens/s, peak memory and params: dense vs pruned")
+    p.add_argument("model", help="pruned model: run directory, exported directory (pruning.json), or any model "
+                                 "spec with --base / --drop")
+    add_model_options(p, model=False)
+    p.add_argument("--base", default=None, help="dense base model spec (default: from the run config or pruning.json)")
+    p.add_argument("--drop", default=None, help="compare MODEL with MODEL minus these blocks (pruned in memory)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per forward (default: %(default)s)")
+    p.add_argument("--seqlen", type=int, default=512, help="prefill tokens per sequence (default: %(default)s)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens generated (default: %(default)s)")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length before decoding (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed repeats after 1 warm-up; medians reported (default: %(default)s)")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    p.set_defaults(func=cmd_bench)

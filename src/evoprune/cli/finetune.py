@@ -1,0 +1,85 @@
+"""``evoprune finetune``: LoRA recovery of a pruned model, exported like any other.
+
+Owns the command (``add_parsers``). Its training flags are generated from
+:class:`~evoprune.finetune.options.LoRAConfig` (one default per option, on the field). The source is
+anything :func:`evoprune.load_model` accepts — a layer-drop or width-pruning run directory, an exported
+directory, a plain model (optionally with ``--drop``). After :func:`~evoprune.finetune.lora.finetune_lora`
+the merged model is written by :func:`evoprune.export.save_pruned` in the format its pruning needs
+(reload-checked, moved into place only then). ``DIR/pruning.json`` gains a ``finetune`` entry;
+``DIR/finetune.json`` (written atomically after the export) holds the configuration, the training stats
+(every step's loss), the source, the data spec and the export record. The last stdout line is the JSON
+summary.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+from ..version import __version__
+from .common import add_model_options, drop_arg, emit, load, progress
+from .options import add_options
+
+__all__ = ["add_parsers", "FINETUNE_FORMAT"]
+
+FINETUNE_FORMAT = 1
+
+
+def _lora_config(args):
+    from ..finetune.options import LoRAConfig
+    from ..options import options_of
+
+    fields = {o.field for o in options_of(LoRAConfig)}
+    return LoRAConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def cmd_finetune(args) -> int:
+    """Validate, load, train, merge, export, record."""
+    from ..export import check_out_dir, save_pruned
+    from ..files import atomic_write_json
+    from ..finetune.data import train_documents
+    from ..finetune.lora import finetune_lora
+    from ..models.slicing import is_width_pruned
+
+    cfg = _lora_config(args)  # argument errors first, then data, then the (slow) model load
+    drop = drop_arg(args.drop)
+    out = check_out_dir(args.out, args.overwrite)
+    docs = train_documents(args.data)
+    lm = load(args.model, args.device, args.dtype)
+    if drop:
+        if is_width_pruned(lm.model):
+            raise UserError("--drop does not apply to a width-pruned model")
+        if lm.dropped:
+            raise UserError(f"--drop cannot be combined with a run directory ({args.model} already drops "
+                            f"{list(lm.dropped)})")
+        lm.dropped = tuple(lm.adapter.drop_inplace(lm.model, drop).dropped)
+    stats = finetune_lora(lm, docs, cfg, progress=progress())
+    summary = {k: v for k, v in stats.items() if k != "losses"}
+    info = {"source": args.model, "data": args.data, "data_split": "calib", "config": cfg.to_dict()}
+    rec = save_pruned(lm, out, overwrite=args.overwrite, extra={"finetune": {**info, "stats": summary}})
+    atomic_write_json(Path(out) / "finetune.json", {"evoprune_finetune": FINETUNE_FORMAT, **info, "base_model": lm.base,
+                                                    "dropped_layers": list(lm.dropped), "stats": stats, "export": rec,
+                                                    "evoprune_version": __version__})
+    print(f"finetuned {args.model} on {args.data}: {cfg.steps} steps, {stats['tokens']:,} tokens, train loss "
+          f"{stats['loss_first']:.4f} -> {stats['loss_last']:.4f} in {stats['wall_s']:.1f} s; exported to {out} "
+          f"(reload check: max |dlogit| = {rec['max_abs_diff']:.2e})", file=sys.stderr)
+    emit({"out": str(out), "source": args.model, "data": args.data, **summary, "params": rec["params"],
+          "dropped_layers": rec["dropped_layers"], "width_pruned": "num_kv_groups" in rec,
+          "max_abs_diff": rec["max_abs_diff"]})
+    return 0
+
+
+def add_parsers(sub) -> None:
+    from ..finetune.options import LoRAConfig
+
+    p = sub.add_parser("finetune", help="LoRA recovery fine-tuning of a pruned model; merges and exports it")
+    p.add_argument("model", metavar="RUN_OR_MODEL",
+                   help="run dir (layer-drop or width), exported dir, alias, .gguf, local HF dir or hub id")
+    p.add_argument("--data", required=True, help="wikitext2 | c4 | alpaca:PATH | jsonl:PATH[:field] | text:PATH "
+                   "(the calibration side: wikitext2 validation split, c4 documents 1000-1999)")
+    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--drop", default=None, help="plain model only: comma-separated blocks to drop before training")
+    add_options(p.add_argument_group("LoRA training"), LoRAConfig, required=("steps",), defaults=True)
+    add_model_options(p, model=False)
+    p.set_defaults(func=cmd_finetune)

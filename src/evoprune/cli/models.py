@@ -1,0 +1,93 @@
+"""``evoprune info``, ``ppl`` and ``export``: a model's shape, its held-out perplexity, a checked export.
+
+Owns the three commands (``add_parsers``). A model spec is an alias, a run directory, a ``.gguf``
+file, a local HF directory or a hub id; ``--drop`` removes blocks in memory first.
+"""
+from __future__ import annotations
+
+import sys
+
+from ..errors import UserError
+from .common import add_model_options, drop_arg, emit, load, progress
+
+__all__ = ["add_parsers"]
+
+
+def cmd_info(args) -> int:
+    from ..report.tables import text_table
+
+    lm = load(args.model, args.device, args.dtype)
+    info = {"model": args.model, **lm.adapter.info(lm.model), "dropped_layers": list(lm.dropped)}
+    print(text_table(["", ""], [[k, v] for k, v in info.items()], right=()))
+    emit(info)
+    return 0
+
+
+def cmd_ppl(args) -> int:
+    from ..data.sources import get_text
+    from ..evaluate.perplexity import perplexity, tokenize_text, windows
+
+    drop = drop_arg(args.drop)
+    text = get_text(args.dataset, "eval")  # data errors before the (slow) model load
+    lm = load(args.model, args.device, args.dtype)
+    pattern = lm.adapter.pattern(lm.model, drop)
+    ids = tokenize_text(lm.tokenizer, text)
+    windows(ids, args.seqlen, args.max_windows)  # validate before compute
+    with lm.adapter.dropped(lm.model, pattern):
+        res = perplexity(lm.model, ids=ids, seqlen=args.seqlen, max_windows=args.max_windows,
+                         batch_size=args.batch_size, progress=progress(), desc=f"ppl {args.dataset}")
+    print(f"{args.dataset}: ppl {res.ppl:.4f} over {res.tokens} predicted tokens ({res.windows} x {res.seqlen})",
+          file=sys.stderr)
+    emit({"model": args.model, "dataset": args.dataset, "ppl": res.ppl, "nll": res.nll, "tokens": res.tokens,
+          "windows": res.windows, "seqlen": res.seqlen, "dropped_layers": list(pattern.dropped)})
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ..export import check_out_dir, export_dropped, export_width
+    from ..runner.pruned import is_width_result, run_base_model, width_plan
+    from ..runner.rundir import RunDir, is_run_dir
+
+    drop = drop_arg(args.drop)
+    check_out_dir(args.out, args.overwrite)
+    if args.run and is_run_dir(args.run) and is_width_result(RunDir(args.run).read_result() or {}):
+        if drop:
+            raise UserError("--drop does not apply to a width-pruning run")
+        lm = load(run_base_model(RunDir(args.run)), args.device, args.dtype)  # the dense base: export slices it
+        rec = export_width(lm, width_plan(args.run, lm), args.out, overwrite=args.overwrite,
+                           extra={"run": str(args.run)})
+        print(f"exported width-pruned model ({rec['params']:,} of {rec['params_dense']:,} params) to {args.out} "
+              f"(reload check: max |dlogit| = {rec['max_abs_diff']:.2e}; loads with trust_remote_code=True)",
+              file=sys.stderr)
+    else:
+        lm = load(args.run or args.model, args.device, args.dtype)
+        lm.adapter.pattern(lm.model, drop)
+        rec = export_dropped(lm, drop, args.out, overwrite=args.overwrite)
+        print(f"exported {rec['n_layers']}-layer model to {args.out} (reload check: max |dlogit| = "
+              f"{rec['max_abs_diff']:.2e})", file=sys.stderr)
+    emit(rec)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("info", help="show a model's shape (layers, heads, KV heads, hidden, intermediate, params)")
+    add_model_options(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("ppl", help="perplexity on a held-out text (non-overlapping windows)")
+    add_model_options(p)
+    p.add_argument("--dataset", default="wikitext2", help="wikitext2 | c4 | text:PATH | jsonl:PATH[:field] "
+                   "(default: %(default)s)")
+    p.add_argument("--drop", default=None, help="comma-separated block indices to drop, e.g. 3,13")
+    p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default: %(default)s)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: %(default)s)")
+    p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("export", help="write a pruned model as a Hugging Face directory (reload-checked)")
+    p.add_argument("run", nargs="?", default=None, help="a run directory (instead of --model)")
+    add_model_options(p)
+    p.add_argument("--drop", default=None, help="comma-separated block indices to drop")
+    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,117 @@
+"""``evoprune search`` and ``evoprune resume``: the flags generated from the configuration, recipe files.
+
+Owns both commands (``add_parsers``). ``search`` takes every option of every space and method (each
+flag generated once, from the config dataclass that owns it; see :mod:`evoprune.cli.options`), or a
+recipe file (``--config recipe.yaml``: the sections of a run's ``config.json``, or flat option names;
+flags given beside it win). ``resume RUN`` continues a run from its ``config.json`` with, optionally,
+other execution options.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UserError
+from .common import emit, progress, quiet_transformers, read_recipe
+from .options import add_options, add_search_options, given
+
+__all__ = ["add_parsers", "search_config"]
+
+_CLI_ONLY = ("func", "command", "config", "out", "budget_from")
+
+
+def _sections() -> dict[str, type]:
+    from ..finetune.options import TrainingOptions
+    from ..runner.problems import PROBLEMS
+    from ..runner.sections import (
+        BudgetOptions,
+        CalibOptions,
+        ExecutionOptions,
+        FitnessOptions,
+        ModelOptions,
+    )
+    from ..search.llm.operator import OperatorConfig
+
+    out = {"model": ModelOptions, "calibration": CalibOptions, "budget": BudgetOptions, "fitness": FitnessOptions}
+    out.update({f"--space {kind}": problem.options_cls for kind, problem in PROBLEMS.items()})
+    out.update({"LLM operator (self-pruner)": OperatorConfig, "training-aware selection (darwinlm)": TrainingOptions,
+                "execution (Ray workers; may change on resume)": ExecutionOptions})
+    return out
+
+
+def _methods() -> dict[tuple, type]:
+    from ..search import SPACE_KINDS, get_strategy, methods
+
+    return {(space, m): get_strategy(m, space) for space in SPACE_KINDS for m in methods(space)}
+
+
+def _method_help() -> str:
+    from ..search import SPACE_KINDS, default_method, methods
+
+    return "; ".join(f"{s}: {' | '.join(methods(s))} (default {default_method(s)})" for s in SPACE_KINDS)
+
+
+def search_config(args: argparse.Namespace):
+    """The :class:`~evoprune.runner.config.SearchConfig` of a ``search`` command line (recipe + flags)."""
+    from ..runner.config import SearchConfig
+    from ..runner.rundir import RunDir
+
+    flags = given(args, skip=_CLI_ONLY)
+    if getattr(args, "budget_from", None):
+        res = RunDir(args.budget_from).read_result()
+        if res is None:
+            raise UserError(f"--budget-from {args.budget_from}: run has no result.json")
+        flags["budget"] = int(res["evaluations"])
+    recipe = read_recipe(args.config) if getattr(args, "config", None) else {}
+    return SearchConfig.from_dict(recipe, overrides=flags)
+
+
+def cmd_search(args) -> int:
+    from ..runner.loop import run_search
+
+    quiet_transformers()
+    emit(run_search(search_config(args), args.out, progress=progress()))
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from ..runner.config import SearchConfig
+    from ..runner.loop import run_search
+    from ..runner.rundir import RunDir
+
+    quiet_transformers()
+    run = RunDir(args.run)
+    cfg = SearchConfig.from_dict(run.read_config())
+    overrides = given(args, skip=("func", "command", "run"))
+    if str(overrides.get("ray_address", "")).lower() == "none":
+        overrides["ray_address"] = None
+    if overrides:  # how to run the rest (e.g. another worker count); the result is the same
+        cfg = cfg.replace_execution(**overrides)
+    emit(run_search(cfg, args.run, resume=True, progress=progress()))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("search", help="search for a pruning pattern (writes a resumable run directory)",
+                       description="Search for what to prune. Every option has one default, owned by the config "
+                                   "class it belongs to; method options apply to the methods their help names.")
+    p.add_argument("--space", default=argparse.SUPPRESS, help="layers (drop whole blocks) | width (per-layer head/"
+                   "channel rates, Self-Pruner) | levels (attention and MLP compression levels, DarwinLM) "
+                   "(default: layers)")
+    p.add_argument("--method", default=argparse.SUPPRESS, help=_method_help())
+    p.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="random seed (default: 0)")
+    p.add_argument("--config", default=None, metavar="RECIPE",
+                   help="a recipe file (YAML or JSON): the sections of a run's config.json, or flat option names; "
+                        "flags given beside it win")
+    p.add_argument("--budget-from", default=None, metavar="RUN",
+                   help="random: use the evaluation count of this finished run as --budget")
+    p.add_argument("--out", required=True, help="run directory (resumed if it holds the same search)")
+    add_search_options(p, sections=_sections(), methods=_methods())
+    p.set_defaults(func=cmd_search)
+
+    from ..runner.sections import ExecutionOptions
+
+    p = sub.add_parser("resume", help="continue a killed search from its run directory")
+    p.add_argument("run", help="run directory")
+    g = p.add_argument_group("execution options (default: as the run was started; --ray-address none drops it)")
+    add_options(g, ExecutionOptions)
+    p.set_defaults(func=cmd_resume)

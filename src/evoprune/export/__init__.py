@@ -1,0 +1,25 @@
+"""Exports that load with stock ``transformers``, every one reload-checked (:mod:`.checked`).
+
+- :func:`export_dropped` (:mod:`.plain`): blocks removed, a plain HF directory;
+- :func:`export_width` / :func:`save_width_model` (:mod:`.remote_code`): per-layer widths, the
+  ``trust_remote_code`` format;
+- :func:`save_pruned`: whichever of the two fits an in-memory model (e.g. after fine-tuning).
+"""
+from __future__ import annotations
+
+from .checked import ExportError, check_out_dir, reference_ids
+from .plain import export_dropped
+from .remote_code import export_width, save_width_model
+
+__all__ = ["ExportError", "check_out_dir", "reference_ids", "export_dropped", "export_width", "save_width_model",
+           "save_pruned"]
+
+
+def save_pruned(lm, out, *, overwrite: bool = False, extra: dict | None = None) -> dict:
+    """Export ``lm`` as it is in memory (a run's pruned model, possibly fine-tuned) in the format its pruning
+    needs: the ``trust_remote_code`` format when width-sliced, else a plain directory (no further drops)."""
+    from ..models.slicing import is_width_pruned
+
+    if is_width_pruned(lm.model):
+        return save_width_model(lm, out, overwrite=overwrite, extra=extra)
+    return export_dropped(lm, [], out, overwrite=overwrite, extra=extra)

@@ -1,0 +1,83 @@
+"""Crash-safe files: whole-file writes that are never seen half-written, and append-only JSON lines.
+
+Owns :func:`atomic_open` / :func:`atomic_write_json` (write to a temporary file in the destination's
+directory, flush + fsync, then ``os.replace``: a process killed at any instant leaves either the old
+file or the new one) and the JSON-lines pair :func:`append_jsonl` / :func:`read_jsonl`. An append
+that a kill interrupts leaves a *torn* last line (no newline, or not JSON); :func:`read_jsonl` drops
+it, optionally cutting it off the file so that the next append starts on a fresh line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Iterator
+
+__all__ = ["atomic_open", "atomic_write_json", "append_jsonl", "read_jsonl"]
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary sibling of ``path`` for writing; on success it replaces ``path``."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files; mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as (indented) JSON to ``path`` atomically."""
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+
+def append_jsonl(path: str | os.PathLike, row: dict, *, fsync: bool = True) -> None:
+    """Append ``row`` as one JSON line (UTF-8); ``fsync``: on disk before returning (a record that must survive)."""
+    line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    with open(path, "ab") as f:
+        f.write(line)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | os.PathLike, *, cut_torn_tail: bool = False) -> list[dict]:
+    """The complete JSON lines of ``path`` (``[]`` when it does not exist).
+
+    A torn last line (unterminated, or not JSON) is dropped; with ``cut_torn_tail`` it is also
+    truncated off the file. A line before the last that is not JSON raises ``ValueError`` naming
+    its number: that is corruption, not an interrupted append.
+    """
+    p = Path(path)
+    if not p.is_file():
+        return []
+    data = p.read_bytes()
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]  # tail: bytes after the last newline (b"" when none)
+    rows, good_bytes = [], 0
+    for i, raw in enumerate(complete):
+        try:
+            rows.append(json.loads(raw.decode("utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if i == len(complete) - 1 and not tail:
+                break  # the last line is torn: treated like an unterminated one
+            raise ValueError(f"{p}: line {i + 1} is not JSON") from None
+        good_bytes += len(raw) + 1
+    if cut_torn_tail and good_bytes < len(data):
+        with open(p, "r+b") as f:
+            f.truncate(good_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+    return rows

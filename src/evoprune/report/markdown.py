@@ -1,0 +1,104 @@
+"""``evoprune report RUN``: ``report.md`` with a summary table, the fitness and pattern plots and the best candidates.
+
+Owns :func:`write_report`. Reads only the run directory; torch is not imported.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..errors import UserError
+from .plots import TOP_N, plot_fitness, plot_pattern
+from .runs import load_run, read_eval_files, top_candidates
+from .tables import finite, fmt, fmt_layers, fmt_wall, md_table
+
+__all__ = ["write_report"]
+
+
+def _summary_rows(run: dict) -> list[list[str]]:
+    cfg, res, best = run["config"], run["result"] or {}, run["best"] or {}
+    hist = run["history"]
+    n, k = run["n"], run["k"]
+    loss = best.get("loss")
+    calib = res.get("calib") or {}
+    c = cfg["calibration"]
+    calib_txt = (f"{calib.get('source', c['calib'])}, {calib.get('sampling', c['sampling'])}, "
+                 f"{calib.get('samples', '?')} x {calib.get('seqlen', c['seqlen'])} tokens")
+    evals = res.get("evaluations", len(hist))
+    tl = res.get("token_layers", hist[-1]["token_layers"] if hist else None)
+    dense_tl = res.get("dense_token_layers_per_eval")
+    rows = [
+        ["status", "finished" if run["finished"] else f"in progress ({len(hist)} evaluations so far)"],
+        ["method", str(cfg["method"])],
+        ["model", str(cfg["model"]["model"])],
+        *([["space", f"{cfg['space']}: mean rate {cfg['budget']['sparsity']} over {n} blocks"],
+           ["rates", ", ".join(f"{r:.3f}" for r in best.get("rates") or [])],
+           ["params", f"{fmt(res.get('params'), ',.0f')} of {fmt(res.get('params_dense'), ',.0f')} "
+                      f"(prunable: {fmt(res.get('param_sparsity'), '.1%')} removed)"]]
+          if run["width"] else
+          [["k (dropped / blocks)", f"{k} / {n}" + (f" (sparsity {k / n:.1%})" if k is not None and n else "")],
+           ["dropped layers", fmt_layers(sorted(best.get("dropped", ())))]]),
+        ["calib loss", fmt(loss, ".4f")],
+        ["calib ppl", fmt(math.exp(loss), ".2f") if finite(loss) else "-"],
+        ["evaluations", str(evals)],
+        ["token-layers", fmt(tl, ",.0f") + (f" ({tl / dense_tl:.1f} dense-evaluation equivalents)"
+                                            if finite(tl) and finite(dense_tl) and dense_tl else "")],
+        ["wall", fmt_wall(res.get("wall_s"))],
+        ["calibration", calib_txt],
+        ["seed", str(cfg["seed"])],
+    ]
+    opts = cfg["method_options"]
+    if opts:
+        rows.append(["method options", ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                                                 for k, v in opts.items())])
+    return rows
+
+
+def write_report(path, out_dir=None) -> dict:
+    """Write ``report.md``, ``fitness.png`` and ``pattern.png`` for the run at ``path``; returns what was written."""
+    run = load_run(path)
+    if not run["history"]:
+        raise UserError(f"{run['path']}: no evaluations in history.jsonl yet; nothing to report")
+    out = Path(out_dir) if out_dir is not None else run["path"]
+    out.mkdir(parents=True, exist_ok=True)
+    fit_png, pat_png, md = out / "fitness.png", out / "pattern.png", out / "report.md"
+    plot_fitness(run, fit_png)
+    plot_pattern(run, pat_png)
+    best = run["best"] or {}
+    name = run["path"].name
+    k = run["k"]
+    n_partial = sum(1 for r in run["history"] if k is not None and len(r.get("dropped", ())) != k)
+    parts = [f"# evoprune report: `{name}`", "", f"Run directory: `{run['path']}`", "",
+             md_table(["", ""], _summary_rows(run)), "",
+             "## Fitness", "", f"![fitness]({fit_png.name})", "",
+             "Each dot is one evaluated candidate (calibration loss = mean token NLL on the calibration set), "
+             f"coloured by {run['round_name']}; the red step line is the "
+             "best loss found so far among candidates that drop exactly k blocks. Left: against evaluations; right: "
+             "against token-layers (tokens x decoder blocks actually run, including the one dense pass that builds "
+             "the cache)."
+             + (f" {n_partial} hollow dots are intermediate candidates with fewer than k blocks dropped." if n_partial
+                else ""), "",
+             "## Best candidate", ""]
+    if best.get("rates"):
+        parts += [f"![rates]({pat_png.name})", "", "Per-block pruning rates of the best candidate.", ""]
+    else:
+        parts += [f"![pattern]({pat_png.name})", "",
+                  f"Top: the {run['n']} decoder blocks, the dropped ones dark and crossed. Bottom: how often each "
+                  f"block is dropped among the {TOP_N} best distinct candidates (red: dropped in the best).", ""]
+    top = top_candidates(run, 5)
+    if top:
+        width = "rates" in top[0]
+        desc = (lambda r: f"{min(r['rates']):.2f}-{max(r['rates']):.2f}") if width else (lambda r: fmt_layers(r["dropped"]))
+        parts += ["### Best candidates", "",
+                  md_table(["rank", "rate range" if width else "dropped layers", "calib loss", "calib ppl",
+                             "evaluation #"],
+                            [[str(i + 1), desc(r), f"{r['loss']:.4f}", f"{math.exp(r['loss']):.2f}",
+                              str(r["eval"])] for i, r in enumerate(top)]), ""]
+    evals = read_eval_files(run["path"])
+    if evals:
+        parts += ["## Held-out evaluations", "", "From `eval_*.json` in the run directory.", "",
+                  md_table(["metric", "value"], [[kk, f"{v:.4f}"] for kk, v in evals.items()]), ""]
+    md.write_text("\n".join(parts))
+    return {"run": str(run["path"]), "report": str(md), "plots": [str(fit_png), str(pat_png)],
+            "finished": run["finished"], "dropped_layers": sorted(best.get("dropped", ())),
+            "calib_loss": best.get("loss"), "evaluations": len(run["history"]), "held_out": evals}

@@ -1,0 +1,128 @@
+"""Reading run directories for reports: config, result, history, derived n / k / best, held-out evaluations.
+
+Owns :func:`load_run`, :func:`read_eval_files`, :func:`eval_metrics`, :func:`top_candidates` and
+:func:`finite`. Reads only the run directory files (:mod:`evoprune.runner.rundir`); no model is loaded,
+torch is not imported.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+from ..runner.config import SearchConfig
+from ..runner.rundir import RunDir
+from .tables import finite
+
+__all__ = ["load_run", "read_eval_files", "eval_metrics", "top_candidates", "is_acc"]
+
+
+def _n_from_history(hist: list[dict]) -> int | None:
+    for r in hist:
+        m = re.match(r"L(\d+):", str(r.get("pattern", "")))
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def load_run(path) -> dict:
+    """Config, result (``None`` while running), history and derived ``n``/``k``/best of one run directory.
+
+    ``config`` is the run's configuration in the current record format (a flat record of an earlier
+    version is converted), ``round_name`` what its method's generations are (e.g. SLEB's steps),
+    ``width`` whether candidates are per-block rates (width and levels runs).
+    """
+    run = RunDir(path)
+    search = SearchConfig.from_dict(run.read_config())
+    cfg = search.to_dict()
+    res = run.read_result()
+    hist = run.read_history()
+    n = (res or {}).get("n_layers") or _n_from_history(hist)
+    k = (res or {}).get("k")
+    width = "rates" in (res or {}) or any(r.get("rates") is not None for r in hist)
+    if width:
+        n = n or next((len(r["rates"]) for r in hist if r.get("rates")), None)
+    if k is None and n and not width:
+        k = search.budget.k(n)
+    feasible = [r for r in hist if finite(r.get("loss")) and (k is None or len(r.get("dropped", ())) == k)]
+    if width:
+        if res is not None:
+            best = {"dropped": [], "loss": res.get("calib_loss"), "rates": res.get("rates")}
+        elif feasible:
+            b = min(feasible, key=lambda r: r["loss"])
+            best = {"dropped": [], "loss": b["loss"], "rates": b.get("rates")}
+        else:
+            best = None
+    elif res is not None:
+        best = {"dropped": list(res.get("dropped_layers", ())), "loss": res.get("calib_loss"),
+                "rates": res.get("rates")}
+    elif feasible:
+        b = min(feasible, key=lambda r: r["loss"])
+        best = {"dropped": list(b["dropped"]), "loss": b["loss"], "rates": None}
+    else:
+        best = None
+    return {"path": run.path, "config": cfg, "result": res, "history": hist, "n": n, "k": k, "best": best,
+            "finished": res is not None, "width": width, "round_name": search.strategy_cls.round_name}
+
+
+def eval_metrics(obj) -> dict[str, float]:
+    """Held-out numbers in one eval JSON object: ``{"wikitext2 ppl": ..., "mean acc": ..., "<task> acc": ...}``."""
+    out: dict[str, float] = {}
+    if not isinstance(obj, dict):
+        return out
+    if "tasks" in obj and isinstance(obj["tasks"], dict):  # evoprune eval (zero-shot) result
+        for task, v in obj["tasks"].items():
+            if isinstance(v, dict) and finite(v.get("acc")):
+                out[f"{task} acc"] = float(v["acc"])
+        if finite(obj.get("mean_acc")):
+            out["mean acc"] = float(obj["mean_acc"])
+        return out
+    if "ppl" in obj and "dataset" in obj:  # evoprune ppl JSON line
+        if finite(obj["ppl"]):
+            out[f"{obj['dataset']} ppl"] = float(obj["ppl"])
+        return out
+    for key, v in obj.items():  # {"wikitext2": ppl, "mean acc": x, ...}
+        if isinstance(v, dict):
+            out.update(eval_metrics(v))
+        elif finite(v):
+            name = str(key)
+            out[name if ("acc" in name or name.endswith("ppl")) else f"{name} ppl"] = float(v)
+    return out
+
+
+def read_eval_files(path) -> dict[str, float]:
+    """Metrics from every ``eval_*.json`` in a run directory (a JSON object, or JSON lines: the last one counts)."""
+    out: dict[str, float] = {}
+    for f in sorted(Path(path).glob("eval_*.json")):
+        text = f.read_text(encoding="utf-8", errors="replace").strip()
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:
+            lines = [s for s in text.splitlines() if s.strip().startswith("{")]
+            try:
+                obj = json.loads(lines[-1]) if lines else None
+            except json.JSONDecodeError:
+                obj = None
+        if obj is None:
+            print(f"evoprune: warning: {f} is not JSON; ignored", file=sys.stderr)
+            continue
+        out.update(eval_metrics(obj))
+    return out
+
+
+def top_candidates(run: dict, n: int) -> list[dict]:
+    """The ``n`` lowest-loss distinct feasible candidates (first evaluation of each pattern)."""
+    seen, rows = set(), []
+    for r in run["history"]:
+        if not finite(r.get("loss")) or (run["k"] is not None and len(r.get("dropped", ())) != run["k"]):
+            continue
+        if r["pattern"] in seen:
+            continue
+        seen.add(r["pattern"])
+        rows.append(r)
+    return sorted(rows, key=lambda r: (r["loss"], r["eval"]))[:n]
+
+
+def is_acc(metric: str) -> bool:
+    return "acc" in metric

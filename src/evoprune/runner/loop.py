@@ -1,0 +1,287 @@
+"""The one ask -> evaluate -> tell loop, with run directories and resume.
+
+Owns :func:`run_search`. The loop is the same for every space and method: what a space means for the
+model lives in its problem (:mod:`evoprune.runner.problems`), what a method needs and adds is declared
+by its strategy (:class:`~evoprune.search.base.Strategy`: ``needs``, ``check``, ``result_extras``); the
+loop branches on neither's name. The strategy asks for candidates, the problem's evaluators score each
+on the calibration set, every evaluation is appended to ``history.jsonl``, and after every ``tell``
+the strategy state and counters are written atomically to ``RUN/state``.
+
+Resume contract: for the same configuration, a run killed at any point and continued with
+:func:`run_search` (``resume=True``) ends with the same result and ``history.jsonl`` as an
+uninterrupted run. Evaluations logged after the last saved state are reused, not recomputed, when the
+resumed strategy asks for the same candidates (it always does: its random generator state is part of
+the saved state).
+
+``token_layers`` counts logical search work: tokens x decoder blocks actually run, including building
+caches and one-shot scores once per run (not again on resume, so the count is the same as an
+uninterrupted run's). With ``cache_mb`` (shared-prefix LRU), a resumed run replays the logged
+evaluations through the LRU's bookkeeping, so later evaluations hit the same entries and report the
+same token-layers (ghost entries are recomputed on a hit, uncounted).
+
+Multi-fidelity (a staged method with ``tokens_per_stage``): the strategy asks for
+:class:`~evoprune.search.staged.Request` objects (genome, stage); stage ``s`` scores on its data slice
+(:func:`~evoprune.runner.problems.common.stage_slices`), each stage with its own evaluator. History rows
+of such runs carry a ``stage`` field; ``calib_loss`` is the best candidate's loss at the last (full)
+stage.
+
+``budget_token_layers``: before each evaluation, the loop stops once the spent ``token_layers`` reach
+the budget; the result is the best full-fidelity candidate so far (``stopped_early: true``).
+
+Workers (``workers > 1`` or ``ray_address``): the candidates of each ``ask()`` batch are evaluated in
+parallel by Ray actors (:mod:`evoprune.runner.distributed`) and consumed in candidate order; the driver
+replays each candidate through its own evaluators' bookkeeping first, so token-layers, the budget's
+stopping point, ``history.jsonl`` and ``result.json`` are those of the sequential run.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError, user_input
+from .calibration import build_calib
+from .config import EXECUTION_SECTION, SearchConfig
+from .display import Display
+from .rundir import RunDir, is_run_dir
+
+__all__ = ["run_search"]
+
+# testing knob: seconds to sleep before each evaluation, so kill-and-resume tests can hit mid-run points
+_EVAL_DELAY = float(os.environ.get("EVOPRUNE_EVAL_DELAY_S", "0") or 0)
+
+
+def _open_run(cfg: SearchConfig, out, resume: bool) -> tuple[RunDir, bool, dict | None]:
+    """The run directory, whether this is a resume, and its finished result (if any)."""
+    run = RunDir(out)
+    with user_input("--out directory", run.path):
+        exists = run.path.exists() and (not run.path.is_dir() or any(run.path.iterdir()))
+    if exists:
+        if not is_run_dir(run.path):
+            raise UserError(f"--out {run.path} exists and is not an evoprune run directory")
+        old, new = _flat(SearchConfig.from_dict(run.read_config())), _flat(cfg)
+        diff = [f"{k}: {old.get(k)!r} != {v!r}" for k, v in new.items() if old.get(k) != v]
+        if diff:
+            raise UserError(f"{run.path} holds a run with different arguments ({'; '.join(diff)}); "
+                            f"use 'evoprune resume {run.path}' or a new --out")
+        return run, True, run.read_result()
+    if resume:
+        raise UserError(f"{run.path}: nothing to resume")
+    return run, False, None
+
+
+def _flat(cfg: SearchConfig) -> dict:
+    """``{"section.field": value}`` of everything but the execution options (those may differ on resume)."""
+    out = {}
+    for name, value in cfg.to_dict().items():
+        if isinstance(value, dict):
+            if name != EXECUTION_SECTION:
+                out.update({f"{name}.{k}": v for k, v in value.items()})
+        else:
+            out[name] = value
+    return out
+
+
+def _make_strategy(cfg: SearchConfig, problem, inputs: dict, operator):
+    from ..search import make_strategy
+
+    kw = {"operator": operator} if operator is not None else {}
+    return make_strategy(cfg.method, problem.space, np.random.default_rng([cfg.seed, 2]),
+                         **cfg.strategy_options(inputs), **kw)
+
+
+def _setup(cfg: SearchConfig, run: RunDir, resume: bool, progress: bool, operator):
+    """Model, problem, calibration, counters and the strategy (restored from the saved state on resume)."""
+    import torch
+
+    from ..models.loading import load_pretrained
+    from .problems import PROBLEMS
+
+    lm = load_pretrained(cfg.model.model, dtype=getattr(torch, cfg.model.dtype), device=cfg.model.device,
+                         progress=progress, device_map=cfg.load_device_map)
+    problem = PROBLEMS[cfg.space](cfg, lm)
+    cfg.strategy_cls.check(problem.space, cfg.method_options)  # refuse before any expensive setup
+    if not resume:
+        run.write_config(cfg.to_dict())
+    state = run.read_state() if resume else None
+    calib = build_calib(cfg, lm, run, progress)
+    needs = cfg.requirements
+    counters = {"evaluations": 0, "token_layers": 0, "generation": 0}
+    spent, inputs = problem.prepare(calib, run, fresh=state is None, needs=needs)
+    if state is not None:
+        counters.update(state["counters"])
+        inputs = dict(state.get("extra_options", {}))  # the one-shot inputs as the run first computed them
+    else:
+        counters["token_layers"] += spent
+    if "operator" in needs and operator is None:
+        operator = _make_operator(cfg, lm, run, problem)
+    strategy = _make_strategy(cfg, problem, inputs, operator)
+    if state is not None:
+        try:
+            strategy.load_state_dict(state["strategy"])
+        except (KeyError, ValueError) as e:
+            raise UserError(f"{run.path}: cannot resume ({e})") from None
+    return lm, problem, calib, counters, inputs, strategy, state
+
+
+def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
+               operator=None) -> dict:
+    """Run (or continue) the search ``cfg`` in run directory ``out``; returns ``result.json``'s content.
+
+    ``operator``: an LLM operator for methods that need one (default: an
+    :class:`~evoprune.search.llm.operator.LLMOperator` built from the ``operator`` section, logging every
+    call to ``RUN/llm_calls.jsonl``).
+    """
+    t0 = time.time()
+    run, resume, done = _open_run(cfg, out, resume)
+    if done is not None:
+        return done
+    lm, problem, calib, counters, inputs, strategy, state = _setup(cfg, run, resume, progress, operator)
+    history = run.read_history()
+    committed, pending = history[: counters["evaluations"]], history[counters["evaluations"]:]
+    if len(committed) < counters["evaluations"]:
+        raise UserError(f"{run.path}: corrupted run (history shorter than the saved state)")
+    run.rewrite_history(committed)
+    for r in committed:  # the LRUs' bookkeeping, as the uninterrupted run left it
+        problem.evaluators[r.get("stage", -1)].replay(problem.space.from_key(r["pattern"]))
+    prev_wall = (state or {}).get("wall_s", 0.0)
+
+    def save_state() -> None:
+        run.write_state({"counters": counters, "strategy": strategy.state_dict(), "extra_options": inputs,
+                         "wall_s": round(prev_wall + time.time() - t0, 3)})
+
+    if state is None:
+        save_state()
+    stopped = _loop(cfg, run, problem, strategy, counters, {(r["pattern"], r.get("stage")): r for r in pending},
+                    save_state, progress, t0)
+    if strategy.best is None:
+        raise UserError(f"--budget-token-layers {cfg.budget.budget_token_layers} ran out before any full-fidelity "
+                        f"evaluation; raise it")
+    return _finish(cfg, run, problem, strategy, counters, calib, stopped, prev_wall + time.time() - t0, progress)
+
+
+def _loop(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, reuse: dict, save_state, progress: bool,
+          t0: float) -> bool:
+    """Ask, evaluate, log, tell until the strategy is done or the budget stops it; returns whether it stopped."""
+    evaluators, budget = problem.evaluators, cfg.budget.budget_token_layers
+    display = Display(progress, cfg.method)
+    best_seen = strategy.best[1] if strategy.best else math.inf
+    stopped, pool = False, None
+    try:
+        if cfg.distributed and not strategy.done:
+            pool = _start_pool(cfg, run, problem, progress)
+        while not strategy.done and not stopped:
+            cands = strategy.ask()
+            fits = []
+            for c, stage, genome, loss, tokens, tl in _scored(cands, evaluators, reuse, budget,
+                                                              lambda: counters["token_layers"], pool):
+                counters["evaluations"] += 1
+                counters["token_layers"] += tl
+                row = {"eval": counters["evaluations"], "generation": counters["generation"], "pattern": c.key,
+                       **problem.row(genome), "loss": loss, "tokens": tokens, "eval_token_layers": tl,
+                       "token_layers": counters["token_layers"]}
+                if stage is not None:
+                    row["stage"] = stage
+                run.append_history(row)
+                fits.append(loss)
+                if stage is None or stage == len(evaluators) - 1:
+                    best_seen = min(best_seen, loss)
+                display.update(counters["generation"], best_seen, counters["evaluations"], counters["token_layers"])
+            stopped = len(fits) < len(cands)  # only the budget ends a batch early
+            if fits:
+                strategy.tell(cands[: len(fits)], fits)
+            counters["generation"] = strategy.generation
+            save_state()
+            run.append_wall({"generation": counters["generation"], "evaluations": counters["evaluations"],
+                             "elapsed_s": round(time.time() - t0, 3)})
+    finally:
+        display.close()
+        if pool is not None:
+            pool.close()
+    return stopped
+
+
+def _start_pool(cfg: SearchConfig, run: RunDir, problem, progress: bool):
+    from .distributed import WorkerPool
+
+    for ev in problem.evaluators:  # the driver only replays from now on
+        ev.release()
+    if progress:
+        print(f"starting {cfg.execution.workers} Ray worker(s)", file=sys.stderr, flush=True)
+    return WorkerPool(cfg, run.path, problem.setup_files, eval_delay_s=_EVAL_DELAY, log=run.append_workers)
+
+
+def _finish(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, calib, stopped: bool, wall: float,
+            progress: bool) -> dict:
+    best_g, best_loss = strategy.best
+    c = cfg.calibration
+    result = {
+        "method": cfg.method, "model": cfg.model.model, "space": cfg.space, **problem.result(best_g),
+        "calib_loss": best_loss, "calib_ppl": math.exp(best_loss),
+        "evaluations": counters["evaluations"], "token_layers": counters["token_layers"],
+        "wall_s": round(wall, 2), "seed": cfg.seed, "stopped_early": stopped,
+        "calib": {"source": c.calib if not c.calib_from else f"run:{c.calib_from}", "sampling": c.sampling,
+                  "samples": calib.n_samples, "seqlen": calib.seqlen},
+        **strategy.result_extras(),
+    }
+    run.write_result(result)
+    if progress:
+        print(f"best: {problem.summary(best_g)}; calib loss {best_loss:.4f} (ppl {result['calib_ppl']:.2f}); "
+              f"{result['evaluations']} evaluations, {result['token_layers']:.3g} token-layers", file=sys.stderr)
+    return result
+
+
+def _scored(cands, evaluators, reuse: dict, budget: int | None, spent, pool=None):
+    """``(candidate, stage, genome, loss, tokens, token_layers)`` of ``cands``, in candidate order.
+
+    Stops before the first candidate at which the token-layers spent so far reach ``budget``
+    (``spent()``: the caller's running total, updated between items). Rows of ``reuse`` (logged after
+    the last saved state) are replayed, not evaluated. With a :class:`~evoprune.runner.distributed.WorkerPool`
+    the candidates are first replayed in order through the driver's evaluators (the LRU bookkeeping gives
+    the sequential run's token-layers, hence the same budget stop, and nothing past it is dispatched),
+    then evaluated in parallel and yielded in order: the caller sees exactly what the sequential loop sees.
+    """
+    plan, total = [], spent()
+    for c in cands:
+        if budget is not None and (spent() if pool is None else total) >= budget:
+            break
+        stage = getattr(c, "stage", None)
+        genome = getattr(c, "pattern", c)
+        ev = evaluators[-1 if stage is None else stage]
+        r = reuse.pop((c.key, stage), None)
+        if r is not None:
+            ev.replay(genome)
+            item = (c, stage, genome, r["loss"], r["tokens"], r["eval_token_layers"])
+        elif pool is not None:
+            item = (c, stage, genome, None, None, ev.replay(genome))  # evaluated below, by the workers
+        else:
+            if _EVAL_DELAY:
+                time.sleep(_EVAL_DELAY)
+            e = ev.evaluate(genome)
+            item = (c, stage, genome, e.loss, e.tokens, e.token_layers)
+        if pool is None:
+            yield item
+        else:
+            plan.append(item)
+            total += item[5]
+    if not plan:
+        return
+    results = pool.imap([(genome, stage) for _, stage, genome, loss, _, _ in plan if loss is None])
+    for c, stage, genome, loss, tokens, tl in plan:
+        if loss is None:
+            loss, tokens, _ = next(results)
+        yield c, stage, genome, loss, tokens, tl
+
+
+def _make_operator(cfg: SearchConfig, lm, run: RunDir, problem):
+    """The LLM operator of a run whose strategy needs one, logging every call to ``RUN/llm_calls.jsonl``."""
+    from ..search.llm.operator import LLMOperator
+
+    name = getattr(lm, "name", None) or cfg.model.model
+    name = {"smollm2-135m": "SmolLM2-135M-Instruct"}.get(name, name)
+    return LLMOperator(cfg.operator, n_layers=problem.n, beta=problem.space.beta, model_name=name,
+                       log_path=Path(run.path) / "llm_calls.jsonl")

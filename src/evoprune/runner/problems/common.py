@@ -1,0 +1,38 @@
+"""What every problem shares: fidelity stage slices and the checks they need. Torch-free.
+
+Owns :func:`stage_slices`. Stage ``s`` with ``T = tokens_per_stage[s]`` tokens uses one data slice
+shared by all its candidates: the first ``m = min(n_samples, ceil(T / seqlen))`` calibration samples,
+each cut to its first ``T // m`` tokens (so ``m * (T // m) <= T`` tokens). The last stage must be the
+whole calibration set (``T = n_samples * seqlen``). No ``tokens_per_stage``: one stage, the whole set.
+"""
+from __future__ import annotations
+
+from ...errors import UserError
+
+__all__ = ["stage_slices", "stage_tokens", "check_stages"]
+
+
+def stage_tokens(method_options) -> tuple[int, ...] | None:
+    """The ``tokens_per_stage`` of a staged method's options (``None`` for one stage or an unstaged method)."""
+    return getattr(method_options, "tokens_per_stage", None)
+
+
+def check_stages(method_options) -> None:
+    """A staged method's survivors need one fitness slice per stage: several stages need ``tokens_per_stage``."""
+    surv = getattr(method_options, "survivors", None)
+    if surv is not None and stage_tokens(method_options) is None and len(surv) != 1:
+        raise UserError("several --survivors-per-stage entries need --tokens-per-stage")
+
+
+def stage_slices(tokens_per_stage, n_samples: int, seqlen: int) -> list[tuple[int, int]]:
+    """``(samples, tokens per sample)`` of each fidelity stage (see the module docstring)."""
+    if tokens_per_stage is None:
+        return [(n_samples, seqlen)]
+    if tokens_per_stage[-1] != n_samples * seqlen:
+        raise UserError(f"the last --tokens-per-stage entry must be the whole calibration set "
+                        f"({n_samples} x {seqlen} = {n_samples * seqlen} tokens), got {tokens_per_stage[-1]}")
+    out = []
+    for t in tokens_per_stage:
+        m = min(n_samples, -(-t // seqlen))
+        out.append((m, t // m))
+    return out

@@ -1,0 +1,99 @@
+"""The pruned model of a finished run, and model specs that may name a run directory.
+
+Owns :func:`load_model` (any model spec, run directories included: the public ``evoprune.load_model``),
+:func:`load_run_model` (a run's base model with its best result applied, blocks removed or widths
+sliced in place) and :func:`width_plan` (the :class:`~evoprune.prune.width_plan.WidthPlan` of a width
+or levels run). Which kind of result a run has is read off its ``result.json`` (``dropped_layers``,
+``rates``, ``attn_levels``), so runs of either configuration format work.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+from .rundir import RunDir, is_run_dir
+
+__all__ = ["load_model", "load_run_model", "width_plan", "run_base_model", "is_width_result"]
+
+
+def is_width_result(res: dict) -> bool:
+    """Whether a run's result is a width-pruned model (per-block attention groups and MLP channels)."""
+    return "rates" in res or "attn_levels" in res
+
+
+def run_base_model(run: RunDir) -> str:
+    """The model spec a run searched (either configuration format)."""
+    cfg = run.read_config()
+    model = cfg.get("model")
+    return model.get("model") if isinstance(model, dict) else model
+
+
+def load_model(spec: str, *, dtype=None, device="cpu", progress: bool = True, device_map=None):
+    """Load ``spec``: a run directory (:func:`load_run_model`) or any spec of
+    :func:`evoprune.models.loading.load_pretrained` (alias, ``.gguf``, HF directory, hub id)."""
+    import torch
+
+    from ..models.loading import load_pretrained
+
+    if is_run_dir(Path(str(spec)).expanduser()):
+        return load_run_model(spec, dtype=dtype, device=device, progress=progress, device_map=device_map)
+    return load_pretrained(str(spec), dtype=dtype or torch.float32, device=device, progress=progress,
+                           device_map=device_map)
+
+
+def load_run_model(path, *, dtype=None, device="cpu", progress: bool = True, device_map=None):
+    """The base model of a finished run with its best result applied (blocks removed, or widths sliced, in place)."""
+    import torch
+
+    from ..models.loading import load_pretrained
+
+    run = RunDir(path)
+    res = run.read_result()
+    if res is None:
+        raise UserError(f"{run.path}: run has no result.json yet (finish it with: evoprune resume {run.path})")
+    lm = load_pretrained(run_base_model(run), dtype=dtype or torch.float32, device=device, progress=progress,
+                         device_map=device_map)
+    if is_width_result(res):
+        from ..models.slicing import apply_width_inplace
+
+        plan = width_plan(run, lm)
+        apply_width_inplace(lm.model, plan)
+        lm.name = str(path)
+        lm.extra["run"] = {"method": res.get("method"), "calib_loss": res.get("calib_loss"), "space": res.get("space"),
+                           "rates": list(plan.rates), "params": res.get("params")}
+        return lm
+    dropped = tuple(res.get("dropped_layers", ()))
+    lm.adapter.drop_inplace(lm.model, dropped)
+    lm.name, lm.dropped = str(path), dropped
+    lm.extra["run"] = {"method": res.get("method"), "calib_loss": res.get("calib_loss")}
+    return lm
+
+
+def width_plan(path, lm):
+    """The :class:`~evoprune.prune.width_plan.WidthPlan` of a finished width or levels run, for the unpruned
+    base model ``lm``. Width runs: from the rates and ``RUN/importance.pt``. Levels runs: from the run's level
+    database, whose weights for the chosen levels are also written into ``lm``'s output / MLP-output
+    projections (the masked form: slicing ``lm`` by the plan then gives the pruned model)."""
+    from ..prune.wanda_sp import WidthImportance
+    from ..prune.width_plan import plan_widths
+
+    run = path if isinstance(path, RunDir) else RunDir(path)
+    res = run.read_result()
+    if res is not None and "attn_levels" in res:
+        return _levels_plan(run, res, lm)
+    imp = run.path / "importance.pt"
+    if res is None or "rates" not in res or not imp.is_file():
+        raise UserError(f"{run.path}: not a finished width-pruning run (needs result.json with rates and importance.pt)")
+    return plan_widths(lm, WidthImportance.load(imp), res["rates"])
+
+
+def _levels_plan(run: RunDir, res: dict, lm):
+    from ..prune.levels_db import AppliedLevels, LevelDatabase
+
+    info = res.get("levels_db") or {}
+    if not info.get("path") or not (Path(info["path"]) / "levels.json").is_file():
+        raise UserError(f"{run.path}: its level database {info.get('path')!r} is gone; rerun the search with the "
+                        f"same arguments in a new directory to rebuild it")
+    applied = AppliedLevels(lm, LevelDatabase.load(info["path"]))
+    applied.apply(res["attn_levels"], res["mlp_levels"])
+    return applied.db.plan(res["attn_levels"], res["mlp_levels"], applied.spec)

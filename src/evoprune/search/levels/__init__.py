@@ -1,0 +1,1 @@
+"""Strategies of ``--space levels`` (DarwinLM compression levels); every module here is discovered by the registry."""

@@ -1,0 +1,131 @@
+"""Self-Pruner (Algorithm 1): an LLM writes the initial population and does mutation and crossover.
+
+Owns :class:`SelfPrunerConfig` and :class:`SelfPrunerStrategy` (method
+``self-pruner``, ``--space width``). The loop is :class:`~evoprune.search.width.evo.WidthEvoStrategy`'s
+(K initial vectors, then N generations of M mutants + S crossovers, best K
+survive); only the operators differ:
+
+- generation 0: ``operator.initialize(K)`` (the paper's Figure 2 prompt), topped
+  up from ``evo``'s initialization (uniform, OWL, random) when it returns fewer;
+- later generations: ``operator.mutate(population, M)`` and
+  ``operator.crossover(population, S)`` (Figure 3), where the population is the
+  current best K with their fitness shown as perplexity ``exp(loss)`` (the
+  paper's fitness), best first.
+
+The operator (:class:`~evoprune.search.llm.operator.LLMOperator`, impure: it
+talks to an endpoint) is passed in, not part of the options. Whatever it
+returns is already parsed, validated and repaired; each vector is projected
+onto the space once more (a no-op for valid ones) and anything missing,
+duplicated or already scored is filled by the non-LLM operator of ``evo``, so a
+generation always completes. ``llm_init`` / ``llm_mutation`` /
+``llm_crossover`` = False are the paper's ablations (that step uses the non-LLM
+operator only). Per-run counts of what the LLM proposed are kept in
+:attr:`llm_stats` (part of the saved state, so a resumed run reports the same
+totals as an uninterrupted one, given the operator replays its logged replies; the operator's own state, its
+call counter and budget, is saved with the strategy's).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ...options import opt
+from ...spaces import RateVector, SearchError
+from ..registry import register
+from .evo import WidthEvoConfig, WidthEvoStrategy
+
+__all__ = ["SelfPrunerConfig", "SelfPrunerStrategy"]
+
+_STAT_KEYS = ("calls", "failed_calls", "proposals", "valid", "repaired", "invalid", "duplicates", "used", "fallback")
+
+
+@dataclass(frozen=True)
+class SelfPrunerConfig(WidthEvoConfig):
+    llm_init: bool = opt(True, "the LLM writes the initial population (off: the paper's ablation, evo's init)")
+    llm_mutation: bool = opt(True, "the LLM does mutation (off: evo's)")
+    llm_crossover: bool = opt(True, "the LLM does crossover (off: evo's)")
+
+
+@register("self-pruner", space="width")
+class SelfPrunerStrategy(WidthEvoStrategy):
+    config_cls = SelfPrunerConfig
+    needs = frozenset({"scores", "operator"})
+
+    @classmethod
+    def requirements(cls, config) -> frozenset[str]:
+        """The LLM operator only when some step uses it (every LLM step ablated: ``evo`` with the LLM's bookkeeping)."""
+        return cls.needs if (config.llm_init or config.llm_mutation or config.llm_crossover) else cls.needs - {"operator"}
+
+    def result_extras(self) -> dict:
+        return {"llm": dict(self.llm_stats)}
+
+    def __init__(self, space, rng, operator=None, **options) -> None:
+        super().__init__(space, rng, **options)
+        c = self.config
+        if operator is None and (c.llm_init or c.llm_mutation or c.llm_crossover):
+            raise SearchError("self-pruner needs an LLM operator (--operator-url / --operator-model); "
+                              "or turn every LLM step off with the ablation flags")
+        self.operator = operator
+        self.llm_stats = {k: 0 for k in _STAT_KEYS}
+
+    def _take(self, result, n: int, seen: set) -> list[RateVector]:
+        """The operator's proposals as feasible, new vectors (at most ``n``), counted in llm_stats."""
+        for k in ("calls", "failed_calls", "proposals", "valid", "repaired", "invalid", "duplicates"):
+            self.llm_stats[k] += int(result.counts.get(k, 0))
+        out = []
+        for rates in result.configs:
+            try:
+                g = self.space.project(rates)
+            except SearchError:
+                self.llm_stats["invalid"] += 1
+                continue
+            if g.key in seen or g.key in self._memo:
+                self.llm_stats["duplicates"] += 1
+                continue
+            seen.add(g.key)
+            out.append(g)
+            if len(out) == n:
+                break
+        self.llm_stats["used"] += len(out)
+        return out
+
+    def _population_for_prompt(self) -> list[tuple[tuple[float, ...], float]]:
+        return [(g.rates, math.exp(min(self._memo[g.key], 700.0))) for g in self.population]
+
+    def _initial(self, k: int) -> list[RateVector]:
+        if not self.config.llm_init:
+            return super()._initial(k)
+        seen: set = set()
+        got = self._take(self.operator.initialize(k), k, seen)
+        self.llm_stats["fallback"] += k - len(got)
+        if len(got) == k:
+            return got
+        # the non-LLM initialization (uniform, OWL, random) fills the rest, as in the ablation
+        return got + [g for g in super()._initial(k) if g.key not in seen][: k - len(got)]
+
+    def _mutants(self, m: int, seen: set) -> list[RateVector]:
+        if not self.config.llm_mutation or m == 0:
+            return super()._mutants(m, seen)
+        got = self._take(self.operator.mutate(self._population_for_prompt(), m, seen=tuple(seen)), m, seen)
+        self.llm_stats["fallback"] += m - len(got)
+        return got + super()._mutants(m - len(got), seen)
+
+    def _crossovers(self, s: int, seen: set) -> list[RateVector]:
+        if not self.config.llm_crossover or s == 0:
+            return super()._crossovers(s, seen)
+        got = self._take(self.operator.crossover(self._population_for_prompt(), s, seen=tuple(seen)), s, seen)
+        self.llm_stats["fallback"] += s - len(got)
+        return got + super()._crossovers(s - len(got), seen)
+
+    def _extra_state(self) -> dict:
+        d = super()._extra_state()
+        d["llm_stats"] = dict(self.llm_stats)
+        # the operator's call numbering and budget: its logged replies are replayed by call number
+        d["operator"] = self.operator.state_dict() if self.operator is not None else None
+        return d
+
+    def _load_extra_state(self, d: dict) -> None:
+        super()._load_extra_state(d)
+        self.llm_stats = {k: int(d.get("llm_stats", {}).get(k, 0)) for k in _STAT_KEYS}
+        if self.operator is not None and d.get("operator") is not None:
+            self.operator.load_state_dict(d["operator"])
