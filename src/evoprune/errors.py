@@ -54,5 +54,6 @@ def user_input(what: str, path: str | os.PathLike, *, formats: bool = True) -> I
         if not formats:
             raise
         detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"cannot read {what} {os.fspath(path)}: {type(e).__name__}"
+        kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+        raise UserError(f"cannot read {what} {os.fspath(path)}: {kind}"
                         + (f": {detail[:200]}" if detail else "") + " (truncated or not that kind of file?)") from None

@@ -2,7 +2,8 @@
 
 Owns :func:`atomic_open` / :func:`atomic_write_json` (write to a temporary file in the destination's
 directory, flush + fsync, then ``os.replace``: a process killed at any instant leaves either the old
-file or the new one) and the JSON-lines pair :func:`append_jsonl` / :func:`read_jsonl`. An append
+file or the new one), :func:`atomic_dir` (the same for a directory: exports, model caches, level
+databases) and the JSON-lines pair :func:`append_jsonl` / :func:`read_jsonl`. An append
 that a kill interrupts leaves a *torn* last line (no newline, or not JSON); :func:`read_jsonl` drops
 it, optionally cutting it off the file so that the next append starts on a fresh line.
 """
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
-__all__ = ["atomic_open", "atomic_write_json", "append_jsonl", "read_jsonl"]
+__all__ = ["atomic_open", "atomic_write_json", "atomic_dir", "append_jsonl", "read_jsonl"]
 
 
 @contextmanager
@@ -34,6 +36,29 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(dest: str | os.PathLike, done: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """A temporary sibling directory of ``dest``; when the block ends without an error it becomes ``dest``
+    (an existing ``dest`` is replaced), else it is removed. ``done(dest)``: when true at that moment
+    (another process finished the same directory first), the new one is discarded and ``dest`` kept."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp", dir=dest.parent))
+    try:
+        yield tmp
+        if done is None or not done(dest):
+            if dest.exists():
+                shutil.rmtree(dest)
+            try:
+                os.replace(tmp, dest)
+            except OSError:
+                if done is None or not done(dest):  # not a concurrent finish: a real failure
+                    raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..files import atomic_open
+from ..tensorfiles import load_tagged, save_tagged
 
 __all__ = ["CalibSet", "random_windows", "tokenize_texts", "base_meta", "check_positive"]
 
@@ -118,10 +118,8 @@ class CalibSet:
     # -- persistence ---------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write to ``path`` (one ``.pt`` file) atomically: temp file, fsync, ``os.replace``."""
-        payload = {"format": FORMAT, "input_ids": self.input_ids,
-                   "cluster_ids": list(self.cluster_ids), "meta_json": json.dumps(self.meta, sort_keys=True)}
-        with atomic_open(path, "wb") as f:
-            torch.save(payload, f)
+        save_tagged(path, FORMAT, {"input_ids": self.input_ids, "cluster_ids": list(self.cluster_ids),
+                                   "meta_json": json.dumps(self.meta, sort_keys=True)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CalibSet":
@@ -130,17 +128,8 @@ class CalibSet:
         ``FileNotFoundError`` if absent; ``ValueError`` (one line) if it is not a
         calibration set or is corrupted. Uses ``weights_only=True``: no code runs.
         """
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"calibration set not found: {path}")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-                raise ValueError(f"format tag is {obj.get('format') if isinstance(obj, dict) else type(obj).__name__!r}")
-            return cls(obj["input_ids"], tuple(obj["cluster_ids"]), json.loads(obj["meta_json"]))
-        except Exception as e:  # any unpickling/shape/key error means the same thing to the user
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"{path}: not a valid evoprune calibration set ({msg})") from e
+        return load_tagged(path, FORMAT, "calibration set", lambda obj: cls(
+            obj["input_ids"], tuple(obj["cluster_ids"]), json.loads(obj["meta_json"])))
 
 
 # -- shared helpers ------------------------------------------------------------

@@ -9,15 +9,13 @@ uses (:mod:`.plain`, :mod:`.remote_code`). A failed export leaves nothing behind
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..errors import UserError, user_input
+from ..files import atomic_dir
 from ..models.hooks import model_device
 from ..models.loading import reload_export
 from ..version import __version__
@@ -72,10 +70,7 @@ def checked_export(out: str | Path, write: Writer, *, ids: torch.Tensor, dtype: 
     :class:`ExportError` (nothing written) when a check fails.
     """
     out = check_out_dir(out, overwrite)
-    with user_input("--out directory", out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
+    with user_input("--out directory", out, formats=False), atomic_dir(out) as tmp:
         record, checks = write(tmp)
         reloaded = reload_export(tmp, dtype)
         try:
@@ -90,10 +85,4 @@ def checked_export(out: str | Path, write: Writer, *, ids: torch.Tensor, dtype: 
             if not diffs[name] <= tol:
                 raise ExportError(f"export check failed: reloaded logits differ from {what} by "
                                   f"{diffs[name]:.3g} > {tol:.3g}")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return {**record, **diffs, "out": str(out)}

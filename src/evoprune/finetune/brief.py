@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .loop import train_steps
 from .options import BriefTrainConfig
 
 __all__ = ["BriefTrainConfig", "brief_train", "disjoint_windows", "shuffled", "BACKWARD_FACTOR"]
@@ -62,25 +63,14 @@ def _full(lm, windows: torch.Tensor, cfg: BriefTrainConfig, steps: int) -> dict:
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     device = params[0].device
-    losses = []
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         model.train()
-        for s in range(steps):
-            batch = windows[s * cfg.batch_size:(s + 1) * cfg.batch_size].to(device)
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"brief training diverged at step {s} (loss {float(loss)}); lower the lr")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-        del opt
+        batches = (windows[s * cfg.batch_size:(s + 1) * cfg.batch_size].to(device) for s in range(steps))
+        losses = train_steps(model, params, batches, steps, lr=cfg.lr, what="brief training")
     finally:
         for p, f in flags:
             p.requires_grad_(f)

@@ -30,7 +30,6 @@ Learning rate: linear warm-up over ``warmup_steps`` (``lr·(t+1)/warmup``), then
 """
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 from typing import Sequence
@@ -41,6 +40,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.base import family
+from .loop import train_steps
 from .options import LoRAConfig
 
 __all__ = ["LoRAConfig", "finetune_lora", "default_targets", "resolve_targets"]
@@ -148,7 +148,6 @@ def finetune_lora(lm, data, cfg: LoRAConfig, *, progress: bool = False) -> dict:
     was_training = model.training
     rng = np.random.default_rng(cfg.seed)
     order = _order(windows.shape[0], rng)
-    losses: list[float] = []
     t0 = time.perf_counter()
     fork = [device] if device.type == "cuda" else []
     peft_model = None
@@ -163,31 +162,13 @@ def finetune_lora(lm, data, cfg: LoRAConfig, *, progress: bool = False) -> dict:
                 peft_model = get_peft_model(model, peft_cfg)
             params = [p for p in peft_model.parameters() if p.requires_grad]
             n_lora = sum(p.numel() for p in params)
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg))
             peft_model.train()
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.steps, desc="lora", unit="step", leave=False,
-                       disable=not (progress and sys.stderr.isatty()))
-            for _ in range(cfg.steps):
-                idx = torch.tensor([next(order) for _ in range(cfg.batch_size)])
-                batch = windows[idx].to(device)
-                loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"LoRA training diverged at step {len(losses)} (loss {float(loss)}); "
-                                             f"lower --lr")
-                loss.backward()
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-                bar.update(1)
-            bar.close()
-            del opt, sched, params
+            batches = (windows[torch.tensor([next(order) for _ in range(cfg.batch_size)])].to(device)
+                       for _ in range(cfg.steps))
+            losses = train_steps(peft_model, params, batches, cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 max_grad_norm=cfg.max_grad_norm, lr_factor=_lr_factor(cfg), what="LoRA training",
+                                 hint="lower --lr", progress=progress)
+            del params
         with torch.no_grad():
             merged = peft_model.merge_and_unload()
     finally:

@@ -25,15 +25,14 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError, user_input
+from ..files import atomic_dir
 from .base import Adapter, adapter_for_type, hf_classes
 
 __all__ = ["LoadedModel", "load_pretrained", "reload_export", "resolve_alias", "cache_dir", "DEFAULT_MODEL"]
@@ -111,19 +110,10 @@ def _gguf_to_cache(gguf: Path, dest: Path, progress: bool) -> None:
         clean = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     clean.load_state_dict(src.state_dict(), assign=True, strict=True)
     clean.tie_weights()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp", dir=dest.parent))
-    try:
+    with atomic_dir(dest, done=_is_cached) as tmp:  # another process may finish the same conversion first
         clean.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "evoprune_source.json").write_text(json.dumps({"gguf": str(gguf)}))
-        if not _is_cached(dest):  # another process may have finished the same conversion first
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _gguf_cache_path(gguf: Path, alias: str | None) -> Path:

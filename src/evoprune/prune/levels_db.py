@@ -46,9 +46,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -57,6 +55,7 @@ import torch
 
 from ..data.calibration import CalibSet
 from ..errors import UserError
+from ..files import atomic_dir
 from ..models.base import family
 from ..models.hooks import hooked, last_logits_kwargs, model_device
 from ..models.loading import LoadedModel
@@ -237,10 +236,8 @@ class LevelDatabase:
         sizes = {"attn": spec.heads_per_group * spec.head_dim, "mlp": 1}
         orders = {"attn": [], "mlp": []}
         counts = {"attn": [int(c) for c in attn_counts], "mlp": [int(c) for c in mlp_counts]}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
         token_layers = 0
-        try:
+        with atomic_dir(path, done=lambda p: (p / "levels.json").exists()) as tmp:  # a concurrent run may finish first
             if method == "wanda_sp":
                 from .wanda_sp import compute_importance
 
@@ -259,16 +256,7 @@ class LevelDatabase:
                     "token_layers": int(token_layers), "build_s": round(time.time() - t0, 2),
                     "fingerprint": fingerprint}
             (tmp / "levels.json").write_text(json.dumps(meta) + "\n")
-            try:
-                os.replace(tmp, path)
-            except OSError:
-                if (path / "levels.json").exists():  # built meanwhile by a concurrent run
-                    return cls.load(path)
-                raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return cls(path, meta)
+        return cls.load(path)
 
     @staticmethod
     def _build_obs(lm, calib, spec, sizes, counts, orders, tmp: Path, damp, hessian_mb, batch_size, progress) -> int:

@@ -36,10 +36,10 @@ from functools import cached_property
 import torch
 
 from ..data.calibration import CalibSet
-from ..files import atomic_open
 from ..models.hooks import hooked, last_logits_kwargs, model_device
 from ..models.loading import LoadedModel
 from ..models.slicing import width_linears, width_spec
+from ..tensorfiles import load_tagged, save_tagged
 from .kinds import IMPORTANCES
 
 __all__ = ["WidthImportance", "compute_importance", "METRICS"]
@@ -101,28 +101,17 @@ class WidthImportance:
     # -- persistence -----------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write to ``path`` atomically (``torch.save`` of plain tensors, lists and numbers)."""
-        payload = {"format": FORMAT, "metric": self.metric, "group_scores": list(self.group_scores),
-                   "channel_scores": list(self.channel_scores), "outlier_ratio": list(self.outlier_ratio),
-                   "outlier_m": float(self.outlier_m), "n_tokens": int(self.n_tokens),
-                   "token_layers": int(self.token_layers)}
-        with atomic_open(path, "wb") as f:
-            torch.save(payload, f)
+        save_tagged(path, FORMAT, {"metric": self.metric, "group_scores": list(self.group_scores),
+                                   "channel_scores": list(self.channel_scores), "outlier_ratio": list(self.outlier_ratio),
+                                   "outlier_m": float(self.outlier_m), "n_tokens": int(self.n_tokens),
+                                   "token_layers": int(self.token_layers)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "WidthImportance":
         """Read a file written by :meth:`save` (``weights_only=True``); ``ValueError`` if it is not one."""
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"width importance file not found: {path}")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-                raise ValueError("format tag mismatch")
-            return cls(obj["metric"], tuple(obj["group_scores"]), tuple(obj["channel_scores"]),
-                       tuple(obj["outlier_ratio"]), obj["outlier_m"], obj["n_tokens"], obj["token_layers"])
-        except Exception as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"{path}: not a valid evoprune width importance file ({msg})") from e
+        return load_tagged(path, FORMAT, "width importance file", lambda obj: cls(
+            obj["metric"], tuple(obj["group_scores"]), tuple(obj["channel_scores"]), tuple(obj["outlier_ratio"]),
+            obj["outlier_m"], obj["n_tokens"], obj["token_layers"]))
 
 
 @torch.no_grad()

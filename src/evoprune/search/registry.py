@@ -22,7 +22,7 @@ import numpy as np
 
 from ..spaces import SearchError
 
-__all__ = ["SPACE_KINDS", "register", "get_strategy", "methods", "default_method", "make_strategy"]
+__all__ = ["SPACE_KINDS", "register", "unregister", "get_strategy", "methods", "default_method", "make_strategy"]
 
 SPACE_KINDS = ("layers", "width", "levels")
 _REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in SPACE_KINDS}
@@ -53,6 +53,13 @@ def register(name: str, space: str = "layers", *, default: bool = False) -> Call
         return cls
 
     return deco
+
+
+def unregister(name: str, space: str = "layers") -> None:
+    """Remove method ``name`` of ``space`` (a plugin or a test's strategy); the default method cannot go."""
+    if _DEFAULTS.get(space) == name:
+        raise ValueError(f"{name!r} is the default method of space {space!r}")
+    _REGISTRY[space].pop(name, None)
 
 
 def _load_builtins() -> None:

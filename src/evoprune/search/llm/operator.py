@@ -54,14 +54,7 @@ import numpy as np
 from ...files import append_jsonl, read_jsonl
 from ...options import opt
 from ...spaces import SearchError
-from .prompts import (
-    DECIMALS,
-    init_prompt,
-    is_number,
-    parse_reply,
-    repair_rates,
-    variation_prompt,
-)
+from .prompts import DECIMALS, init_prompt, is_number, parse_reply, repair_rates, variation_prompt
 
 __all__ = ["OperatorConfig", "OperatorResult", "LLMOperator", "repair_rates", "parse_reply",
            "init_prompt", "variation_prompt", "DECIMALS"]
