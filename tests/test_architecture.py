@@ -5,7 +5,7 @@
   is not an import statement and does not count);
 - ``spaces/`` and ``search/`` import no torch (nor transformers), directly or through other modules;
 - nothing outside ``models/`` names a ``transformers`` class or ``model_type``;
-- the library never imports the CLI;
+- the library never imports the CLI, and no module imports another's private (underscore) names;
 - modules stay under 400 lines and functions under 80.
 
 Each check is a function of the source root, so it can be pointed at another tree
@@ -148,6 +148,17 @@ def cli_imports_from_library(root: Path = SRC) -> list[str]:
                   and m in mods)
 
 
+def private_imports(root: Path = SRC) -> list[str]:
+    """``file:line name`` for every underscore name imported from another evoprune module."""
+    out = []
+    for f in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("evoprune")):
+                out += [f"{f.relative_to(root)}:{node.lineno} {a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    return out
+
+
 def too_long(root: Path = SRC) -> list[str]:
     """Modules over :data:`MAX_MODULE_LINES` lines and functions over :data:`MAX_FUNCTION_LINES`."""
     out = []
@@ -169,7 +180,8 @@ def report(root: str | Path = SRC) -> dict:
     root = Path(root)
     return {"cycles": cycles(root), "torch in the pure core": heavy_imports(root, ("evoprune.spaces", "evoprune.search")),
             "HF names outside models/": hf_names_outside_models(root), "library imports the CLI":
-            cli_imports_from_library(root), "too long": too_long(root)}
+            cli_imports_from_library(root), "private names across modules": private_imports(root),
+            "too long": too_long(root)}
 
 
 def test_no_import_cycles():
@@ -195,6 +207,10 @@ def test_hf_classes_and_model_type_only_in_models():
 
 def test_library_never_imports_the_cli():
     assert cli_imports_from_library() == []
+
+
+def test_no_private_names_cross_modules():
+    assert private_imports() == []
 
 
 def test_modules_and_functions_stay_short():

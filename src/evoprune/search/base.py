@@ -53,7 +53,7 @@ import numpy as np
 
 from ..spaces import SearchError
 
-__all__ = ["Strategy", "NoOptions", "OneShot", "drive"]
+__all__ = ["Strategy", "NoOptions", "OneShot", "drive", "encode_fitness", "decode_fitness"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +61,12 @@ class NoOptions:
     """The options of a method that has none."""
 
 
-def _enc(x: float) -> float | str:
+def encode_fitness(x: float) -> float | str:
     # Strict JSON has no Infinity; keep non-finite fitness as a string.
     return x if math.isfinite(x) else repr(x)
 
 
-def _dec(x: float | str) -> float:
+def decode_fitness(x: float | str) -> float:
     return float(x)
 
 
@@ -217,9 +217,9 @@ class Strategy:
             "generation": self.generation,
             "n_evaluations": self.n_evaluations,
             "done": self._done,
-            "memo": {k: _enc(v) for k, v in self._memo.items()},
+            "memo": {k: encode_fitness(v) for k, v in self._memo.items()},
             "pending": [p.key for p in self._pending],
-            "best": None if self._best is None else [self._best[0], _enc(self._best[1])],
+            "best": None if self._best is None else [self._best[0], encode_fitness(self._best[1])],
             "extra": self._extra_state(),
         }
 
@@ -253,9 +253,9 @@ class Strategy:
         self.generation = int(d["generation"])
         self.n_evaluations = int(d["n_evaluations"])
         self._done = bool(d["done"])
-        self._memo = {self.space.from_key(k).key: _dec(v) for k, v in d["memo"].items()}
+        self._memo = {self.space.from_key(k).key: decode_fitness(v) for k, v in d["memo"].items()}
         self._pending = [self.space.from_key(k) for k in d["pending"]]
-        self._best = None if d["best"] is None else (d["best"][0], _dec(d["best"][1]))
+        self._best = None if d["best"] is None else (d["best"][0], decode_fitness(d["best"][1]))
         self._load_extra_state(d["extra"])
 
     # -- subclass hooks ------------------------------------------------------------------

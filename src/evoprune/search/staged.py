@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Sequence
 
 from ..options import opt
 from ..spaces import SearchError
-from .base import Strategy, _dec, _enc
+from .base import Strategy, decode_fitness, encode_fitness
 
 __all__ = ["Request", "StagedOptions", "StagedStrategy"]
 
@@ -216,7 +216,7 @@ class StagedStrategy(Strategy):
     def _extra_state(self) -> dict:
         return {"parents": [p.key for p in self.parents], "cohort": [p.key for p in self.cohort],
                 "active": [p.key for p in self.active], "stage": self.stage,
-                "low": {k: _enc(v) for k, v in self._low.items()},
+                "low": {k: encode_fitness(v) for k, v in self._low.items()},
                 "requests": [[r.key, r.stage] for r in self._requests]}
 
     def _load_extra_state(self, d: dict) -> None:
@@ -225,5 +225,5 @@ class StagedStrategy(Strategy):
         self.cohort = [key(k) for k in d["cohort"]]
         self.active = [key(k) for k in d["active"]]
         self.stage = int(d["stage"])
-        self._low = {str(k): _dec(v) for k, v in d["low"].items()}
+        self._low = {str(k): decode_fitness(v) for k, v in d["low"].items()}
         self._requests = [Request(key(k), int(s)) for k, s in d["requests"]]
