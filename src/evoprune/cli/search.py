@@ -20,22 +20,21 @@ _CLI_ONLY = ("func", "command", "config", "out", "budget_from")
 
 
 def _sections() -> dict[str, type]:
-    from ..finetune.options import TrainingOptions
-    from ..runner.problems import PROBLEMS
-    from ..runner.sections import (
-        BudgetOptions,
-        CalibOptions,
-        ExecutionOptions,
-        FitnessOptions,
-        ModelOptions,
-    )
-    from ..search.llm.operator import OperatorConfig
+    """Every non-method section of every space and method (group title -> config class), in record order."""
+    from ..runner.config import section_classes
+    from ..search import SPACE_KINDS, methods
 
-    out = {"model": ModelOptions, "calibration": CalibOptions, "budget": BudgetOptions, "fitness": FitnessOptions}
-    out.update({f"--space {kind}": problem.options_cls for kind, problem in PROBLEMS.items()})
-    out.update({"LLM operator (self-pruner)": OperatorConfig, "training-aware selection (darwinlm)": TrainingOptions,
-                "execution (Ray workers; may change on resume)": ExecutionOptions})
-    return out
+    titles = {"operator": "operator (methods that ask an LLM: self-pruner)",
+              "training": "training (methods that train candidates: darwinlm)",
+              "execution": "execution (Ray workers; may change on resume)"}
+    out: dict[str, type] = {}
+    for space in SPACE_KINDS:
+        for m in methods(space):
+            for name, cls in section_classes(space, m).items():
+                if name != "method_options":
+                    out.setdefault(f"--space {space}" if name == "space_options" else titles.get(name, name), cls)
+    execution = out.pop(titles["execution"])
+    return {**out, titles["execution"]: execution}
 
 
 def _methods() -> dict[tuple, type]:

@@ -47,9 +47,8 @@ from .sections import (
     ModelOptions,
 )
 
-__all__ = ["SearchConfig", "section_classes", "flag_table", "RUN_FORMAT", "EXECUTION_SECTION"]
+__all__ = ["SearchConfig", "section_classes", "flag_table", "EXECUTION_SECTION"]
 
-RUN_FORMAT = 2
 EXECUTION_SECTION = "execution"
 _TOP = ("space", "method", "seed")
 
