@@ -133,7 +133,7 @@ def test_a_new_llama_layout_family_is_one_registration(tmp_path):
     from evoprune.models.base import ADAPTERS, Adapter, get_adapter
     from evoprune.models.base import register as register_family
     from evoprune.models.loading import LoadedModel
-    from evoprune.prune.wanda_sp import compute_importance
+    from evoprune.prune.importance import compute_importance
     from evoprune.prune.width_plan import plan_widths
 
     with pytest.raises(ValueError, match="no causal LM"):  # fails at registration, not at export

@@ -10,10 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
+from evoprune.search.llm.operator import LLMOperator, OperatorConfig
+from evoprune.search.llm.prompts import init_prompt, parse_reply, project_allocation, reply_schema, variation_prompt
 from evoprune.search.llm.server import free_port
-from evoprune.search.llm.operator import (LLMOperator, OperatorConfig, init_prompt, parse_reply, repair_rates,
-                                          variation_prompt)
-from evoprune.spaces import SearchError
+from evoprune.spaces import SearchError, repair_rates
 
 L, BETA = 6, 0.3
 
@@ -77,10 +77,12 @@ def test_parse_messy_reply():
             "ellipsis: [0.1, 0.2, ..., 0.3]\nno digits: [see above] and a link [here](x)\n"
             "unterminated: [0.3, 0.3, 0.3")
     out = parse_reply(text, L, BETA)
-    statuses = [s for s, _ in out]
+    statuses = [p.status for p in out]
     assert statuses == ["valid"] * 4 + ["repaired", "invalid", "invalid", "repaired", "invalid", "repaired",
-                                        "invalid", "invalid"]
-    for s, c in out:
+                                        "projected", "invalid"]
+    assert [p.status for p in parse_reply(text, L, BETA, project=False)][10] == "invalid"
+    assert out[10].miss == pytest.approx(0.3) and out[9].miss == pytest.approx(0.02)
+    for _, c, _ in out:
         if c is not None:
             assert len(c) == L and min(c) >= 0 and max(c) <= 1
             assert abs(sum(c) / L - BETA) < 1e-9
@@ -88,8 +90,8 @@ def test_parse_messy_reply():
     assert out[0][1] == pytest.approx(tuple(good(0)))
     assert out[4][1] == pytest.approx((0.3,) * 6)  # truncated
     assert parse_reply("", L, BETA) == [] and parse_reply(None, L, BETA) == []
-    assert [s for s, _ in parse_reply("[0.3, 0.3, 0.3, 0.3]", L, BETA)] == ["repaired"]  # padded with beta
-    assert [s for s, _ in parse_reply("[0.3, 0.3, 0.3]", L, BETA)] == ["invalid"]
+    assert [p.status for p in parse_reply("[0.3, 0.3, 0.3, 0.3]", L, BETA)] == ["repaired"]  # padded with beta
+    assert [p.status for p in parse_reply("[0.3, 0.3, 0.3]", L, BETA)] == ["invalid"]
 
 
 def test_parse_never_evaluates_code(monkeypatch, tmp_path):
@@ -103,7 +105,7 @@ def test_parse_never_evaluates_code(monkeypatch, tmp_path):
     text = (f"[__import__('os').system('touch {marker}')]\n[1+1, 0.3, 0.3, 0.3, 0.3, 0.3]\n"
             f"[0.3, 0.3, 0.3, 0.3, 0.3, float('0.3')]\n[1e999, 0.3, 0.3, 0.3, 0.3, 0.3]")
     out = parse_reply(text, L, BETA)
-    assert len(out) >= 3 and all(s == "invalid" for s, _ in out)
+    assert len(out) >= 3 and all(p.status == "invalid" for p in out)
     assert not marker.exists()
 
 
@@ -143,12 +145,26 @@ def test_config_validation():
 # -- a scripted fake endpoint ---------------------------------------------------------------
 
 
+# how the servers users run answer a response_format they do not take (status, message), by dialect
+DIALECTS = {
+    "openai": {},  # OpenAI, vLLM, SGLang: json_schema (and json_object) accepted
+    "llama.cpp": {"json_schema": (500, "1 validation error: {'type': 'literal_error', 'loc': ('body', "
+                                       "'response_format', 'type'), 'msg': \"Input should be 'text' or 'json_object'\"}")},
+    "refuses": {"json_schema": (422, "Unsupported fields in the request: {'response_format'}"),
+                "json_object": (422, "Unsupported fields in the request: {'response_format'}")},
+    "ignores": {},  # transformers serve 5.x: takes the field and answers free text (see `free` below)
+}
+
+
 class FakeServer:
     """POST /v1/chat/completions answering from ``script`` (a list of actions, the last one repeats):
-    ``("ok", text)``, ``("status", code)``, ``("sleep", seconds, text)``. Counts requests."""
+    ``("ok", text)``, ``("status", code)``, ``("sleep", seconds, text)``. Counts requests. ``dialect``: which
+    ``response_format`` types it refuses, as the real server of that name does (:data:`DIALECTS`); a refused
+    request consumes no script action."""
 
-    def __init__(self, script):
-        self.script, self.requests, self.bodies = list(script), 0, []
+    def __init__(self, script, dialect="openai"):
+        self.script, self.requests, self.bodies, self.refused = list(script), 0, [], 0
+        refuse = DIALECTS[dialect]
         outer = self
 
         class H(BaseHTTPRequestHandler):
@@ -158,6 +174,10 @@ class FakeServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 outer.bodies.append(body)
+                fmt = (body.get("response_format") or {}).get("type")
+                if fmt in refuse:
+                    outer.refused += 1
+                    return self._send(refuse[fmt][0], {"error": {"message": refuse[fmt][1]}})
                 action = outer.script[min(outer.requests, len(outer.script) - 1)]
                 outer.requests += 1
                 try:
@@ -198,8 +218,8 @@ class FakeServer:
 def fake():
     servers = []
 
-    def make(script):
-        servers.append(FakeServer(script))
+    def make(script, dialect="openai"):
+        servers.append(FakeServer(script, dialect))
         return servers[-1]
 
     yield make
@@ -213,8 +233,9 @@ def operator(url, log_path=None, **kw):
 
 
 def consistent(r):
-    assert r.proposals == r.valid + r.repaired + r.invalid
-    assert r.valid + r.repaired == len(r.configs) + r.duplicates + r.extra
+    assert r.proposals == r.valid + r.repaired + r.projected + r.invalid
+    assert r.valid + r.repaired + r.projected == len(r.configs) + r.duplicates + r.extra
+    assert r.calls == r.replies + r.failed_calls
     assert r.missing == r.requested - len(r.configs) >= 0
     assert len(set(r.configs)) == len(r.configs)
 
@@ -324,14 +345,99 @@ def test_replay_from_log(fake, tmp_path):
         d.load_state_dict({"calls": "x"})
 
 
+# -- structured output ----------------------------------------------------------------------
+
+
+def json_reply(*configs) -> str:
+    return json.dumps({"configurations": [list(c) for c in configs]})
+
+
+@pytest.mark.parametrize("dialect,used,requests", [("openai", "json_schema", 1), ("llama.cpp", "json_object", 2),
+                                                   ("refuses", "plain", 3)])
+def test_auto_finds_the_dialect_once_and_logs_it(fake, tmp_path, dialect, used, requests):
+    srv = fake([("ok", json_reply(good(0), good(1)))], dialect=dialect)
+    log = tmp_path / "llm.jsonl"
+    op = operator(srv.url, log_path=log)
+    r = op.initialize(2)
+    assert len(r.configs) == 2 and op.dialect == used and len(srv.bodies) == requests
+    assert (r.refused, r.failed_calls, r.replies) == (requests - 1, requests - 1, 1)
+    consistent(r)
+    sent = srv.bodies[-1].get("response_format")
+    if used == "plain":
+        assert sent is None
+    else:
+        assert sent["type"] == used
+        schema = sent["json_schema"]["schema"] if used == "json_schema" else sent["schema"]
+        assert schema == reply_schema(2, L)
+        items = schema["properties"]["configurations"]
+        assert (items["minItems"], items["items"]["minItems"], len(items["items"]["items"]["enum"])) == (2, L, 101)
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r_["refused"] for r_ in rows] == [True] * (requests - 1) + [False]
+    assert rows[-1]["request"]["dialect"] == used and rows[-1]["request"]["seed"] == requests - 1
+    op.mutate([(good(3), 5.0)], 1)  # found once: the next call goes straight to the working dialect
+    assert len(srv.bodies) == requests + 1 and srv.refused == requests - 1
+
+
+def test_a_server_that_ignores_the_schema_is_found_out_from_its_answer(fake, tmp_path):
+    free = "Sure: " + fmt(good(0)) + " and " + fmt(good(1))  # no JSON object: the schema was not enforced
+    srv = fake([("ok", free)], dialect="ignores")
+    log = tmp_path / "llm.jsonl"
+    op = operator(srv.url, log_path=log)
+    r = op.initialize(2)
+    assert len(r.configs) == 2 and r.refused == 0 and op.dialect == "json_object"  # the reply still counted
+    op.initialize(1, seen=r.configs)
+    assert op.dialect == "plain" and "response_format" not in srv.bodies[-1] or op.dialect == "plain"
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [(x["request"]["dialect"], x["ignored"]) for x in rows[:2]] == [("json_schema", True), ("json_object", True)]
+    op.initialize(1)
+    assert "response_format" not in srv.bodies[-1]
+
+
+def test_on_means_the_schema_or_nothing(fake):
+    srv = fake([("ok", json_reply(good(0)))], dialect="refuses")
+    op = operator(srv.url, structured="on")
+    r = op.initialize(2)
+    assert r.configs == [] and op.dialect == "refused" and srv.refused == 2 and r.refused == 2
+    assert op.initialize(1).calls == 0 and op.stats["structured"] == "refused"  # no more requests
+    srv2 = fake([("ok", fmt(good(0)))])
+    off = operator(srv2.url, structured="off")
+    assert len(off.initialize(1).configs) == 1 and "response_format" not in srv2.bodies[0]
+
+
+def test_projection_keeps_the_llms_allocation(fake):
+    """A reply of the right shape and range whose mean misses beta is scaled onto it, ratios kept."""
+    raw = [0.2, 0.4, 0.6, 0.8, 1.0, 1.0]  # mean 0.667
+    srv = fake([("ok", json_reply(raw, [0.3] * 5 + [2.0], [0.0] * 6))])
+    r = operator(srv.url, max_retries=0).initialize(3)
+    assert (r.projected, r.invalid, len(r.configs)) == (1, 2, 1)  # out of range / all zero: not projected
+    got = r.configs[0]
+    assert sum(got) / L == pytest.approx(BETA, abs=1e-9) and got == project_allocation(raw, BETA)
+    assert got[1] / got[0] == pytest.approx(2.0, rel=1e-3) and got[3] / got[1] == pytest.approx(2.0, rel=1e-3)
+    assert r.miss_sum == pytest.approx(sum(raw) / L - BETA) and r.miss_max == r.miss_sum
+    consistent(r)
+    assert project_allocation([1.0] * 3 + [0.0] * 3, 0.6) == (1.0, 1.0, 1.0, 0.2, 0.2, 0.2)  # clipped, then on budget
+
+
+def test_replay_matches_request_options(fake, tmp_path):
+    srv = fake([("ok", json_reply(good(0)))], dialect="llama.cpp")
+    log = tmp_path / "llm.jsonl"
+    a = operator(srv.url, log_path=log)
+    ra = a.initialize(1)
+    b = operator(srv.url, log_path=log)  # the same run replayed: no request, same dialect path and result
+    assert b.initialize(1).configs == ra.configs and len(srv.bodies) == 2 and b.dialect == "json_object"
+    c = operator(srv.url, log_path=log, temperature=0.1)  # other options: not the logged request, goes live
+    c.initialize(1)
+    assert len(srv.bodies) > 2
+
+
 # -- the real thing: transformers serve + SmolLM2-135M-Instruct ---------------------------------
 
 
 @pytest.fixture(scope="module")
 def smol_server():
-    from evoprune.search.llm.server import start_local_server
     from evoprune.models.loading import cache_dir
     from evoprune.models.loading import load_pretrained as load_model
+    from evoprune.search.llm.server import start_local_server
 
     d = cache_dir() / "models" / "smollm2-135m"  # where the alias is de-quantized once
     if not (d / "config.json").is_file():
@@ -341,11 +447,15 @@ def smol_server():
 
 
 def test_smollm2_serve_initialize(smol_server, tmp_path):
-    cfg = OperatorConfig(url=smol_server.url, model=smol_server.model, max_tokens=96, max_retries=0, timeout_s=60)
+    cfg = OperatorConfig(url=smol_server.url, model=smol_server.model, max_tokens=96, max_retries=2, timeout_s=60)
     op = LLMOperator(cfg, n_layers=30, beta=0.3, model_name="SmolLM2-135M-Instruct", log_path=tmp_path / "llm.jsonl")
     r = op.initialize(4)
     consistent(r)
-    assert r.calls == 1 and r.failed_calls == 0, (tmp_path / "llm.jsonl").read_text()
-    rec = json.loads((tmp_path / "llm.jsonl").read_text())
+    # transformers serve takes response_format (5.2x) but answers free text: auto finds that out from the replies
+    rows = [json.loads(x) for x in (tmp_path / "llm.jsonl").read_text().splitlines()]
+    assert r.replies >= 1 and r.failed_calls == 0, rows
+    assert [x["request"]["dialect"] for x in rows] == ["json_schema", "json_object", "plain"][:len(rows)]
+    assert all(x["ignored"] or x["refused"] for x in rows[:2] if x["request"]["dialect"] != "plain")
+    rec = rows[-1]
     assert rec["reply"] and rec["error"] is None
     print("\nSmolLM2 reply:", rec["reply"][:400], "\ncounts:", r.counts, "wall_s:", rec["wall_s"])

@@ -17,7 +17,7 @@ from evoprune.fitness import NLLEvaluator
 from evoprune.fitness.whole_model import WidthEvaluator
 from evoprune.models.loading import LoadedModel
 from evoprune.models.slicing import WIDTH_KEY, apply_width_inplace, width_masked, width_sliced, width_spec
-from evoprune.prune.wanda_sp import WidthImportance, compute_importance
+from evoprune.prune.importance import WidthImportance, compute_importance
 from evoprune.prune.width_plan import allocate, plan_widths
 from tests.conftest import TINY_VOCAB, random_calib
 
@@ -69,10 +69,14 @@ def test_spec_counts_every_prunable_parameter(lms):
 
 
 @torch.no_grad()
-def test_wanda_sp_scores_match_definition(lms):
-    """Reference scores from independently captured activations: sum |W| * ||X_col||_2 per structure."""
-    lm, imp = lms["llama"]
+def test_wanda_sp_all_scores_match_definition(lms):
+    """``wanda_sp_all`` from independently captured activations: sum |W| * ||X_col||_2 over every weight of a structure.
+
+    (The published ``wanda_sp`` reads only o_proj/down_proj; ``tests/test_importance.py`` holds it.)
+    """
+    lm, _ = lms["llama"]
     calib = random_calib()
+    imp, _ = compute_importance(lm, calib, metric="wanda_sp_all")
     block = lm.adapter.get_blocks(lm.model)[2]
     attn, mlp = block.self_attn, block.mlp
     sq = {}
@@ -102,7 +106,7 @@ def test_wanda_sp_scores_match_definition(lms):
     assert torch.allclose(imp.channel_scores[2], want_c, rtol=1e-5)
     allS = torch.cat([s.reshape(-1) for s in S.values()])
     assert imp.outlier_ratio[2] == pytest.approx(float((allS > 5 * allS.mean()).double().mean()), abs=1e-4)
-    assert imp.token_layers == calib.n_tokens * 6 and imp.metric == "wanda_sp"
+    assert imp.token_layers == calib.n_tokens * 6 and imp.metric == "wanda_sp_all"
     mag, tl = compute_importance(lm, None, metric="magnitude")
     assert tl == 0 and float(mag.group_scores[2][1]) == pytest.approx(float(
         attn.q_proj.weight[32:].abs().sum() + attn.k_proj.weight[16:].abs().sum()

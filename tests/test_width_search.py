@@ -78,26 +78,26 @@ class FakeOperator:
     def __init__(self, space, rng_seed=12345):  # not the strategy seed: its samples would repeat the fallback's
         self.space, self.rng, self.calls = space, np.random.default_rng(rng_seed), []
 
-    def _result(self, k):
+    def _result(self, k, kind):
         from evoprune.search.llm.operator import OperatorResult
 
         good = [self.space.sample(self.rng).rates for _ in range(max(k - 2, 0))]
         configs = good + good[:1]  # the duplicate must be rejected by the strategy
-        return OperatorResult(kind="fake", configs=configs, requested=k, proposals=k, valid=len(configs), invalid=k - len(configs),
+        return OperatorResult(kind=kind, configs=configs, requested=k, proposals=k, valid=len(configs), invalid=k - len(configs),
                               calls=1)
 
     def initialize(self, k, seen=()):
         self.calls.append(("init", k))
-        return self._result(k)
+        return self._result(k, "init")
 
     def mutate(self, population, m, seen=()):
         assert all(len(r) == self.space.n_layers and f > 1 for r, f in population)  # fitness shown as ppl
         self.calls.append(("mutation", m))
-        return self._result(m)
+        return self._result(m, "mutation")
 
     def crossover(self, population, s, seen=()):
         self.calls.append(("crossover", s))
-        return self._result(s)
+        return self._result(s, "crossover")
 
     def state_dict(self):
         return {"calls": len(self.calls)}
@@ -114,7 +114,8 @@ def test_self_pruner_fills_missing_proposals_and_ablations():
     drive(s, lambda g: 1.0 + f(g))
     assert s.n_evaluations == 6 + 4 * 6  # every generation complete despite short / duplicate replies
     assert op.calls[0] == ("init", 6) and op.calls.count(("mutation", 3)) == 4
-    st = s.llm_stats
+    st = s.result_extras()["llm"]
+    assert st["by_kind"]["init"]["used"] == 4 and st["by_kind"]["mutation"]["used"] == 4
     assert st["used"] == 4 + 8 * 1 and st["fallback"] == 2 + 8 * 2 and st["duplicates"] >= 9
     for flags, kinds in [(dict(llm_init=False), {"mutation", "crossover"}), (dict(llm_mutation=False), {"init", "crossover"}),
                          (dict(llm_crossover=False), {"init", "mutation"})]:

@@ -22,7 +22,7 @@ from typing import Sequence
 from ..data.calibration import CalibSet
 from ..models.loading import LoadedModel
 from ..models.slicing import width_masked, width_spec
-from ..prune.wanda_sp import WidthImportance
+from ..prune.importance import WidthImportance
 from ..prune.width_plan import WidthPlan, plan_widths
 from ..spaces import DropPattern
 from .evaluator import Evaluation, NLLEvaluator

@@ -35,7 +35,8 @@ from ..errors import UserError, user_input
 from ..files import atomic_dir
 from .base import Adapter, adapter_for_type, hf_classes
 
-__all__ = ["LoadedModel", "load_pretrained", "reload_export", "resolve_alias", "cache_dir", "DEFAULT_MODEL"]
+__all__ = ["LoadedModel", "load_pretrained", "reload_export", "resolve_alias", "gguf_file", "hf_dir_of_gguf",
+           "cache_dir", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2-135m"
 _ALIASES = {
@@ -182,6 +183,29 @@ def _load_hf(path_or_id: str, dtype, device, local: bool, device_map=None):
     return (model if device_map is not None else model.to(device)).eval(), tok, adapter
 
 
+def gguf_file(spec: str) -> Path | None:
+    """The ``.gguf`` file behind ``spec`` (a built-in alias or a ``.gguf`` path), or ``None`` for other specs."""
+    gguf = resolve_alias(spec)
+    p = Path(spec).expanduser()
+    if gguf is None and p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"model file not found: {spec}")
+        gguf = p
+    return gguf
+
+
+def hf_dir_of_gguf(spec: str, progress: bool = True) -> Path:
+    """The plain HF directory (fp32 safetensors) a GGUF spec is de-quantized into, converting it on first use."""
+    gguf = gguf_file(spec)
+    if gguf is None:
+        raise UserError(f"{spec} is not a .gguf file or a built-in alias")
+    cached = _gguf_cache_path(gguf, spec.lower() if resolve_alias(spec) else None)
+    if not _is_cached(cached):
+        with user_input("model file", gguf):
+            _gguf_to_cache(gguf, cached, progress)
+    return cached
+
+
 def load_pretrained(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                progress: bool = True, device_map: str | dict | None = None) -> LoadedModel:
     """Load a pretrained causal LM (see the module docstring for accepted specs) in eval mode.
@@ -194,18 +218,10 @@ def load_pretrained(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.flo
     an unknown id offline, or an architecture without an adapter.
     """
     spec = str(spec)
-    gguf = resolve_alias(spec)
-    alias = spec.lower() if gguf else None
+    gguf = gguf_file(spec)
     p = Path(spec).expanduser()
-    if gguf is None and p.suffix == ".gguf":
-        if not p.is_file():
-            raise UserError(f"model file not found: {spec}")
-        gguf = p
     if gguf is not None:
-        cached = _gguf_cache_path(gguf, alias)
-        if not _is_cached(cached):
-            with user_input("model file", gguf):
-                _gguf_to_cache(gguf, cached, progress)
+        cached = hf_dir_of_gguf(spec, progress=progress)
         model, tok, adapter = _load_hf(str(cached), dtype, device, local=True, device_map=device_map)
         return LoadedModel(model, tok, adapter, name=spec, base=spec, path=str(cached))
     if p.is_dir():

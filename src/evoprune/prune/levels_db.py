@@ -26,7 +26,7 @@ Methods:
   layer-input Hessians ``X^T X`` over a calibration set; the remaining columns
   are updated. The q/k/v and MLP input rows of a removed structure go with it
   unchanged (nothing else reads them);
-- ``wanda_sp``: the Wanda-sp order of :mod:`evoprune.prune.wanda_sp`, weights unchanged.
+- ``wanda_sp``: the Wanda-sp order of :mod:`evoprune.prune.importance`, weights unchanged.
 
 On disk (a directory; written into a temporary sibling and renamed, so a crash
 leaves no half database): ``levels.json`` (format, method, ladders, per-block
@@ -104,7 +104,10 @@ def db_fingerprint(lm: LoadedModel, calib: CalibSet, method: str, attn_counts, m
     """A short hash naming the database these inputs build (model weights' shapes and a weight sample,
     calibration token ids, method, ladders, damping)."""
     h = hashlib.sha256()
-    h.update(json.dumps([FORMAT, method, list(attn_counts), list(mlp_counts), float(damp),
+    # "wanda_sp" now orders by the published Wanda-sp score: a new name, so that a database built with the
+    # earlier all-weights order is never reused for it
+    name = "wanda_sp/published" if method == "wanda_sp" else method
+    h.update(json.dumps([FORMAT, name, list(attn_counts), list(mlp_counts), float(damp),
                          family(lm.model)]).encode())
     for name, p in lm.model.named_parameters():
         h.update(name.encode())
@@ -239,7 +242,7 @@ class LevelDatabase:
         token_layers = 0
         with atomic_dir(path, done=lambda p: (p / "levels.json").exists()) as tmp:  # a concurrent run may finish first
             if method == "wanda_sp":
-                from .wanda_sp import compute_importance
+                from .importance import compute_importance
 
                 imp, token_layers = compute_importance(lm, calib, metric="wanda_sp", batch_size=batch_size)
                 for g_order, c_order in imp.orders:

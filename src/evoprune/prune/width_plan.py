@@ -27,7 +27,7 @@ from typing import Sequence
 from ..errors import UserError
 from ..models.loading import LoadedModel
 from ..models.slicing import LayerWidth, WidthSpec, width_spec
-from .wanda_sp import WidthImportance
+from .importance import WidthImportance
 
 __all__ = ["WidthPlan", "plan_widths", "allocate"]
 

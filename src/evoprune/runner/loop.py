@@ -186,6 +186,9 @@ def _loop(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, reu
                        "token_layers": counters["token_layers"]}
                 if stage is not None:
                     row["stage"] = stage
+                origin = strategy.origin_of(genome)
+                if origin is not None:
+                    row["origin"] = origin
                 run.append_history(row)
                 fits.append(loss)
                 if stage is None or stage == len(evaluators) - 1:
@@ -284,4 +287,4 @@ def _make_operator(cfg: SearchConfig, lm, run: RunDir, problem):
     name = getattr(lm, "name", None) or cfg.model.model
     name = {"smollm2-135m": "SmolLM2-135M-Instruct"}.get(name, name)
     return LLMOperator(cfg.operator, n_layers=problem.n, beta=problem.space.beta, model_name=name,
-                       log_path=Path(run.path) / "llm_calls.jsonl")
+                       log_path=Path(run.path) / "llm_calls.jsonl", seed=cfg.seed)

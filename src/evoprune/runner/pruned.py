@@ -74,7 +74,7 @@ def width_plan(path, lm):
     base model ``lm``. Width runs: from the rates and ``RUN/importance.pt``. Levels runs: from the run's level
     database, whose weights for the chosen levels are also written into ``lm``'s output / MLP-output
     projections (the masked form: slicing ``lm`` by the plan then gives the pruned model)."""
-    from ..prune.wanda_sp import WidthImportance
+    from ..prune.importance import WidthImportance
     from ..prune.width_plan import plan_widths
 
     run = path if isinstance(path, RunDir) else RunDir(path)

@@ -38,7 +38,8 @@ What a strategy declares, so that the runner never branches on method names:
   ``"training"`` (candidates briefly trained before scoring);
   :meth:`requirements` may drop some for a given config;
 - :meth:`check`: refuse a configuration before any expensive setup;
-- :meth:`result_extras`: fields the method adds to ``result.json``.
+- :meth:`result_extras`: fields the method adds to ``result.json``; :meth:`origin_of`: which of its
+  operators made a candidate (a history row's ``origin``).
 
 Randomness only from the ``np.random.Generator`` given to the constructor.
 """
@@ -126,6 +127,11 @@ class Strategy:
     def result_extras(self) -> dict:
         """Fields this method adds to ``result.json`` (default: none)."""
         return {}
+
+    def origin_of(self, genome) -> str | None:
+        """Which operator made ``genome`` (logged as the history row's ``origin``), or ``None`` when the method
+        does not say."""
+        return None
 
     @classmethod
     def _make_config(cls, options: dict[str, Any]):

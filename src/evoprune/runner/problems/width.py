@@ -66,7 +66,7 @@ class WidthProblem:
 
     def prepare(self, calib, run, fresh: bool, needs: frozenset) -> tuple[int, dict]:
         from ...fitness.whole_model import WidthEvaluator
-        from ...prune.wanda_sp import WidthImportance, compute_importance
+        from ...prune.importance import WidthImportance, compute_importance
 
         cfg, o = self.cfg, self.cfg.space_options
         path = Path(run.path) / "importance.pt"

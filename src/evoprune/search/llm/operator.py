@@ -1,79 +1,65 @@
-"""The LLM evolutionary operator of Self-Pruner: calls, retries, budget, counts, replay log.
+"""The LLM evolutionary operator of Self-Pruner: structured requests, retries, budget, counts, replay log.
 
-Owns :class:`OperatorConfig` (the endpoint and its limits), :class:`LLMOperator`
-(``initialize`` / ``mutate`` / ``crossover``, Figures 2-3 and Algorithm 1 of the
-Self-Pruner paper) and :class:`OperatorResult`; the prompts, reply parsing and
-:func:`repair_rates` live in :mod:`evoprune.search.llm.prompts` (re-exported here).
-Torch-free; talks to any OpenAI-compatible chat endpoint through the ``openai``
-client (imported lazily, on the first live request).
+Owns :class:`LLMOperator` (``initialize`` / ``mutate`` / ``crossover``, Figures 2-3 and Algorithm 1 of the
+Self-Pruner paper). Its configuration and results are :mod:`.config`'s, the prompts, the reply parsing
+and the budget projection :mod:`.prompts`', one HTTP request :mod:`.chat`'s. Torch-free.
 
-A *configuration* is a tuple of ``n_layers`` per-layer pruning rates in
-``[0, 1]`` whose mean is ``beta``; returned ones are rounded to 5 decimals
-(:data:`DECIMALS`, as in the prompt) with the mean kept at ``beta`` on that grid.
+A *configuration* is a tuple of ``n_layers`` per-layer pruning rates in ``[0, 1]`` whose mean is
+``beta``, on the 5-decimal grid (:data:`DECIMALS`).
 
-Contract of every operator call (``initialize``, ``mutate``, ``crossover``):
+Structured output (``structured``): the prompt is the paper's; with ``auto`` or ``on`` the request also
+carries a ``response_format`` holding :func:`~.prompts.reply_schema` (``k`` configurations of exactly
+``n_layers`` rates in 0, 0.01, ..., 1). The dialect is found once per operator: ``json_schema`` (the
+OpenAI form) first, then ``json_object`` + ``schema`` (llama-cpp-python's server) when the first is
+refused (an HTTP error naming the field, or 400/422) or ignored (a reply that is not the schema's JSON
+object: ``transformers serve`` 5.x accepts the field and answers free text); when both fail, ``auto``
+continues with plain requests (today's prompt-and-parse) and ``on`` with none (the search's fallback
+operators make the configurations). A refusal is one logged request and is not retried; an ignored
+request's reply is still parsed. The first dialect whose reply conforms is kept for the run. The dialect
+in use is :attr:`dialect` (``None`` before the first request, ``"plain"``, ``"refused"``), saved in
+:meth:`state_dict`.
 
-- It never raises on LLM misbehaviour. Timeouts, connection errors, HTTP errors
-  and replies with no new usable configuration are retried up to
-  ``max_retries`` times with backoff ``backoff_s * 2**i``; then the result just
-  holds fewer configurations (the caller fills the rest with a non-LLM operator).
-  Bad *arguments* (a population of the wrong shape, k < 0) raise ``SearchError``.
-- Every chat request (attempt) counts against ``call_budget``; when it is spent
-  no request is made and the result has ``budget_exhausted=True``.
-- Returned configurations are valid, distinct from each other and from ``seen``
-  (compared rounded to 5 decimals; ``seen`` holds rate sequences, objects with
-  ``.rates`` or ``RateVector`` keys), at most the number requested.
+Contract of every operator call:
 
-Log and replay (resume): with ``log_path`` every attempt appends one JSON line
-(``call`` index, ``kind``, ``attempt``, ``messages``, ``reply`` or ``error``,
-``wall_s``, parse ``counts``; never the API key), flushed and fsynced; a torn last
-line left by a kill is dropped on the next construction. A new operator on the
-same ``log_path`` loads the logged attempts: when attempt number ``n`` is made
-with messages identical to the logged attempt ``n``, the logged outcome is
-reused without contacting the server (a logged reply is parsed again; a logged
-error counts as a failed attempt again, without the backoff sleep), so a
-killed-and-resumed search sees exactly the same replies. Attempt numbers
-continue from :meth:`LLMOperator.state_dict`, which the caller stores with its own
-search state and restores with :meth:`LLMOperator.load_state_dict`. A mismatching
-prompt is sent live and its new line supersedes the logged one.
+- It never raises on LLM misbehaviour. Timeouts, connection errors, HTTP errors and replies with no new
+  usable configuration are retried up to ``max_retries`` times with backoff ``backoff_s * 2**i``; then the
+  result just holds fewer configurations (the caller fills the rest with a non-LLM operator). Bad
+  *arguments* (a population of the wrong shape, k < 0) raise ``SearchError``.
+- Every chat request counts against ``call_budget``; when it is spent no request is made and the result
+  has ``budget_exhausted=True``.
+- Returned configurations are usable (valid, repaired or projected; see :func:`~.prompts.parse_reply`),
+  distinct from each other and from ``seen``, at most the number requested.
+- Request ``n`` carries ``seed = seed * 1_000_003 + n`` (servers that honour it sample reproducibly).
+
+Log and replay (resume): with ``log_path`` every request appends one JSON line (``call`` index, ``kind``,
+``attempt``, ``model``, ``messages``, ``request`` (the options sent: temperature, max_tokens, seed,
+``response_format``), ``reply`` or ``error``, ``refused``, ``wall_s``, parse ``counts``; never the API
+key), flushed and fsynced; a torn last line left by a kill is cut off on the next construction. A new
+operator on the same ``log_path`` reuses logged request ``n`` when request ``n`` has identical messages and
+options: the logged reply is parsed again, a logged error counts again (without the backoff sleep), so a
+killed-and-resumed search sees exactly the same replies. Request numbers continue from
+:meth:`state_dict`, which the caller stores with its own state.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
-
 from ...files import append_jsonl, read_jsonl
-from ...options import opt
 from ...spaces import SearchError
-from .prompts import DECIMALS, init_prompt, is_number, parse_reply, repair_rates, variation_prompt
+from .chat import chat, response_format
+from .config import COUNTS, STATS, OperatorConfig, OperatorResult, is_int
+from .prompts import DECIMALS, init_prompt, is_number, parse_reply, reply_schema, variation_prompt
 
-__all__ = ["OperatorConfig", "OperatorResult", "LLMOperator", "repair_rates", "parse_reply",
-           "init_prompt", "variation_prompt", "DECIMALS"]
+__all__ = ["LLMOperator", "OperatorConfig", "OperatorResult", "DIALECT_ORDER"]
 
 _KEY_RE = re.compile(r"W\d+:([0-9.,]*)")
-_COUNTS = ("proposals", "valid", "repaired", "invalid", "duplicates", "extra")
-_STATS = ("calls", "failed_calls") + _COUNTS + ("budget_exhausted",)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _json_ok(x) -> bool:
-    try:
-        json.dumps(x, allow_nan=False)
-    except (TypeError, ValueError):
-        return False
-    return True
+DIALECT_ORDER = ("json_schema", "json_object")
 
 
 def _seen_key(c) -> tuple[float, ...]:
@@ -89,136 +75,45 @@ def _seen_key(c) -> tuple[float, ...]:
         raise SearchError(f"seen must hold configurations (sequences of numbers or rate keys), got {c!r}") from None
 
 
-@dataclass(frozen=True)
-class OperatorConfig:
-    """The chat endpoint and the operator's limits; validated on construction (``SearchError``).
-
-    ``url``: OpenAI-compatible base URL (``http://127.0.0.1:8000/v1``); ``model``: the
-    name sent to it; both may be ``None`` in a search configuration whose every LLM step is
-    ablated (:class:`LLMOperator` needs them). The key is read from ``$api_key_env`` at call time and never
-    stored; unset means ``"not-needed"`` (local servers do not check it).
-    ``max_tokens=None`` sizes the reply limit per call for the number requested.
-    ``tol``: accepted deviation of a reply's mean from ``beta``; ``repair_tol``: how
-    far a reply may be off (mean, or values outside [0, 1]) and still be repaired.
-    ``dataset`` is named in the initialization prompt. ``extra_body``: extra JSON fields
-    sent with every request (server-specific; e.g. ``transformers serve`` samples only
-    with ``{"generation_config": '{"do_sample": true}'}``, its models default to greedy).
-    """
-
-    url: str | None = opt(None, "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1", flag="operator_url")
-    model: str | None = opt(None, "model name the endpoint serves", flag="operator_model")
-    api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the API key (never stored)",
-                           flag="operator_api_key_env")
-    timeout_s: float = opt(120.0, "seconds per LLM request", flag="operator_timeout_s")
-    max_retries: int = opt(3, "retries per LLM call", flag="operator_retries")
-    backoff_s: float = opt(1.0, "first retry backoff in seconds (doubles per retry)", flag="operator_backoff_s")
-    call_budget: int = opt(200, "most LLM requests per run", flag="operator_call_budget")
-    temperature: float = opt(0.7, "sampling temperature", flag="operator_temperature")
-    max_tokens: int | None = opt(None, "reply token cap (default: sized to the request)", flag="operator_max_tokens")
-    tol: float = opt(1e-3, "accepted deviation of a reply's mean from the sparsity", flag="operator_tol")
-    repair_tol: float = opt(0.05, "how far a reply may be off and still be repaired", flag="operator_repair_tol")
-    dataset: str = opt("WikiText-2", "dataset named in the initialization prompt", flag="operator_dataset")
-    extra_body: dict | None = opt(None, "extra JSON fields sent with every request (server-specific)", cli=False)
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, what: str) -> None:
-            if not ok:
-                raise SearchError(f"LLM operator: {what}")
-
-        need(self.url is None or (isinstance(self.url, str) and self.url.startswith(("http://", "https://"))),
-             f"url must be an http(s) base URL, got {self.url!r}")
-        need(self.model is None or (isinstance(self.model, str) and bool(self.model.strip())),
-             f"model must be a non-empty name, got {self.model!r}")
-        need(isinstance(self.api_key_env, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env or "") is not None,
-             f"api_key_env must be an environment variable name, got {self.api_key_env!r}")
-        need(is_number(self.timeout_s) and self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s!r}")
-        need(_is_int(self.max_retries) and self.max_retries >= 0, f"max_retries must be an int >= 0, got {self.max_retries!r}")
-        need(is_number(self.backoff_s) and self.backoff_s >= 0, f"backoff_s must be >= 0, got {self.backoff_s!r}")
-        need(_is_int(self.call_budget) and self.call_budget >= 0, f"call_budget must be an int >= 0, got {self.call_budget!r}")
-        need(is_number(self.temperature) and 0 <= self.temperature <= 2, f"temperature must be in [0, 2], got {self.temperature!r}")
-        need(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
-             f"max_tokens must be None or an int >= 1, got {self.max_tokens!r}")
-        need(is_number(self.tol) and 0 < self.tol < 1, f"tol must be in (0, 1), got {self.tol!r}")
-        need(is_number(self.repair_tol) and 0 <= self.repair_tol < 1, f"repair_tol must be in [0, 1), got {self.repair_tol!r}")
-        need(isinstance(self.dataset, str) and bool(self.dataset.strip()), f"dataset must be a non-empty name, got {self.dataset!r}")
-        need(self.extra_body is None or (isinstance(self.extra_body, dict) and _json_ok(self.extra_body)
-                                         and not {"model", "messages"} & set(self.extra_body)),
-             f"extra_body must be a JSON object without model/messages, got {self.extra_body!r}")
-
-    def to_dict(self) -> dict:
-        """JSON-serializable (holds the key's variable name, never the key)."""
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class OperatorResult:
-    """What one operator call produced.
-
-    ``configs``: at most ``requested`` valid, distinct configurations. Parse counts,
-    summed over attempts: ``proposals`` (bracketed number lists found) =
-    ``valid`` (accepted as given) + ``repaired`` + ``invalid``; ``valid + repaired``
-    = ``len(configs)`` + ``duplicates`` (of each other or of ``seen``) + ``extra``
-    (beyond the number requested). ``calls``: chat requests made or replayed,
-    ``failed_calls``: those that errored or came back empty, ``replayed``: those
-    answered from the log.
-    """
-
-    kind: str
-    requested: int
-    configs: list[tuple[float, ...]] = field(default_factory=list)
-    proposals: int = 0
-    valid: int = 0
-    repaired: int = 0
-    invalid: int = 0
-    duplicates: int = 0
-    extra: int = 0
-    calls: int = 0
-    failed_calls: int = 0
-    replayed: int = 0
-    budget_exhausted: bool = False
-
-    @property
-    def missing(self) -> int:
-        """How many of the requested configurations the caller must make otherwise."""
-        return self.requested - len(self.configs)
-
-    @property
-    def counts(self) -> dict:
-        """All counts as a dict (plus ``kind``, ``requested``, ``returned``, ``missing``), for logs."""
-        d = {k: getattr(self, k) for k in _STATS + ("replayed",)}
-        return {"kind": self.kind, "requested": self.requested, "returned": len(self.configs), "missing": self.missing, **d}
-
-
-# -- the operator -------------------------------------------------------------------------
+def _conforms(reply: str | None) -> bool:
+    """Whether ``reply`` is the schema's JSON object (``{"configurations": [[...], ...]}``), i.e. the server
+    enforced the ``response_format``; parsed as data only."""
+    try:
+        obj = json.loads(reply or "")
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("configurations"), list)
 
 
 class LLMOperator:
     """Self-Pruner's LLM initialization, mutation and crossover for ``n_layers`` rates of mean ``beta``.
 
-    ``model_name`` is the pruned model named in the prompts (``{model}``). See the
-    module docstring for the never-raise, budget and log/replay contract. The
-    caller persists :meth:`state_dict` with its own state; :attr:`stats` are the
-    cumulative counts over the operator's life (for ``result.json``).
+    ``model_name`` is the pruned model named in the prompts (``{model}``); ``seed`` seeds the requests. See
+    the module docstring for structured output and the never-raise, budget and log/replay contract.
+    :attr:`stats` are the cumulative counts over the operator's life (:data:`~.config.STATS`).
     """
 
     def __init__(self, config: OperatorConfig, *, n_layers: int, beta: float, model_name: str,
-                 log_path: str | os.PathLike | None = None) -> None:
+                 log_path: str | os.PathLike | None = None, seed: int = 0) -> None:
         if not isinstance(config, OperatorConfig):
             raise SearchError(f"config must be an OperatorConfig, got {type(config).__name__}")
         if config.url is None or config.model is None:
             raise SearchError("the LLM operator needs --operator-url and --operator-model (an OpenAI-compatible chat "
                               "endpoint; the API key is read from $OPENAI_API_KEY)")
-        if not (_is_int(n_layers) and n_layers >= 1):
+        if not (is_int(n_layers) and n_layers >= 1):
             raise SearchError(f"n_layers must be an int >= 1, got {n_layers!r}")
         if not (is_number(beta) and 0.0 <= beta <= 1.0):
             raise SearchError(f"beta must be in [0, 1], got {beta!r}")
         if not (isinstance(model_name, str) and model_name.strip()):
             raise SearchError(f"model_name must be a non-empty name, got {model_name!r}")
         self.config, self.n_layers, self.beta, self.model_name = config, int(n_layers), float(beta), model_name
+        self.seed = int(seed)
         self.log_path = None if log_path is None else Path(log_path)
         self._calls = 0
-        self._stats = {k: 0 for k in _STATS}
-        self._client = None
+        self._stats = {k: 0 for k in STATS}
+        self.dialect: str | None = "plain" if config.structured == "off" else None
+        self._confirmed = config.structured == "off"  # a dialect is kept once a reply conforms to the schema
+        self._client: dict = {}
         self._sleep = time.sleep
         self._logged: dict[int, dict] = self._load_log() if self.log_path is not None else {}
 
@@ -242,32 +137,32 @@ class LLMOperator:
 
     @property
     def stats(self) -> dict:
-        """Cumulative counts: calls, failed_calls, proposals, valid, repaired, invalid, duplicates,
-        extra, budget_exhausted (operator calls refused for lack of budget). Replayed attempts
-        count like live ones, so a resumed run ends with the stats of an uninterrupted one."""
-        return dict(self._stats)
+        """Cumulative counts (replayed requests count like live ones, so a resumed run ends with the stats of an
+        uninterrupted one) and the ``structured`` dialect in use."""
+        return {**self._stats, "structured": self.dialect}
 
     def state_dict(self) -> dict:
-        """JSON-serializable: the attempt counter (replay index) and :attr:`stats`."""
-        return {"calls": self._calls, "stats": dict(self._stats)}
+        """JSON-serializable: the request counter (replay index), :attr:`stats` and the dialect."""
+        return {"calls": self._calls, "stats": dict(self._stats), "dialect": self.dialect, "confirmed": self._confirmed}
 
     def load_state_dict(self, d: dict) -> None:
         try:
-            calls, stats = int(d["calls"]), {k: int(d["stats"].get(k, 0)) for k in _STATS}
+            calls, stats = int(d["calls"]), {k: int(d["stats"].get(k, 0)) for k in STATS}
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SearchError(f"corrupted LLM operator state ({type(e).__name__}: {e})") from e
         self._calls, self._stats = calls, stats
+        self.dialect = d.get("dialect", self.dialect)
+        self._confirmed = bool(d.get("confirmed", self._confirmed))
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self._client.get("client") is not None:
+            self._client.pop("client").close()
 
     # -- internals ------------------------------------------------------------------------
 
     @staticmethod
     def _check_count(k, name: str) -> None:
-        if not (_is_int(k) and k >= 0):
+        if not (is_int(k) and k >= 0):
             raise SearchError(f"{name} must be an int >= 0, got {k!r}")
 
     def _variation(self, op: str, population, m: int, seen) -> OperatorResult:
@@ -295,87 +190,109 @@ class LLMOperator:
     def _run(self, kind: str, prompt: str, k: int, seen) -> OperatorResult:
         taken = {_seen_key(c) for c in seen}
         messages = [{"role": "user", "content": prompt}]
-        counts = dict.fromkeys(_COUNTS + ("calls", "failed_calls", "replayed"), 0)
+        counts = dict.fromkeys(COUNTS + ("calls", "replies", "failed_calls", "refused", "replayed"), 0)
+        counts.update(miss_sum=0.0, miss_max=0.0)
         configs: list[tuple[float, ...]] = []
-        exhausted = False
-        if k > 0:
-            for attempt in range(self.config.max_retries + 1):
-                if self._calls >= self.config.call_budget:
-                    exhausted = True
-                    break
-                new = self._attempt(kind, attempt, messages, k, taken, configs, counts)
-                if new > 0 or len(configs) >= k or attempt == self.config.max_retries:
-                    break
+        exhausted, attempt = False, 0
+        while k > 0 and attempt <= self.config.max_retries:
+            if self._calls >= self.config.call_budget:
+                exhausted = True
+                break
+            if self.dialect == "refused":  # structured output required, and the endpoint takes none
+                break
+            new, refused = self._attempt(kind, attempt, messages, k, taken, configs, counts)
+            if refused:  # the next dialect, not a retry
+                continue
+            if new > 0 or len(configs) >= k:
+                break
+            attempt += 1
         if exhausted:
             self._stats["budget_exhausted"] += 1
         return OperatorResult(kind=kind, requested=k, configs=configs, budget_exhausted=exhausted, **counts)
 
-    def _attempt(self, kind, attempt, messages, k, taken, configs, counts) -> int:
-        """One chat request (live or replayed); parses into ``configs``; returns how many it added."""
+    def _request(self, n: int, k: int) -> dict:
+        """The options of request ``n`` (logged with it, and compared on replay)."""
+        dialect = DIALECT_ORDER[0] if self.dialect is None else self.dialect
+        fmt = response_format(dialect, reply_schema(k, self.n_layers)) if dialect in DIALECT_ORDER else None
+        return {"temperature": self.config.temperature, "max_tokens": self._max_tokens(k),
+                "seed": self.seed * 1_000_003 + n, "response_format": fmt, "dialect": dialect}
+
+    def _attempt(self, kind, attempt, messages, k, taken, configs, counts) -> tuple[int, bool]:
+        """One request (live or replayed), parsed into ``configs``: ``(configurations added, refused)``."""
         n = self._calls
         self._calls += 1
+        req = self._request(n, k)
         logged = self._logged.get(n)
         t0 = time.monotonic()
-        if (logged is not None and logged.get("messages") == messages
+        if (logged is not None and logged.get("messages") == messages and logged.get("request") == req
                 and (isinstance(logged.get("reply"), str) or isinstance(logged.get("error"), str))):
-            reply, error, replayed = logged.get("reply"), logged.get("error"), True
+            reply, error, refused, replayed = logged.get("reply"), logged.get("error"), bool(logged.get("refused")), True
         else:
             if attempt > 0 and self.config.backoff_s > 0:
                 self._sleep(self.config.backoff_s * 2 ** (attempt - 1))
                 t0 = time.monotonic()
-            reply, error = self._chat(messages, self._max_tokens(k))
-            replayed = False
-        wall = time.monotonic() - t0
-        local = dict.fromkeys(_COUNTS, 0)
-        added = 0
-        if error is None:
-            for status, cfg in parse_reply(reply, self.n_layers, self.beta, tol=self.config.tol,
-                                           repair_tol=self.config.repair_tol):
-                local["proposals"] += 1
-                local[status] += 1
-                if cfg is None:
-                    continue
-                if cfg in taken:
-                    local["duplicates"] += 1
-                elif len(configs) >= k:
-                    local["extra"] += 1
-                else:
-                    taken.add(cfg)
-                    configs.append(cfg)
-                    added += 1
-        failed = int(error is not None)
+            r = chat(self._client, self.config, messages, max_tokens=req["max_tokens"], fmt=req["response_format"],
+                     seed=req["seed"])
+            reply, error, refused, replayed = r.text, r.error, r.refused, False
+        local = self._parse(reply, k, taken, configs) if error is None else dict.fromkeys(COUNTS, 0)
+        added = local.pop("added", 0)
+        miss = local.pop("miss", [])
         for d in (counts, self._stats):
             for key, v in local.items():
                 d[key] += v
             d["calls"] += 1
-            d["failed_calls"] += failed
+            d["replies"] += int(error is None)
+            d["failed_calls"] += int(error is not None)
+            d["refused"] += int(refused)
         counts["replayed"] += int(replayed)
+        counts["miss_sum"] += sum(miss)
+        counts["miss_max"] = max([counts["miss_max"], *miss])
+        ignored = False
+        if refused:
+            self._next_dialect(req["dialect"])
+        elif error is None and req["dialect"] in DIALECT_ORDER and not self._confirmed:
+            ignored = not _conforms(reply)
+            if ignored:  # accepted but not enforced: the next dialect (the reply itself was parsed above)
+                self._next_dialect(req["dialect"])
+            else:
+                self.dialect, self._confirmed = req["dialect"], True
         if not replayed:
-            self._log({"call": n, "kind": kind, "attempt": attempt, "model": self.config.model,
-                       "messages": messages, "reply": reply, "error": error, "wall_s": round(wall, 3),
-                       "counts": {**local, "added": added}})
-        return added
+            self._log({"call": n, "kind": kind, "attempt": attempt, "model": self.config.model, "messages": messages,
+                       "request": req, "reply": reply, "error": error, "refused": refused, "ignored": ignored,
+                       "wall_s": round(time.monotonic() - t0, 3), "counts": {**local, "added": added}})
+        return added, refused
 
-    def _chat(self, messages: list[dict], max_tokens: int) -> tuple[str | None, str | None]:
-        """``(reply, None)`` or ``(None, error)``; never raises for endpoint trouble."""
-        try:
-            if self._client is None:
-                import openai
+    def _next_dialect(self, failed: str) -> None:
+        """After the endpoint refused or ignored ``failed``: the next dialect, then plain text (``auto``) or none
+        (``on``)."""
+        later = DIALECT_ORDER[DIALECT_ORDER.index(failed) + 1:] if failed in DIALECT_ORDER else ()
+        self.dialect = later[0] if later else ("plain" if self.config.structured == "auto" else "refused")
+        self._confirmed = not later
 
-                self._client = openai.OpenAI(base_url=self.config.url, timeout=self.config.timeout_s, max_retries=0,
-                                             api_key=os.environ.get(self.config.api_key_env) or "not-needed")
-            resp = self._client.chat.completions.create(model=self.config.model, messages=messages,
-                                                        temperature=self.config.temperature, max_tokens=max_tokens,
-                                                        extra_body=self.config.extra_body)
-            text = resp.choices[0].message.content if resp.choices else None
-        except Exception as e:  # any failure of the endpoint or its reply: counted, logged, retried
-            return None, f"{type(e).__name__}: {e}"[:500]
-        if not isinstance(text, str) or not text.strip():
-            return None, "empty reply"
-        return text, None
+    def _parse(self, reply: str, k: int, taken: set, configs: list) -> dict:
+        """Counts of one reply's proposals; usable new ones are appended to ``configs``."""
+        local = dict.fromkeys(COUNTS, 0)
+        local.update(added=0, miss=[])
+        for p in parse_reply(reply, self.n_layers, self.beta, tol=self.config.tol, repair_tol=self.config.repair_tol,
+                             project=self.config.project):
+            local["proposals"] += 1
+            local[p.status] += 1
+            if p.status == "projected":
+                local["miss"].append(p.miss)
+            if p.config is None:
+                continue
+            if p.config in taken:
+                local["duplicates"] += 1
+            elif len(configs) >= k:
+                local["extra"] += 1
+            else:
+                taken.add(p.config)
+                configs.append(p.config)
+                local["added"] += 1
+        return local
 
     def _load_log(self) -> dict[int, dict]:
-        """Logged attempts by call index (the last line for an index wins); a torn tail is cut off the file."""
+        """Logged requests by call index (the last line for an index wins); a torn tail is cut off the file."""
         try:
             rows = read_jsonl(self.log_path, cut_torn_tail=True)
         except ValueError as e:

@@ -55,7 +55,13 @@ class WidthEvoConfig:
 
 @register("evo", space="width", default=True)
 class WidthEvoStrategy(Strategy):
-    """Population search over rate vectors; subclasses replace the operators (``self-pruner``)."""
+    """Population search over rate vectors; subclasses replace the operators (``self-pruner``).
+
+    Every candidate has an *origin* (:meth:`origin_of`: ``init``, ``mutation`` or ``crossover``; the
+    subclass adds its own), and :attr:`origin_stats` counts per origin the candidates ``evaluated``, those
+    that entered the next population (``top_k``) and those that were the best so far when scored
+    (``best_so_far``).
+    """
 
     config_cls = WidthEvoConfig
     inputs = ("scores",)
@@ -65,26 +71,30 @@ class WidthEvoStrategy(Strategy):
         super().__init__(space, rng, **options)
         self.population: list[RateVector] = []  # best first
         self._cohort: list[str] = []  # keys proposed this round
+        self._origin: dict[str, str] = {}  # key -> origin, for the current cohort
+        self.origin_stats: dict[str, dict[str, int]] = {}
 
     # -- operators (overridden by the LLM-driven subclass) ---------------------------
     def _initial(self, k: int) -> list[RateVector]:
         out = [self.space.uniform()]
         if self.config.scores is not None:
             out.append(owl_rates(self.space, self.config.scores, self.config.lam))
-        return self._fill(out, k, lambda: self.space.sample(self.rng))
+        return self._fill(out, k, lambda: self.space.sample(self.rng), origin="init")
 
     def _tournament(self) -> RateVector:
         i, j = self.rng.integers(len(self.population), size=2)
         return self.population[min(int(i), int(j))]  # population is sorted best-first
 
     def _mutants(self, m: int, seen: set) -> list[RateVector]:
-        return self._fill([], m, lambda: self.space.mutate(self._tournament(), self.rng, self.config.step), seen)
+        return self._fill([], m, lambda: self.space.mutate(self._tournament(), self.rng, self.config.step), seen,
+                          origin="mutation")
 
     def _crossovers(self, s: int, seen: set) -> list[RateVector]:
-        return self._fill([], s, lambda: self.space.crossover(self._tournament(), self._tournament(), self.rng), seen)
+        return self._fill([], s, lambda: self.space.crossover(self._tournament(), self._tournament(), self.rng), seen,
+                          origin="crossover")
 
-    def _fill(self, out: list[RateVector], n: int, draw, seen: set | None = None) -> list[RateVector]:
-        """``out`` topped up to ``n`` distinct vectors not in ``seen`` / the memo with ``draw()``."""
+    def _fill(self, out: list[RateVector], n: int, draw, seen: set | None = None, *, origin: str) -> list[RateVector]:
+        """``out`` topped up to ``n`` distinct vectors not in ``seen`` / the memo with ``draw()``, all of ``origin``."""
         seen = set() if seen is None else seen
         keep = []
         for g in out:
@@ -98,7 +108,28 @@ class WidthEvoStrategy(Strategy):
             if g.key not in seen and g.key not in self._memo:
                 seen.add(g.key)
                 keep.append(g)
+        for g in keep[:n]:
+            self._origin.setdefault(g.key, origin)
         return keep[:n]
+
+    # -- origins -----------------------------------------------------------------------
+    def origin_of(self, genome) -> str | None:
+        return self._origin.get(genome.key)
+
+    def _count(self, origin: str | None, what: str) -> None:
+        if origin is not None:
+            row = self.origin_stats.setdefault(origin, {"evaluated": 0, "top_k": 0, "best_so_far": 0})
+            row[what] += 1
+
+    def _update_best(self, p, f: float) -> None:
+        before = self._best
+        super()._update_best(p, f)
+        self._count(self.origin_of(p), "evaluated")
+        if self._best is not before:
+            self._count(self.origin_of(p), "best_so_far")
+
+    def result_extras(self) -> dict:
+        return {"origins": {k: dict(v) for k, v in sorted(self.origin_stats.items())}}
 
     # -- Strategy hooks ----------------------------------------------------------------
     def _propose(self) -> list[RateVector]:
@@ -111,6 +142,7 @@ class WidthEvoStrategy(Strategy):
         if not kids:  # nothing new can be drawn: the search has converged
             self._done = True
         self._cohort = [g.key for g in kids]
+        self._origin = {g.key: self._origin[g.key] for g in kids}
         return kids
 
     def _advance(self) -> None:
@@ -120,13 +152,20 @@ class WidthEvoStrategy(Strategy):
         # stable sort: on equal fitness parents (inserted first) stay ahead of children
         order = sorted(pool.values(), key=lambda g: self._memo[g.key])
         self.population = order[: int(self.config.population)]
+        kept = {g.key for g in self.population}
+        for key in self._cohort:
+            if key in kept:
+                self._count(self._origin.get(key), "top_k")
         self._cohort = []
         if self.generation > int(self.config.generations):
             self._done = True
 
     def _extra_state(self) -> dict:
-        return {"population": [g.key for g in self.population], "cohort": list(self._cohort)}
+        return {"population": [g.key for g in self.population], "cohort": list(self._cohort),
+                "origin": dict(self._origin), "origin_stats": {k: dict(v) for k, v in self.origin_stats.items()}}
 
     def _load_extra_state(self, d: dict) -> None:
         self.population = [self.space.from_key(k) for k in d["population"]]
         self._cohort = list(d.get("cohort", []))
+        self._origin = {str(k): str(v) for k, v in d.get("origin", {}).items()}
+        self.origin_stats = {str(k): {kk: int(vv) for kk, vv in v.items()} for k, v in d.get("origin_stats", {}).items()}

@@ -19,10 +19,14 @@ onto the space once more (a no-op for valid ones) and anything missing,
 duplicated or already scored is filled by the non-LLM operator of ``evo``, so a
 generation always completes. ``llm_init`` / ``llm_mutation`` /
 ``llm_crossover`` = False are the paper's ablations (that step uses the non-LLM
-operator only). Per-run counts of what the LLM proposed are kept in
-:attr:`llm_stats` (part of the saved state, so a resumed run reports the same
-totals as an uninterrupted one, given the operator replays its logged replies; the operator's own state, its
-call counter and budget, is saved with the strategy's).
+operator only). Per-run counts of what the LLM proposed, per operator kind, are
+kept in :attr:`llm_stats` (calls, replies, valid / repaired / projected / invalid
+proposals, duplicates, used, fallback, and the projected replies' distance from
+the budget), and the fate of the LLM's children (evaluated, entered the top K,
+best so far) in :attr:`origin_stats` under ``llm-<kind>``; both are part of the
+saved state, so a resumed run reports the same totals as an uninterrupted one,
+given the operator replays its logged replies (the operator's own state, its call
+counter, budget and dialect, is saved with the strategy's).
 """
 from __future__ import annotations
 
@@ -36,7 +40,11 @@ from .evo import WidthEvoConfig, WidthEvoStrategy
 
 __all__ = ["SelfPrunerConfig", "SelfPrunerStrategy"]
 
-_STAT_KEYS = ("calls", "failed_calls", "proposals", "valid", "repaired", "invalid", "duplicates", "used", "fallback")
+_KINDS = ("init", "mutation", "crossover")
+# counted by the operator, per call; then by the strategy: duplicates, used, fallback
+_OPERATOR_KEYS = ("calls", "replies", "failed_calls", "refused", "proposals", "valid", "repaired", "projected",
+                  "invalid", "duplicates")
+_STAT_KEYS = _OPERATOR_KEYS + ("used", "fallback", "miss_sum", "miss_max")
 
 
 @dataclass(frozen=True)
@@ -56,9 +64,6 @@ class SelfPrunerStrategy(WidthEvoStrategy):
         """The LLM operator only when some step uses it (every LLM step ablated: ``evo`` with the LLM's bookkeeping)."""
         return cls.needs if (config.llm_init or config.llm_mutation or config.llm_crossover) else cls.needs - {"operator"}
 
-    def result_extras(self) -> dict:
-        return {"llm": dict(self.llm_stats)}
-
     def __init__(self, space, rng, operator=None, **options) -> None:
         super().__init__(space, rng, **options)
         c = self.config
@@ -66,27 +71,32 @@ class SelfPrunerStrategy(WidthEvoStrategy):
             raise SearchError("self-pruner needs an LLM operator (--operator-url / --operator-model); "
                               "or turn every LLM step off with the ablation flags")
         self.operator = operator
-        self.llm_stats = {k: 0 for k in _STAT_KEYS}
+        self.llm_stats = {kind: dict.fromkeys(_STAT_KEYS, 0) for kind in _KINDS}
 
     def _take(self, result, n: int, seen: set) -> list[RateVector]:
-        """The operator's proposals as feasible, new vectors (at most ``n``), counted in llm_stats."""
-        for k in ("calls", "failed_calls", "proposals", "valid", "repaired", "invalid", "duplicates"):
-            self.llm_stats[k] += int(result.counts.get(k, 0))
+        """The operator's proposals as feasible, new vectors (at most ``n``), counted in llm_stats[kind]."""
+        stats = self.llm_stats[result.kind]
+        for k in _OPERATOR_KEYS:
+            stats[k] += int(result.counts.get(k, 0))
+        stats["miss_sum"] += float(result.miss_sum)
+        stats["miss_max"] = max(stats["miss_max"], float(result.miss_max))
         out = []
         for rates in result.configs:
             try:
                 g = self.space.project(rates)
             except SearchError:
-                self.llm_stats["invalid"] += 1
+                stats["invalid"] += 1
                 continue
             if g.key in seen or g.key in self._memo:
-                self.llm_stats["duplicates"] += 1
+                stats["duplicates"] += 1
                 continue
             seen.add(g.key)
             out.append(g)
+            self._origin[g.key] = f"llm-{result.kind}"
             if len(out) == n:
                 break
-        self.llm_stats["used"] += len(out)
+        stats["used"] += len(out)
+        stats["fallback"] += n - len(out)
         return out
 
     def _population_for_prompt(self) -> list[tuple[tuple[float, ...], float]]:
@@ -97,7 +107,6 @@ class SelfPrunerStrategy(WidthEvoStrategy):
             return super()._initial(k)
         seen: set = set()
         got = self._take(self.operator.initialize(k), k, seen)
-        self.llm_stats["fallback"] += k - len(got)
         if len(got) == k:
             return got
         # the non-LLM initialization (uniform, OWL, random) fills the rest, as in the ablation
@@ -107,25 +116,39 @@ class SelfPrunerStrategy(WidthEvoStrategy):
         if not self.config.llm_mutation or m == 0:
             return super()._mutants(m, seen)
         got = self._take(self.operator.mutate(self._population_for_prompt(), m, seen=tuple(seen)), m, seen)
-        self.llm_stats["fallback"] += m - len(got)
         return got + super()._mutants(m - len(got), seen)
 
     def _crossovers(self, s: int, seen: set) -> list[RateVector]:
         if not self.config.llm_crossover or s == 0:
             return super()._crossovers(s, seen)
         got = self._take(self.operator.crossover(self._population_for_prompt(), s, seen=tuple(seen)), s, seen)
-        self.llm_stats["fallback"] += s - len(got)
         return got + super()._crossovers(s - len(got), seen)
+
+    def result_extras(self) -> dict:
+        """``llm``: the totals, ``by_kind`` (init / mutation / crossover, with the children's fate from
+        :attr:`origin_stats`), the structured-output dialect and the usable share; ``origins``: every origin."""
+        by_kind = {}
+        for kind, stats in self.llm_stats.items():
+            fate = self.origin_stats.get(f"llm-{kind}", {})
+            by_kind[kind] = {**stats, **{k: fate.get(k, 0) for k in ("evaluated", "top_k", "best_so_far")}}
+        totals = {k: sum(v[k] for v in by_kind.values()) for k in _STAT_KEYS + ("evaluated", "top_k", "best_so_far")}
+        totals["miss_max"] = max(v["miss_max"] for v in by_kind.values())
+        usable = totals["valid"] + totals["repaired"] + totals["projected"]
+        totals["usable_share"] = usable / totals["proposals"] if totals["proposals"] else None
+        dialect = getattr(self.operator, "dialect", None)
+        return {"llm": {**totals, "structured": dialect, "by_kind": by_kind}, **super().result_extras()}
 
     def _extra_state(self) -> dict:
         d = super()._extra_state()
-        d["llm_stats"] = dict(self.llm_stats)
+        d["llm_stats"] = {kind: dict(v) for kind, v in self.llm_stats.items()}
         # the operator's call numbering and budget: its logged replies are replayed by call number
         d["operator"] = self.operator.state_dict() if self.operator is not None else None
         return d
 
     def _load_extra_state(self, d: dict) -> None:
         super()._load_extra_state(d)
-        self.llm_stats = {k: int(d.get("llm_stats", {}).get(k, 0)) for k in _STAT_KEYS}
+        saved = d.get("llm_stats", {})
+        self.llm_stats = {kind: {k: (float if k.startswith("miss") else int)(saved.get(kind, {}).get(k, 0))
+                                 for k in _STAT_KEYS} for kind in _KINDS}
         if self.operator is not None and d.get("operator") is not None:
             self.operator.load_state_dict(d["operator"])
