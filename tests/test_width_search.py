@@ -207,6 +207,13 @@ def test_self_pruner_run_kill_resume_and_export(tiny_dirs, calib_text, tmp_path)
         a = json.loads((ref / "result.json").read_text())
         assert a["evaluations"] == 4 + 3 * 4 and a["llm"]["used"] >= 8 and a["llm"]["calls"] == 1 + 2 * 3
         assert len((ref / "llm_calls.jsonl").read_text().splitlines()) == 7
+        from evoprune.report import write_report
+
+        rep = write_report(ref)
+        md = (ref / "report.md").read_text()
+        assert rep["plots"][-1].endswith("origin.png") and (ref / "origin.png").stat().st_size > 10_000
+        total = next(line for line in md.splitlines() if line.startswith("| total |")).split("|")[2:-1]
+        assert [int(x) for x in total][0] == a["llm"]["calls"] and "## The LLM operator" in md
         run = tmp_path / "killed"
         _kill_resume(_width_args(model, calib_text, run, "self-pruner", op), run, [7])
         assert (run / "history.jsonl").read_text() == (ref / "history.jsonl").read_text()

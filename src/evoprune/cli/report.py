@@ -16,8 +16,10 @@ def cmd_report(args) -> int:
     from ..report.tables import fmt
 
     res = write_report(args.run, args.out)
+    rates = res.get("rates")
+    best = f"rates {min(rates):.2f}-{max(rates):.2f}" if rates else f"drop {res['dropped_layers']}"
     print(f"wrote {res['report']} and {len(res['plots'])} plots "
-          f"(best: drop {res['dropped_layers']}, calib loss {fmt(res['calib_loss'], '.4f')})", file=sys.stderr)
+          f"(best: {best}, calib loss {fmt(res['calib_loss'], '.4f')})", file=sys.stderr)
     emit(res)
     return 0
 

@@ -9,6 +9,7 @@ other execution options.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..errors import UserError
 from .common import emit, progress, quiet_transformers, read_recipe
@@ -68,8 +69,16 @@ def cmd_search(args) -> int:
     from ..runner.loop import run_search
 
     quiet_transformers()
-    emit(run_search(search_config(args), args.out, progress=progress()))
+    emit(_noted(run_search(search_config(args), args.out, progress=progress())))
     return 0
+
+
+def _noted(result: dict) -> dict:
+    """``result``, after saying on stderr what the user must know of it (the LLM operator fell back)."""
+    note = (result.get("llm") or {}).get("note")
+    if note:
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    return result
 
 
 def cmd_resume(args) -> int:
@@ -85,7 +94,7 @@ def cmd_resume(args) -> int:
         overrides["ray_address"] = None
     if overrides:  # how to run the rest (e.g. another worker count); the result is the same
         cfg = cfg.replace_execution(**overrides)
-    emit(run_search(cfg, args.run, resume=True, progress=progress()))
+    emit(_noted(run_search(cfg, args.run, resume=True, progress=progress())))
     return 0
 
 

@@ -1,6 +1,8 @@
 """``evoprune report RUN``: ``report.md`` with a summary table, the fitness and pattern plots and the best candidates.
 
-Owns :func:`write_report`. Reads only the run directory; torch is not imported.
+Owns :func:`write_report`. Reads only the run directory; torch is not imported. Runs whose history names
+origins (Self-Pruner, width ``evo``) also get ``origin.png``; Self-Pruner runs a table of the LLM operator's
+contribution per kind of call.
 """
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import math
 from pathlib import Path
 
 from ..errors import UserError
-from .plots import TOP_N, plot_fitness, plot_pattern
+from .plots import TOP_N, plot_fitness, plot_origin, plot_pattern
 from .runs import load_run, read_eval_files, top_candidates
 from .tables import finite, fmt, fmt_layers, fmt_wall, md_table
 
@@ -54,6 +56,26 @@ def _summary_rows(run: dict) -> list[list[str]]:
     return rows
 
 
+_LLM_COLS = ("calls", "replies", "refused", "proposals", "valid", "repaired", "projected", "invalid", "duplicates",
+             "used", "fallback", "evaluated", "top_k", "best_so_far")
+
+
+def _llm_section(llm: dict) -> list[str]:
+    """What the LLM operator contributed, per kind of call (``result.json``'s ``llm``)."""
+    kinds = list(llm["by_kind"].items()) + [("total", llm)]
+    rows = [[kind] + [str(d.get(c, 0)) for c in _LLM_COLS] for kind, d in kinds]
+    share = llm.get("usable_share")
+    return ["## The LLM operator", "",
+            f"Structured output: `{llm.get('structured')}`; usable proposals (valid, repaired or projected): "
+            + (f"{share:.0%}" if finite(share) else "-")
+            + (f"; projected replies missed the sparsity by {llm['miss_sum'] / llm['projected']:.3f} on average"
+               if llm.get("projected") else "") + ".", "",
+            md_table(["kind", *_LLM_COLS], rows), "",
+            "`used`: distinct new children taken from the LLM; `fallback`: children the non-LLM operators made "
+            "instead; `top_k`: LLM children in the final population; `best_so_far`: LLM children that improved "
+            "the best loss when evaluated." + (f" Note: {llm['note']}." if llm.get("note") else ""), ""]
+
+
 def write_report(path, out_dir=None) -> dict:
     """Write ``report.md``, ``fitness.png`` and ``pattern.png`` for the run at ``path``; returns what was written."""
     run = load_run(path)
@@ -64,6 +86,8 @@ def write_report(path, out_dir=None) -> dict:
     fit_png, pat_png, md = out / "fitness.png", out / "pattern.png", out / "report.md"
     plot_fitness(run, fit_png)
     plot_pattern(run, pat_png)
+    org_png = out / "origin.png"
+    has_origin = plot_origin(run, org_png)
     best = run["best"] or {}
     name = run["path"].name
     k = run["k"]
@@ -94,11 +118,19 @@ def write_report(path, out_dir=None) -> dict:
                              "evaluation #"],
                             [[str(i + 1), desc(r), f"{r['loss']:.4f}", f"{math.exp(r['loss']):.2f}",
                               str(r["eval"])] for i, r in enumerate(top)]), ""]
+    if has_origin:
+        parts += ["## Where the candidates came from", "", f"![origin]({org_png.name})", "",
+                  "Each evaluated candidate coloured by the operator that made it: `llm-*` were proposed by the LLM "
+                  "operator, the others by the non-LLM operators (the fallback when the LLM gives too few).", ""]
+    llm = (run["result"] or {}).get("llm")
+    if llm and llm.get("by_kind"):
+        parts += _llm_section(llm)
     evals = read_eval_files(run["path"])
     if evals:
         parts += ["## Held-out evaluations", "", "From `eval_*.json` in the run directory.", "",
                   md_table(["metric", "value"], [[kk, f"{v:.4f}"] for kk, v in evals.items()]), ""]
     md.write_text("\n".join(parts))
-    return {"run": str(run["path"]), "report": str(md), "plots": [str(fit_png), str(pat_png)],
-            "finished": run["finished"], "dropped_layers": sorted(best.get("dropped", ())),
+    plots = [str(fit_png), str(pat_png)] + ([str(org_png)] if has_origin else [])
+    return {"run": str(run["path"]), "report": str(md), "plots": plots,
+            "finished": run["finished"], "dropped_layers": sorted(best.get("dropped", ())), "rates": best.get("rates"),
             "calib_loss": best.get("loss"), "evaluations": len(run["history"]), "held_out": evals}

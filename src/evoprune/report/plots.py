@@ -1,7 +1,8 @@
 """The report figures, drawn with matplotlib's object API on the Agg canvas (no display, no pyplot state).
 
-Owns :func:`plot_fitness` (``fitness.png``), :func:`plot_pattern` (``pattern.png``) and
-:func:`plot_compare` (``compare.png``); see :mod:`evoprune.report` for what each shows.
+Owns :func:`plot_fitness` (``fitness.png``), :func:`plot_pattern` (``pattern.png``), :func:`plot_origin`
+(``origin.png``, runs whose history names each candidate's origin) and :func:`plot_compare`
+(``compare.png``); see :mod:`evoprune.report` for what each shows.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ..errors import UserError
 from .runs import is_acc, top_candidates
 from .tables import finite, fmt_layers
 
-__all__ = ["plot_fitness", "plot_pattern", "plot_compare", "TOP_N"]
+__all__ = ["plot_fitness", "plot_pattern", "plot_origin", "plot_compare", "TOP_N", "ORIGIN_COLORS"]
 
 TOP_N = 10
 
@@ -94,6 +95,44 @@ def plot_fitness(run: dict, path: Path) -> None:
     fig.suptitle(f"{name}: {method}, {run['config']['model']['model']}, drop {k} of {run['n']} blocks"
                  + ("" if run["finished"] else " (in progress)"))
     fig.savefig(path, dpi=110)
+
+
+# LLM children in warm colours, the fallback (non-LLM) operators' in cool ones
+ORIGIN_COLORS = {"llm-init": "#d73027", "llm-mutation": "#fc8d59", "llm-crossover": "#fee090",
+                 "init": "#313695", "mutation": "#4575b4", "crossover": "#91bfdb"}
+
+
+def plot_origin(run: dict, path: Path) -> bool:
+    """Fitness against evaluations, each candidate coloured by the operator that made it (LLM or fallback), with
+    the best-so-far line. Returns ``False`` (nothing written) when the history names no origins."""
+    pts = [r for r in run["history"] if finite(r.get("loss")) and r.get("origin")]
+    if not pts:
+        return False
+    Figure = mpl()
+    fig = Figure(figsize=(8, 4.2), layout="constrained")
+    ax = fig.subplots()
+    origins = sorted({r["origin"] for r in pts}, key=lambda o: (not o.startswith("llm-"), o))
+    for i, o in enumerate(origins):
+        sel = [r for r in pts if r["origin"] == o]
+        ax.scatter([r["eval"] for r in sel], [r["loss"] for r in sel], s=22, alpha=0.85, edgecolors="black",
+                   linewidths=0.3, color=ORIGIN_COLORS.get(o, f"C{i % 10}"),
+                   label=f"{o} ({len(sel)})" + ("" if o.startswith("llm-") else ", fallback/non-LLM"))
+    best, xs, ys = math.inf, [], []
+    for r in pts:
+        best = min(best, r["loss"])
+        xs.append(r["eval"])
+        ys.append(best)
+    ax.step(xs, ys, where="post", color="black", lw=1.6, label="best so far")
+    losses = sorted(r["loss"] for r in pts)
+    lo, q = losses[0], losses[int(0.95 * (len(losses) - 1))]
+    ax.set_ylim(lo - 0.05 * max(q - lo, 1e-6), q + 0.15 * max(q - lo, 1e-6))
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("calibration loss (mean NLL, lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(f"{run['path'].name}: {run['config']['method']}, candidates by origin")
+    fig.savefig(path, dpi=110)
+    return True
 
 
 def plot_pattern(run: dict, path: Path) -> None:

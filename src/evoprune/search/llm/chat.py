@@ -27,12 +27,15 @@ _REFUSAL_WORDS = ("response_format", "json_schema", "json_object", "literal_erro
 @dataclass(frozen=True)
 class Reply:
     """What one request gave: ``text`` (``None`` on failure), ``error`` (one line), ``refused`` (the server
-    would not take the ``response_format``), ``status`` (the HTTP status of an error, when there was one)."""
+    would not take the ``response_format``), ``status`` (the HTTP status of an error, when there was one),
+    ``served`` (what the server said of itself: the reply's ``model``, ``system_fingerprint`` and token
+    ``usage``, for the record)."""
 
     text: str | None
     error: str | None = None
     refused: bool = False
     status: int | None = None
+    served: dict | None = None
 
 
 def response_format(dialect: str | None, schema: dict | None) -> dict | None:
@@ -71,10 +74,14 @@ def chat(client_box: dict, config, messages: list[dict], *, max_tokens: int, fmt
             model=config.model, messages=messages, temperature=config.temperature, max_tokens=max_tokens,
             extra_body=config.extra_body, **kw)
         text = resp.choices[0].message.content if resp.choices else None
+        usage = getattr(resp, "usage", None)
+        served = {"model": getattr(resp, "model", None), "fingerprint": getattr(resp, "system_fingerprint", None),
+                  "completion_tokens": getattr(usage, "completion_tokens", None),
+                  "prompt_tokens": getattr(usage, "prompt_tokens", None)}
     except Exception as e:  # any failure of the endpoint or its reply: counted, logged, retried
         status = getattr(e, "status_code", None)
         message = f"{type(e).__name__}: {e}"[:500]
         return Reply(None, message, refused=fmt is not None and is_refusal(status, str(e)), status=status)
     if not isinstance(text, str) or not text.strip():
-        return Reply(None, "empty reply")
-    return Reply(text)
+        return Reply(None, "empty reply", served=served)
+    return Reply(text, served=served)

@@ -227,13 +227,14 @@ class LLMOperator:
         if (logged is not None and logged.get("messages") == messages and logged.get("request") == req
                 and (isinstance(logged.get("reply"), str) or isinstance(logged.get("error"), str))):
             reply, error, refused, replayed = logged.get("reply"), logged.get("error"), bool(logged.get("refused")), True
+            served = logged.get("served")
         else:
             if attempt > 0 and self.config.backoff_s > 0:
                 self._sleep(self.config.backoff_s * 2 ** (attempt - 1))
                 t0 = time.monotonic()
             r = chat(self._client, self.config, messages, max_tokens=req["max_tokens"], fmt=req["response_format"],
                      seed=req["seed"])
-            reply, error, refused, replayed = r.text, r.error, r.refused, False
+            reply, error, refused, replayed, served = r.text, r.error, r.refused, False, r.served
         local = self._parse(reply, k, taken, configs) if error is None else dict.fromkeys(COUNTS, 0)
         added = local.pop("added", 0)
         miss = local.pop("miss", [])
@@ -259,7 +260,7 @@ class LLMOperator:
         if not replayed:
             self._log({"call": n, "kind": kind, "attempt": attempt, "model": self.config.model, "messages": messages,
                        "request": req, "reply": reply, "error": error, "refused": refused, "ignored": ignored,
-                       "wall_s": round(time.monotonic() - t0, 3), "counts": {**local, "added": added}})
+                       "served": served, "wall_s": round(time.monotonic() - t0, 3), "counts": {**local, "added": added}})
         return added, refused
 
     def _next_dialect(self, failed: str) -> None:

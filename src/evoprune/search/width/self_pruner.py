@@ -44,7 +44,22 @@ _KINDS = ("init", "mutation", "crossover")
 # counted by the operator, per call; then by the strategy: duplicates, used, fallback
 _OPERATOR_KEYS = ("calls", "replies", "failed_calls", "refused", "proposals", "valid", "repaired", "projected",
                   "invalid", "duplicates")
-_STAT_KEYS = _OPERATOR_KEYS + ("used", "fallback", "miss_sum", "miss_max")
+_STAT_KEYS = _OPERATOR_KEYS + ("used", "fallback", "budget_exhausted", "miss_sum", "miss_max")
+
+
+def fallback_note(llm: dict) -> str | None:
+    """One line saying how many children the LLM gave and why the rest came from the fallback operators
+    (``None`` when the LLM gave every child it was asked for)."""
+    asked = int(llm.get("used", 0)) + int(llm.get("fallback", 0))
+    if not llm.get("fallback"):
+        return None
+    why = [f"{llm[k]} {what}" for k, what in (("failed_calls", "failed calls"), ("refused", "refused for the schema"),
+                                               ("invalid", "invalid proposals"), ("duplicates", "duplicates"))
+           if llm.get(k)]
+    if llm.get("budget_exhausted"):
+        why.append("the call budget ran out")
+    return (f"the LLM operator gave {llm.get('used', 0)} of {asked} children; the fallback operators gave the other "
+            f"{llm['fallback']}" + (f" ({', '.join(why)})" if why else ""))
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,7 @@ class SelfPrunerStrategy(WidthEvoStrategy):
         stats = self.llm_stats[result.kind]
         for k in _OPERATOR_KEYS:
             stats[k] += int(result.counts.get(k, 0))
+        stats["budget_exhausted"] += int(bool(result.budget_exhausted))
         stats["miss_sum"] += float(result.miss_sum)
         stats["miss_max"] = max(stats["miss_max"], float(result.miss_max))
         out = []
@@ -136,7 +152,9 @@ class SelfPrunerStrategy(WidthEvoStrategy):
         usable = totals["valid"] + totals["repaired"] + totals["projected"]
         totals["usable_share"] = usable / totals["proposals"] if totals["proposals"] else None
         dialect = getattr(self.operator, "dialect", None)
-        return {"llm": {**totals, "structured": dialect, "by_kind": by_kind}, **super().result_extras()}
+        llm = {**totals, "structured": dialect, "by_kind": by_kind}
+        llm["note"] = fallback_note(llm)
+        return {"llm": llm, **super().result_extras()}
 
     def _extra_state(self) -> dict:
         d = super()._extra_state()
