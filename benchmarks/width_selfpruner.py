@@ -135,6 +135,31 @@ def main() -> None:
             cache.write_text(json.dumps(held, indent=1))
         print(f"  {name}: wikitext2 {held[name]['wikitext2']:.2f} c4 {held[name]['c4']:.2f}", file=sys.stderr, flush=True)
 
+    # the prior a small operator's replies carry (a low first value, then 1.0s: projected, block 0 is spared),
+    # handed to no search: one vector, block 0 at rate 0 and the others uniform
+    from evoprune.data.calibration import CalibSet
+    from evoprune.fitness.whole_model import WidthEvaluator
+    from evoprune.prune.importance import WidthImportance
+
+    prior = "uniform, block 0 kept"
+    for beta in sorted({k[1] for k in results}):
+        for seed in sorted({k[2] for k in results}):
+            src = dirs.get(("uniform Wanda-sp", beta, seed))
+            if src is None:
+                continue
+            n = lm.n_layers
+            rates = [0.0] + [beta * n / (n - 1)] * (n - 1)
+            ev = WidthEvaluator(lm, CalibSet.load(src / "calib.pt"), WidthImportance.load(src / "importance.pt"))
+            plan = ev.plan(rates)
+            name = f"prior_{int(round(beta * 100))}_s{seed}"
+            key = (prior, beta, seed)
+            results[key] = {"calib_loss": ev.evaluate(rates).loss, "evaluations": 1, "param_sparsity": plan.sparsity}
+            dirs[key] = work / name
+            if held.get(name, {}).get("id") != f"{name}:{results[key]['calib_loss']:.6f}":
+                held[name] = {"id": f"{name}:{results[key]['calib_loss']:.6f}",
+                              **{ds: ppl(ds, width_masked(lm.model, plan)) for ds in ids}}
+                cache.write_text(json.dumps(held, indent=1))
+
     labels = list(dict.fromkeys(k[0] for k in results))
     betas = sorted({k[1] for k in results})
     seeds = sorted({k[2] for k in results})

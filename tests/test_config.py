@@ -21,7 +21,8 @@ from evoprune.search import SPACE_KINDS, default_method, get_strategy, methods, 
 from evoprune.search.base import Strategy
 from evoprune.search.registry import unregister
 
-_BUDGET = {"layers": ["--drop-count", "2"], "width": ["--sparsity", "0.3"], "levels": ["--sparsity", "0.3"]}
+_BUDGET = {"layers": ["--drop-count", "2"], "width": ["--sparsity", "0.3"], "levels": ["--sparsity", "0.3"],
+           "sublayers": ["--drop-count", "4"]}
 _NEEDS = {"self-pruner": ["--operator-url", "http://127.0.0.1:9/v1", "--operator-model", "m"]}
 
 

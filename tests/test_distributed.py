@@ -176,6 +176,21 @@ def test_width_run_two_workers_same_as_one_process(deep_model, calib_text, ray_c
     assert ev[-1]["evaluations"] == two["evaluations"] and ev[-1]["setup_token_layers"] == 0
 
 
+def test_sublayer_run_two_workers_same_as_one_process(deep_model, calib_text, ray_cluster, tmp_path):
+    """--space sublayers with two fidelity stages and the LRU: 2 workers reproduce the one-process run."""
+    from evoprune.runner.config import SearchConfig
+    from evoprune.runner.loop import run_search
+
+    kw = dict(space="sublayers", method="evo", model=str(deep_model), sparsity=0.25, calib=f"text:{calib_text}",
+              sampling="random", nsamples=3, seqlen=48, seed=2, generations=3, offspring=8,
+              tokens_per_stage=(40, 144), survivors_per_stage=(3, 2), cache_mb=1.0)
+    one = run_search(SearchConfig.build(**kw), tmp_path / "s1", progress=False)
+    two = run_search(SearchConfig.build(**kw, workers=2), tmp_path / "s2", progress=False)
+    assert _rows(tmp_path / "s2") == _rows(tmp_path / "s1")
+    assert {k: v for k, v in two.items() if k != "wall_s"} == {k: v for k, v in one.items() if k != "wall_s"}
+    assert _events(tmp_path / "s2")[-1]["evaluations"] == two["evaluations"]
+
+
 def test_worker_that_cannot_start_is_a_user_error(calib_text, reference, ray_cluster, tmp_path):
     """A worker whose constructor fails (here: a model path its node lacks) stops the pool with that one line."""
     from evoprune.runner.distributed import WorkerPool

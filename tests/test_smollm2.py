@@ -42,3 +42,15 @@ def test_ppl_and_export_round_trip(smollm2, tmp_path):
     torch.save(ids[None, :256], tmp_path / "ids.pt")
     got = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert not got["evoprune"] and abs(got["loss"] - pruned.nll) < 1e-5
+
+
+def test_sublayer_export_round_trip(smollm2, tmp_path):
+    """A mixed attention / MLP / whole-block pattern on the real model: reloaded logits equal the skipped model's."""
+    from evoprune.export import export_sublayers
+
+    attention, mlp = (4, 11, 12, 20, 25), (12, 27)
+    rec = export_sublayers(smollm2, attention, mlp, tmp_path / "sub")
+    assert rec["max_abs_diff"] <= 1e-5 and rec["skipped_max_abs_diff"] <= 1e-5
+    assert rec["dropped_layers"] == [12] and rec["num_kv_groups"].count(0) == 4 and rec["intermediate_sizes"].count(0) == 1
+    per_block = sum(p.numel() for p in smollm2.adapter.get_blocks(smollm2.model)[0].parameters())
+    assert rec["params_dense"] - rec["params"] == per_block + 4 * 884_736 + 2_654_208

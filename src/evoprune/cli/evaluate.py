@@ -63,17 +63,19 @@ def bench_table(res: dict) -> str:
 
     mb = lambda x: f"{x / 2**20:.1f}"  # noqa: E731
     rows = [[r["name"], r["layers"], f"{r['params'] / 1e6:.2f}M", f"{r['prefill_ms']:.1f}", f"{r['prefill_tok_s']:.0f}",
-             f"{r['decode_tok_s']:.1f}", mb(r["weight_bytes"]), mb(r["peak_mem_bytes"])] for r in res["rows"]]
+             f"{r['decode_tok_s']:.1f}", mb(r["weight_bytes"]), mb(r["peak_mem_bytes"]), mb(r["kv_cache_bytes"])]
+            for r in res["rows"]]
     s, i, o, ih = res["speedup"], res["ideal_speedup"], res["speedup_over_ideal"], res["ideal_speedup_with_head"]
     footer = [f"speedup dense/pruned: prefill {s['prefill']:.3f}x, decode {s['decode']:.3f}x; "
               f"ideal (block FLOPs) {i:.3f}x -> {100 * o['prefill']:.1f}% / {100 * o['decode']:.1f}% of ideal",
               f"ideal incl. LM head: prefill {ih['prefill']:.3f}x, decode {ih['decode']:.3f}x; "
-              f"params x{res['params_ratio']:.3f}, peak memory x{res['peak_mem_ratio']:.3f}",
+              f"params x{res['params_ratio']:.3f}, peak memory x{res['peak_mem_ratio']:.3f}, KV cache "
+              f"x{res['kv_cache_ratio']:.3f} (after the prefill)",
               f"batch {res['batch']}, seqlen {res['seqlen']}, {res['decode_tokens']} decode tokens after a "
               f"{res['prompt_tokens']}-token prompt, median of {res['repeats']} after 1 warm-up, {res['device']}, "
               f"{res['threads']} threads; memory: {res['mem_method_text']}"]
     return text_table(["model", "layers", "params", "prefill ms", "prefill tok/s", "decode tok/s", "weights MiB",
-                       "peak MiB"], rows, footer=footer)
+                       "peak MiB", "KV MiB"], rows, footer=footer)
 
 
 def _bench_models(args, drop):

@@ -44,13 +44,23 @@ def cmd_ppl(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ..export import check_out_dir, export_dropped, export_width
-    from ..runner.pruned import is_width_result, run_base_model, width_plan
+    from ..export import check_out_dir, export_dropped, export_sublayers, export_width
+    from ..runner.pruned import is_sublayer_result, is_width_result, run_base_model, width_plan
     from ..runner.rundir import RunDir, is_run_dir
 
     drop = drop_arg(args.drop)
     check_out_dir(args.out, args.overwrite)
-    if args.run and is_run_dir(args.run) and is_width_result(RunDir(args.run).read_result() or {}):
+    res = (RunDir(args.run).read_result() or {}) if args.run and is_run_dir(args.run) else {}
+    if is_sublayer_result(res):
+        if drop:
+            raise UserError("--drop does not apply to a sub-layer run")
+        lm = load(run_base_model(RunDir(args.run)), args.device, args.dtype)  # the dense base
+        rec = export_sublayers(lm, res["dropped_attention"], res["dropped_mlp"], args.out, overwrite=args.overwrite,
+                               extra={"run": str(args.run)})
+        fmt = "plain HF" if "num_kv_groups" not in rec else "loads with trust_remote_code=True"
+        print(f"exported sub-layer-pruned model ({rec['params']:,} params) to {args.out} (reload check: max "
+              f"|dlogit| = {rec['max_abs_diff']:.2e}; {fmt})", file=sys.stderr)
+    elif is_width_result(res):
         if drop:
             raise UserError("--drop does not apply to a width-pruning run")
         lm = load(run_base_model(RunDir(args.run)), args.device, args.dtype)  # the dense base: export slices it

@@ -18,6 +18,8 @@ def cmd_report(args) -> int:
     res = write_report(args.run, args.out)
     rates = res.get("rates")
     best = f"rates {min(rates):.2f}-{max(rates):.2f}" if rates else f"drop {res['dropped_layers']}"
+    if res.get("dropped_attention") is not None:
+        best = f"drop attention {res['dropped_attention']}, MLP {res['dropped_mlp']}"
     print(f"wrote {res['report']} and {len(res['plots'])} plots "
           f"(best: {best}, calib loss {fmt(res['calib_loss'], '.4f')})", file=sys.stderr)
     emit(res)

@@ -32,8 +32,15 @@ def _sections() -> dict[str, type]:
     for space in SPACE_KINDS:
         for m in methods(space):
             for name, cls in section_classes(space, m).items():
-                if name != "method_options":
-                    out.setdefault(f"--space {space}" if name == "space_options" else titles.get(name, name), cls)
+                if name == "method_options":
+                    continue
+                title = f"--space {space}" if name == "space_options" else titles.get(name, name)
+                shared = next((t for t, c in out.items() if c is cls and t != title), None)
+                if shared is not None and name == "space_options":  # spaces sharing one options class: one group
+                    if space not in shared:
+                        out = {(f"{t} / {space}" if t == shared else t): c for t, c in out.items()}
+                    continue
+                out.setdefault(title, cls)
     execution = out.pop(titles["execution"])
     return {**out, titles["execution"]: execution}
 

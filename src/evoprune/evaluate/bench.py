@@ -20,6 +20,8 @@ What is measured, per model (dense base and pruned), on random token ids:
   after resetting it through ``/proc/self/clear_refs`` (Linux), else sampled
   with ``psutil`` every millisecond, else ``ru_maxrss`` growth (a lower bound).
   The JSON's ``mem_method`` says which one was used;
+* **KV-cache bytes** after the prefill (every key/value tensor the cache holds; an attention-free block
+  of a sub-layer-pruned model holds only a one-slot stub);
 * **parameter count** (tied weights once).
 
 The two models are timed alternately (dense, pruned, dense, ...) so that
@@ -39,7 +41,7 @@ from ..models.hooks import last_logits_kwargs
 from .flops import ideal_speedup
 from .memory import MEM_METHODS, model_bytes, peak_extra
 
-__all__ = ["find_base", "bench", "speedups"]
+__all__ = ["find_base", "bench", "speedups", "cache_bytes"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,6 +95,23 @@ def _sync(device) -> None:
 
 def _prefill(model, ids, kw):
     return model(input_ids=ids, use_cache=True, **kw)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of every tensor a KV cache holds (a transformers ``Cache`` with ``layers``, or legacy tuples)."""
+    import torch
+
+    def walk(x) -> int:
+        if torch.is_tensor(x):
+            return x.numel() * x.element_size()
+        if isinstance(x, (list, tuple)):
+            return sum(walk(y) for y in x)
+        return 0
+
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return sum(walk(getattr(layer, name, None)) for layer in layers for name in ("keys", "values"))
+    return walk(cache)
 
 
 def _one_pass(model, ids, prompt, n: int, kw, device) -> None:
@@ -152,6 +171,7 @@ def bench(models: dict, *, batch: int = 1, seqlen: int = 512, decode_tokens: int
                 out = _prefill(model, ids, kw)
                 _sync(device)
                 dt = time.perf_counter() - t0
+                by_name[name]["kv_cache_bytes"] = cache_bytes(out.past_key_values)
                 del out
                 dd = _decode(model, prompt, decode_tokens, kw, device)
                 if rep:
@@ -194,4 +214,5 @@ def speedups(res: dict, batch: int, seqlen: int, decode_tokens: int, prompt_toke
         "ideal_speedup_with_head": ideal_head,
         "params_ratio": pruned["params"] / dense["params"],
         "peak_mem_ratio": pruned["peak_mem_bytes"] / dense["peak_mem_bytes"],
+        "kv_cache_ratio": pruned["kv_cache_bytes"] / dense["kv_cache_bytes"] if dense["kv_cache_bytes"] else None,
     }

@@ -3,6 +3,8 @@
 - :func:`export_dropped` (:mod:`.plain`): blocks removed, a plain HF directory;
 - :func:`export_width` / :func:`save_width_model` (:mod:`.remote_code`): per-layer widths, the
   ``trust_remote_code`` format;
+- :func:`export_sublayers` (:mod:`.sublayers`): attention / MLP removed separately, whole blocks plain and
+  the rest in the width format;
 - :func:`save_pruned`: whichever of the two fits an in-memory model (e.g. after fine-tuning).
 """
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 from .checked import ExportError, check_out_dir, reference_ids
 from .plain import export_dropped
 from .remote_code import export_width, save_width_model
+from .sublayers import export_sublayers
 
 __all__ = ["ExportError", "check_out_dir", "reference_ids", "export_dropped", "export_width", "save_width_model",
-           "save_pruned"]
+           "export_sublayers", "save_pruned"]
 
 
 def save_pruned(lm, out, *, overwrite: bool = False, extra: dict | None = None) -> dict:

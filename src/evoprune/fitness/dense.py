@@ -36,7 +36,8 @@ class DenseBatch:
     - ``ids``: token ids ``[B, T]`` on the model device;
     - ``states``: ``n_layers + 1`` tensors ``[B, T, hidden]`` (model dtype, model
       device): ``states[i]`` is the input of block ``i``, ``states[n_layers]`` the
-      input of the final norm (= the last block's output);
+      input of the final norm (= the last block's output); with sub-layers
+      ``2 * n_layers + 1`` (see :func:`dense_states`);
     - ``logits``: ``[B, T, vocab]``.
     """
 
@@ -47,8 +48,13 @@ class DenseBatch:
 
 
 @torch.no_grad()
-def dense_states(lm: LoadedModel, calib: CalibSet, batch_size: int = 1) -> Iterator[DenseBatch]:
+def dense_states(lm: LoadedModel, calib: CalibSet, batch_size: int = 1, *, sublayers: bool = False
+                 ) -> Iterator[DenseBatch]:
     """Run the model as loaded over ``calib`` and yield every block's input hidden state.
+
+    ``sublayers``: also the residual stream after each block's attention (``adapter.residual_site``),
+    so ``states`` has ``2 * n_layers + 1`` entries in forward order: block ``i``'s input at ``2i``, its
+    post-attention state at ``2i + 1``, the final-norm input last.
 
     One dense forward per batch costs ``B * seqlen * n_layers`` token-layers. Hooks
     live only for the duration of each forward (removed in ``finally``), so the
@@ -56,7 +62,10 @@ def dense_states(lm: LoadedModel, calib: CalibSet, batch_size: int = 1) -> Itera
     the model does later can alter them.
     """
     model, adapter = lm.model, lm.adapter
-    targets = [*adapter.get_blocks(model), adapter.final_norm(model)]
+    blocks = list(adapter.get_blocks(model))
+    if sublayers:
+        blocks = [m for b in blocks for m in (b, adapter.residual_site(b))]
+    targets = [*blocks, adapter.final_norm(model)]
     device = model_device(model)
     for s, e in batches(calib.n_samples, batch_size):
         ids = calib.input_ids[s:e].to(device)
@@ -64,7 +73,10 @@ def dense_states(lm: LoadedModel, calib: CalibSet, batch_size: int = 1) -> Itera
 
         def capture(i: int) -> Callable:
             def hook(module, args, kwargs):
-                states[i] = hidden_arg(args, kwargs).detach().clone()
+                h = hidden_arg(args, kwargs)
+                if h.dim() == 2:  # a residual site that sees the stream flattened (OPT)
+                    h = h.view(*ids.shape, -1)
+                states[i] = h.detach().clone()
 
             return hook
 

@@ -23,6 +23,15 @@ forward pre-hook swaps ``H_f`` in as the ``hidden_states`` input of the first
 block that runs (or of the final norm when none runs). The losses equal the
 naive ones bit for bit on CPU as long as the cache was built with the same
 batching, which the evaluator guarantees.
+
+Sub-layers (``sublayers=True``, for :class:`~evoprune.spaces.SublayerPattern`): the positions are
+the ``2N`` sub-layers in forward order (attention of block ``i`` = ``2i``, its MLP = ``2i + 1``) and
+the dense cache also holds the residual stream after every block's attention (the input of
+``adapter.residual_site``). A candidate whose first dropped sub-layer is ``u`` starts there: the
+state entering ``u`` is fed at the input of the first block that runs, whose earlier sub-layers are
+removed (``adapter.skipped``). A sub-layer's token-layers are its share of its block's matmul
+FLOPs (attention / MLP parameters over the block's; SmolLM2-135M: 0.25 / 0.75), so a whole block
+still counts 1; an evaluation's total is rounded to an integer.
 """
 from __future__ import annotations
 
@@ -36,7 +45,7 @@ from ..evaluate.perplexity import window_nll
 from ..models.hooks import hidden_arg, hooked, model_device, with_hidden
 from ..models.loading import LoadedModel
 from ..prune.block_influence import block_influence
-from ..spaces import DropPattern
+from ..spaces import DropPattern, SublayerPattern
 from .dense import batches, dense_states, no_blocks
 from .kl import KLTarget, kl_sum
 from .prefix_lru import PrefixLRU, prefix_key
@@ -105,7 +114,7 @@ class NLLEvaluator:
 
     def __init__(self, lm: LoadedModel, calib: CalibSet, *, batch_size: int = 1, prefix_cache: bool = True,
                  progress: bool = False, metric: str = "nll", kl_topk: int | None = None,
-                 cache_mb: float = 0.0) -> None:
+                 cache_mb: float = 0.0, sublayers: bool = False) -> None:
         if calib.seqlen < 2:
             raise ValueError(f"calibration samples need >= 2 tokens to predict one, got seqlen {calib.seqlen}")
         if metric not in METRICS:
@@ -123,9 +132,20 @@ class NLLEvaluator:
         self.metric = metric
         self.kl_topk = None if kl_topk is None else int(kl_topk)
         self.n_layers = lm.n_layers
+        self.sublayers = bool(sublayers)
+        self.per_block = 2 if self.sublayers else 1
+        self.n_units = self.per_block * self.n_layers
+        if self.sublayers:
+            from ..models.sublayers import check_sublayers, sublayer_params
+
+            check_sublayers(lm.model)
+            attn, mlp = sublayer_params(lm.adapter, lm.model)
+            self.weights = tuple(w for a, m in zip(attn, mlp) for w in (a / (a + m), m / (a + m)))
+        else:
+            self.weights = (1.0,) * self.n_layers
         self.n_evaluations = 0
         self.spent_token_layers = 0
-        # _cache[b][i]: input hidden state of block i (i == n_layers: final-norm input) for batch b
+        # _cache[b][u]: hidden state entering position u (u == n_units: final-norm input) for batch b
         self._cache: list[list[torch.Tensor]] | None = None
         self._targets: list[KLTarget] | None = None
         self._setup = 0
@@ -159,7 +179,8 @@ class NLLEvaluator:
         if self.lm.adapter.n_layers(self.lm.model) != self.n_layers:
             raise RuntimeError("the model's block count changed since the evaluator was built")
         cache, targets = [], []
-        for batch in self._bar(dense_states(self.lm, self.calib, self.batch_size), "caching hidden states"):
+        for batch in self._bar(dense_states(self.lm, self.calib, self.batch_size, sublayers=self.sublayers),
+                               "caching hidden states"):
             if need_cache:
                 cache.append(batch.states)
             if need_kl:
@@ -171,38 +192,60 @@ class NLLEvaluator:
         self._setup += self.dense_token_layers
         self.spent_token_layers += self.dense_token_layers
 
-    def _hidden_at(self, block: int, batch_index: int) -> torch.Tensor:
-        """Dense input hidden state of ``block`` (``n_layers``: final-norm input) for one batch, ``[B, T, hidden]``."""
+    def _hidden_at(self, unit: int, batch_index: int) -> torch.Tensor:
+        """Dense hidden state entering position ``unit`` (``n_units``: final-norm input) for one batch,
+        ``[B, T, hidden]``."""
         assert self._cache is not None
-        return self._cache[batch_index][block]
+        return self._cache[batch_index][unit]
 
     def block_influence(self) -> list[float]:
-        """ShortGPT Block Influence (:func:`evoprune.prune.block_influence.block_influence`) of every block,
-        from the cached dense states: no forward beyond the cache's."""
+        """ShortGPT Block Influence (:func:`evoprune.prune.block_influence.block_influence`) of every block (of
+        every sub-layer with ``sublayers``), from the cached dense states: no forward beyond the cache's."""
         self.prepare()
         if self._cache is None:
             raise RuntimeError("block_influence needs prefix_cache=True")
         return block_influence(self._cache)
 
     # -- evaluation ----------------------------------------------------------
-    def _plan(self, pattern: DropPattern) -> tuple[int, object]:
-        """``(start, lru_hit)`` for ``pattern``: the deepest cached start position (LRU bookkeeping applied)."""
+    def _units(self, pattern) -> tuple[int, ...]:
+        """The dropped positions of ``pattern`` (validated against the model; :class:`UserError` if it does not fit)."""
+        if self.sublayers:
+            if not isinstance(pattern, SublayerPattern) or pattern.n_layers != self.n_layers:
+                from ..errors import UserError
+
+                raise UserError(f"not a sub-layer pattern of this {self.n_layers}-block model: {pattern}")
+            return pattern.units
+        return self.lm.adapter.pattern(self.lm.model, pattern).dropped
+
+    def _cost(self, run) -> int:
+        """Token-layers of running the positions ``run`` over the calibration set."""
+        if not self.sublayers:
+            return self.calib.n_tokens * len(run)
+        return int(round(self.calib.n_tokens * sum(self.weights[u] for u in run)))
+
+    def _plan(self, dropped: tuple[int, ...]) -> tuple[int, object]:
+        """``(start, lru_hit)`` for these dropped positions: the deepest cached start (LRU bookkeeping applied)."""
         if not self.prefix_cache:
             return 0, None
-        hit = self.lru.lookup(self.n_layers, pattern.dropped) if self.lru is not None else None
-        return (pattern.first_dropped if hit is None else hit[0][0]), hit
+        hit = self.lru.lookup(self.n_units, dropped) if self.lru is not None else None
+        first = dropped[0] if dropped else self.n_units
+        return (first if hit is None else hit[0][0]), hit
 
-    def _lru_insert(self, pattern: DropPattern, start: int, states: dict[int, list] | None) -> None:
+    def _run_units(self, dropped, start: int) -> list[int]:
+        d = set(dropped)
+        return [u for u in range(start, self.n_units) if u not in d]
+
+    def _lru_insert(self, dropped: tuple[int, ...], start: int, states: dict[int, list] | None) -> None:
         if self.lru is None:
             return
-        run = [i for i in pattern.kept if i >= start]
+        run = self._run_units(dropped, start)
         for prev, j in zip(run, run[1:]):
             value = None if states is None else states[j]
-            # the state entering kept block j also enters every dropped position between prev and j
-            for pos in [d for d in pattern.dropped if prev < d < j] + [j]:
-                self.lru.insert(prefix_key(pos, pattern.dropped), value)
+            # the state entering kept position j also enters every dropped position between prev and j
+            for pos in [d for d in dropped if prev < d < j] + [j]:
+                self.lru.insert(prefix_key(pos, dropped), value)
 
-    def replay(self, pattern: DropPattern) -> int:
+    def replay(self, pattern) -> int:
         """Apply :meth:`evaluate`'s cache bookkeeping for ``pattern`` without computing anything.
 
         Returns the ``token_layers`` that :meth:`evaluate` would report for
@@ -211,10 +254,10 @@ class NLLEvaluator:
         (:mod:`evoprune.distributed`): replaying candidates in the sequential
         order gives the sequential run's token-layers.
         """
-        pattern = self.lm.adapter.pattern(self.lm.model, pattern)
-        start, _ = self._plan(pattern)
-        self._lru_insert(pattern, start, None)
-        return self.calib.n_tokens * sum(1 for i in pattern.kept if i >= start)
+        dropped = self._units(pattern)
+        start, _ = self._plan(dropped)
+        self._lru_insert(dropped, start, None)
+        return self._cost(self._run_units(dropped, start))
 
     def release(self) -> None:
         """Free the dense prefix cache, KL targets and LRU tensors; the LRU bookkeeping stays.
@@ -229,11 +272,11 @@ class NLLEvaluator:
             for key in self.lru.keys():
                 self.lru.set(key, None)
 
-    def evaluate(self, pattern: DropPattern) -> Evaluation:
+    def evaluate(self, pattern) -> Evaluation:
         """Score ``pattern`` (validated against the model; :class:`UserError` if it does not fit)."""
-        pattern = self.lm.adapter.pattern(self.lm.model, pattern)
+        dropped = self._units(pattern)
         self.prepare()
-        start, hit = self._plan(pattern)
+        start, hit = self._plan(dropped)
         if not self.prefix_cache:
             source = None
         elif hit is None:
@@ -244,9 +287,9 @@ class NLLEvaluator:
                 states = self._materialize(key)
                 self.lru.set(key, states)
             source = lambda b, s=states: s[b]  # noqa: E731
-        capture = [i for i in pattern.kept if i >= start][1:] if self.lru is not None else []
-        ev, states = self._run_from(pattern, start, source, capture)
-        self._lru_insert(pattern, start, states)
+        capture = self._run_units(dropped, start)[1:] if self.lru is not None else []
+        ev, states = self._run_from(dropped, start, source, capture)
+        self._lru_insert(dropped, start, states)
         self.n_evaluations += 1
         self.spent_token_layers += ev.token_layers
         return ev
@@ -255,33 +298,36 @@ class NLLEvaluator:
         """Per-batch hidden states entering position ``j`` with ``prefix`` dropped below it."""
         j, prefix = key
         f = prefix[0]
-        p = DropPattern(self.n_layers, tuple(prefix) + tuple(range(j, self.n_layers)))
-        _, states = self._run_from(p, f, lambda b: self._hidden_at(f, b), [self.n_layers])
-        return states[self.n_layers]
+        dropped = tuple(prefix) + tuple(range(j, self.n_units))
+        _, states = self._run_from(dropped, f, lambda b: self._hidden_at(f, b), [self.n_units])
+        return states[self.n_units]
 
     @torch.no_grad()
-    def _run_from(self, pattern: DropPattern, start: int, source: Callable[[int], torch.Tensor] | None,
+    def _run_from(self, dropped: tuple[int, ...], start: int, source: Callable[[int], torch.Tensor] | None,
                   capture: list[int] = ()) -> tuple[Evaluation, dict[int, list[torch.Tensor]]]:
-        """Fitness of ``pattern`` running only its kept blocks ``>= start``.
+        """Fitness with positions ``dropped`` removed, running only the kept positions ``>= start``.
 
         ``source(batch_index)`` gives the hidden state entering position ``start``
-        under ``pattern`` (the output of its kept blocks ``< start``), ``[B, T,
-        hidden]``; ``None`` only with ``start == 0`` (the embeddings feed block 0).
-        ``capture``: positions (kept blocks that run, or ``n_layers`` for the
-        final-norm input) whose input hidden states are returned per batch.
+        under the pattern (the output of its kept positions ``< start``), ``[B, T,
+        hidden]``; ``None`` only with ``start == 0`` (the embeddings feed position 0).
+        ``capture``: positions that run (or ``n_units``, the final-norm input) whose
+        entering hidden states are returned per batch.
         """
         lm, model, adapter = self.lm, self.lm.model, self.lm.adapter
         if source is None and start != 0:
-            raise ValueError("a start block > 0 needs a hidden-state source")
-        run = [i for i in pattern.kept if i >= start]
-        skipped = tuple(sorted(set(range(self.n_layers)) - set(run)))
+            raise ValueError("a start position > 0 needs a hidden-state source")
+        run = self._run_units(dropped, start)
         blocks = adapter.get_blocks(model)
-        if run:
-            target = blocks[run[0]]
-            scope = adapter.dropped(model, DropPattern(self.n_layers, skipped))
+        if not run:
+            target, scope = adapter.final_norm(model), no_blocks(lm)
+        elif self.sublayers:
+            ran = set(run)
+            target = blocks[run[0] // 2]
+            scope = adapter.skipped(model, attention=[i for i in range(self.n_layers) if 2 * i not in ran],
+                                    mlp=[i for i in range(self.n_layers) if 2 * i + 1 not in ran])
         else:
-            target = adapter.final_norm(model)
-            scope = no_blocks(lm)
+            target = blocks[run[0]]
+            scope = adapter.dropped(model, DropPattern(self.n_layers, tuple(sorted(set(range(self.n_layers)) - set(run)))))
         current = [0]
         captured: dict[int, list[torch.Tensor]] = {j: [] for j in capture}
 
@@ -291,24 +337,35 @@ class NLLEvaluator:
 
         def grab(j: int) -> Callable:
             def hook(module, args, kwargs):
-                captured[j].append(hidden_arg(args, kwargs).detach().clone())
+                h = hidden_arg(args, kwargs)
+                if h.dim() == 2:  # a residual site that sees the stream flattened (OPT)
+                    h = h.view(*shape[0], -1)
+                captured[j].append(h.detach().clone())
 
             return hook
 
+        def site(j: int):
+            if j == self.n_units:
+                return adapter.final_norm(model)
+            if not self.sublayers:
+                return blocks[j]
+            return blocks[j // 2] if j % 2 == 0 else adapter.residual_site(blocks[j // 2])
+
         hooks = [(target, feed)] if source is not None else []
-        hooks += [(adapter.final_norm(model) if j == self.n_layers else blocks[j], grab(j)) for j in capture]
+        hooks += [(site(j), grab(j)) for j in capture]
         device = model_device(model)
-        total = 0.0
+        total, shape = 0.0, [None]
         with scope, hooked(hooks, pre=True, with_kwargs=True):
             for b, (s, e) in enumerate(self._bar(self.batches, "eval")):
                 current[0] = b
                 ids = self.calib.input_ids[s:e].to(device)
+                shape[0] = tuple(ids.shape)
                 logits = model(input_ids=ids, use_cache=False).logits
                 if self.metric == "kl":
                     total += kl_sum(self._targets[b], logits)
                 else:
                     total += float(window_nll(logits, ids).sum())
-        ev = Evaluation(loss=total / self.tokens, tokens=self.tokens, token_layers=self.calib.n_tokens * len(run))
+        ev = Evaluation(loss=total / self.tokens, tokens=self.tokens, token_layers=self._cost(run))
         return ev, captured
 
     def _bar(self, it, desc: str):

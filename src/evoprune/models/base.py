@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 from torch import nn
 
 from ..errors import UserError
-from ..spaces import DropPattern, GenomeError
+from ..spaces import DropPattern, GenomeError, SublayerPattern
 
 __all__ = ["Adapter", "ADAPTERS", "register", "get_adapter", "adapter_for_type", "hf_classes", "family"]
 
@@ -101,6 +101,8 @@ class Adapter:
     mlp: str = "mlp"
     mlp_in: tuple[str, ...] = ("gate_proj", "up_proj")
     mlp_out: str = "down_proj"
+    # the norm whose input is the residual stream between a block's attention and its MLP
+    mlp_norm: str = "post_attention_layernorm"
     # config attributes holding one entry per decoder layer, kept in step with drops
     per_layer_keys: tuple[str, ...] = ("layer_types",)
     # attention-module attributes holding the number of query heads that the forward reads
@@ -131,6 +133,11 @@ class Adapter:
 
     def mlp_module(self, block: nn.Module) -> nn.Module:
         return block.get_submodule(self.mlp) if self.mlp else block
+
+    def residual_site(self, block: nn.Module) -> nn.Module:
+        """The module whose (first) input is the residual stream after ``block``'s attention, before its MLP
+        (a forward-pre hook there reads or replaces that state; OPT flattens it to ``[B*T, hidden]``)."""
+        return block.get_submodule(self.mlp_norm)
 
     def head_dim(self, config) -> int:
         hd = getattr(config, "head_dim", None)
@@ -166,7 +173,18 @@ class Adapter:
             "vocab": int(c.vocab_size),
             "params": sum(p.numel() for p in model.parameters()),
             "block_params": sum(p.numel() for p in self.get_blocks(model).parameters()),
+            # per block, as the model now is (width-pruned and attention-free blocks differ): the FLOP model's input
+            "layer_params": [sum(p.numel() for p in b.parameters()) for b in self.get_blocks(model)],
+            "layer_heads": [self._query_heads(b, c) for b in self.get_blocks(model)],
         }
+
+    def _query_heads(self, block: nn.Module, config) -> int:
+        """Query heads block ``block`` computes (0 for an attention that was removed or emptied)."""
+        try:
+            q = self.attention(block).get_submodule(self.q)
+        except AttributeError:
+            return 0
+        return int(q.out_features) // self.head_dim(config)
 
     # ---- dropping -----------------------------------------------------------------
     def pattern(self, model: nn.Module, layers: Sequence[int] | DropPattern) -> DropPattern:
@@ -239,6 +257,35 @@ class Adapter:
         if pattern.dropped:
             self._apply_drop(model, pattern)
         return pattern
+
+    @contextmanager
+    def skipped(self, model: nn.Module, attention: Sequence[int] = (), mlp: Sequence[int] = ()
+                ) -> Iterator[SublayerPattern]:
+        """Run ``model`` with the attention of blocks ``attention`` and the MLP of blocks ``mlp`` removed (the
+        block keeps its residual path), then put everything back.
+
+        Blocks in both lists are dropped as by :meth:`dropped` (renumbered, config in step); the others
+        keep their index, a removed attention still advancing the KV cache by a one-slot stub (see
+        :mod:`evoprune.models.sublayers`). Zero-copy; :class:`UserError` on bad indices or a model whose
+        sub-layers cannot be removed alone.
+        """
+        from .sublayers import check_sublayers, skip_sublayers
+
+        try:
+            pattern = SublayerPattern(self.n_layers(model), tuple(attention), tuple(mlp))
+        except GenomeError as e:
+            raise UserError(str(e)) from None
+        whole = set(pattern.blocks)
+        partial_a = [i for i in pattern.attention if i not in whole]
+        partial_m = [i for i in pattern.mlp if i not in whole]
+        if partial_a or partial_m:
+            check_sublayers(model)
+        restore = skip_sublayers(self, self.get_blocks(model), partial_a, partial_m)
+        try:
+            with self.dropped(model, sorted(whole)):
+                yield pattern
+        finally:
+            restore()
 
     @contextmanager
     def dropped(self, model: nn.Module, layers: Sequence[int] | DropPattern) -> Iterator[DropPattern]:

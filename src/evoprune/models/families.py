@@ -42,7 +42,10 @@ class Qwen3Adapter(Adapter):
 @register("gemma3_text")
 @dataclass(frozen=True)
 class Gemma3Adapter(Adapter):
-    """Gemma-3 text: alternating sliding/full attention listed per layer in ``layer_types``."""
+    """Gemma-3 text: alternating sliding/full attention listed per layer in ``layer_types``; its sub-layers
+    are wrapped in pre- and post-norms (the residual stream enters ``pre_feedforward_layernorm``)."""
+
+    mlp_norm: str = "pre_feedforward_layernorm"
 
 
 @register("opt")
@@ -56,6 +59,7 @@ class OPTAdapter(Adapter):
     mlp: str = ""
     mlp_in: tuple[str, ...] = ("fc1",)
     mlp_out: str = "fc2"
+    mlp_norm: str = "final_layer_norm"
     per_layer_keys: tuple[str, ...] = ()
     attn_head_attrs: tuple[str, ...] = ("num_heads",)  # OPTAttention views q/k/v with self.num_heads
 

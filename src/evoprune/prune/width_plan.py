@@ -29,7 +29,7 @@ from ..models.loading import LoadedModel
 from ..models.slicing import LayerWidth, WidthSpec, width_spec
 from .importance import WidthImportance
 
-__all__ = ["WidthPlan", "plan_widths", "allocate"]
+__all__ = ["WidthPlan", "plan_widths", "allocate", "sublayer_plan"]
 
 
 @dataclass(frozen=True)
@@ -124,3 +124,24 @@ def plan_widths(lm_or_model, importance: WidthImportance, rates: Sequence[float]
         layer_rates.append(removed / lw.total)
         kept_total += lw.total - removed
     return WidthPlan(rates, tuple(kept_g), tuple(kept_c), tuple(layer_rates), kept_total, spec.total)
+
+
+def sublayer_plan(lm_or_spec, attention: Sequence[int], mlp: Sequence[int]) -> WidthPlan:
+    """The :class:`WidthPlan` that keeps no attention group of the blocks in ``attention`` and no MLP channel of
+    those in ``mlp``, and everything elsewhere: a sub-layer pattern in the width format (the export of
+    ``--space sublayers`` runs). ``lm_or_spec``: as in :func:`plan_widths`. The output biases of the
+    emptied projections are not part of the plan (see
+    :func:`evoprune.models.sublayers.zero_output_biases`)."""
+    spec = lm_or_spec if isinstance(lm_or_spec, WidthSpec) else width_spec(
+        lm_or_spec.model if isinstance(lm_or_spec, LoadedModel) else lm_or_spec,
+        lm_or_spec.adapter if isinstance(lm_or_spec, LoadedModel) else None)
+    a, m = set(attention), set(mlp)
+    bad = sorted(i for i in a | m if not 0 <= i < spec.n_layers)
+    if bad:
+        raise UserError(f"sub-layer blocks out of range: {bad} (model has {spec.n_layers} layers)")
+    kept_g = tuple(() if i in a else tuple(range(lw.groups)) for i, lw in enumerate(spec.layers))
+    kept_c = tuple(() if i in m else tuple(range(lw.channels)) for i, lw in enumerate(spec.layers))
+    removed = [(lw.groups * lw.group_params if i in a else 0) + (lw.channels * lw.channel_params if i in m else 0)
+               for i, lw in enumerate(spec.layers)]
+    rates = tuple(r / lw.total for r, lw in zip(removed, spec.layers))
+    return WidthPlan(rates, kept_g, kept_c, rates, spec.total - sum(removed), spec.total)

@@ -75,7 +75,9 @@ def compare_runs(runs: list[str], out, ppl_json=None) -> dict:
             used.add(key)
             metrics.update(eval_metrics(mapping[key]))
         calib = res.get("calib") or {}
-        rows.append({"run": str(arg), "name": run["path"].name, "method": res.get("method"), "model": res.get("model"),
+        space = run["config"].get("space", "layers")
+        method = res.get("method") if space == "layers" else f"{space} {res.get('method')}"
+        rows.append({"run": str(arg), "name": run["path"].name, "method": method, "model": res.get("model"),
                      "sparsity": res.get("sparsity"), "k": res.get("k"), "n_layers": res.get("n_layers"),
                      "dropped_layers": res.get("dropped_layers"), "calib_loss": res.get("calib_loss"),
                      "calib_ppl": res.get("calib_ppl"), "evaluations": res.get("evaluations"),

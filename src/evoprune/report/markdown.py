@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .plots import TOP_N, plot_fitness, plot_origin, plot_pattern
-from .runs import load_run, read_eval_files, top_candidates
+from .runs import is_feasible, load_run, read_eval_files, top_candidates
 from .tables import finite, fmt, fmt_layers, fmt_wall, md_table
 
 __all__ = ["write_report"]
@@ -38,6 +38,13 @@ def _summary_rows(run: dict) -> list[list[str]]:
            ["params", f"{fmt(res.get('params'), ',.0f')} of {fmt(res.get('params_dense'), ',.0f')} "
                       f"(prunable: {fmt(res.get('param_sparsity'), '.1%')} removed)"]]
           if run["width"] else
+          [["budget", (f"{k} sub-layers" if cfg["budget"]["drop_count"] is not None else
+                       f"{cfg['budget']['sparsity']:.1%} of the block parameters")
+            + (f" (removed {res['sparsity']:.1%})" if finite(res.get("sparsity")) else "")],
+           ["dropped attention", fmt_layers(sorted(best.get("attention", ())))],
+           ["dropped MLP", fmt_layers(sorted(best.get("mlp", ())))],
+           ["whole blocks dropped", fmt_layers(sorted(best.get("dropped", ())))]]
+          if run["sublayers"] else
           [["k (dropped / blocks)", f"{k} / {n}" + (f" (sparsity {k / n:.1%})" if k is not None and n else "")],
            ["dropped layers", fmt_layers(sorted(best.get("dropped", ())))]]),
         ["calib loss", fmt(loss, ".4f")],
@@ -90,21 +97,23 @@ def write_report(path, out_dir=None) -> dict:
     has_origin = plot_origin(run, org_png)
     best = run["best"] or {}
     name = run["path"].name
-    k = run["k"]
-    n_partial = sum(1 for r in run["history"] if k is not None and len(r.get("dropped", ())) != k)
+    n_partial = sum(1 for r in run["history"] if not is_feasible(run, r))
     parts = [f"# evoprune report: `{name}`", "", f"Run directory: `{run['path']}`", "",
              md_table(["", ""], _summary_rows(run)), "",
              "## Fitness", "", f"![fitness]({fit_png.name})", "",
              "Each dot is one evaluated candidate (calibration loss = mean token NLL on the calibration set), "
              f"coloured by {run['round_name']}; the red step line is the "
-             "best loss found so far among candidates that drop exactly k blocks. Left: against evaluations; right: "
+             "best loss found so far among candidates that meet the budget. Left: against evaluations; right: "
              "against token-layers (tokens x decoder blocks actually run, including the one dense pass that builds "
              "the cache)."
-             + (f" {n_partial} hollow dots are intermediate candidates with fewer than k blocks dropped." if n_partial
-                else ""), "",
+             + (f" {n_partial} hollow dots are intermediate candidates below the budget." if n_partial else ""), "",
              "## Best candidate", ""]
     if best.get("rates"):
         parts += [f"![rates]({pat_png.name})", "", "Per-block pruning rates of the best candidate.", ""]
+    elif run["sublayers"]:
+        parts += [f"![pattern]({pat_png.name})", "",
+                  f"Top: the attention and MLP of the {run['n']} decoder blocks, the dropped ones dark. Bottom: how "
+                  f"often each is dropped among the {TOP_N} best distinct candidates.", ""]
     else:
         parts += [f"![pattern]({pat_png.name})", "",
                   f"Top: the {run['n']} decoder blocks, the dropped ones dark and crossed. Bottom: how often each "
@@ -112,9 +121,15 @@ def write_report(path, out_dir=None) -> dict:
     top = top_candidates(run, 5)
     if top:
         width = "rates" in top[0]
-        desc = (lambda r: f"{min(r['rates']):.2f}-{max(r['rates']):.2f}") if width else (lambda r: fmt_layers(r["dropped"]))
+        if width:
+            desc, head = (lambda r: f"{min(r['rates']):.2f}-{max(r['rates']):.2f}"), "rate range"
+        elif run["sublayers"]:
+            desc = lambda r: f"attn {fmt_layers(r['dropped_attention'])}; MLP {fmt_layers(r['dropped_mlp'])}"  # noqa: E731
+            head = "dropped sub-layers"
+        else:
+            desc, head = (lambda r: fmt_layers(r["dropped"])), "dropped layers"
         parts += ["### Best candidates", "",
-                  md_table(["rank", "rate range" if width else "dropped layers", "calib loss", "calib ppl",
+                  md_table(["rank", head, "calib loss", "calib ppl",
                              "evaluation #"],
                             [[str(i + 1), desc(r), f"{r['loss']:.4f}", f"{math.exp(r['loss']):.2f}",
                               str(r["eval"])] for i, r in enumerate(top)]), ""]
@@ -133,4 +148,5 @@ def write_report(path, out_dir=None) -> dict:
     plots = [str(fit_png), str(pat_png)] + ([str(org_png)] if has_origin else [])
     return {"run": str(run["path"]), "report": str(md), "plots": plots,
             "finished": run["finished"], "dropped_layers": sorted(best.get("dropped", ())), "rates": best.get("rates"),
+            **({"dropped_attention": best.get("attention"), "dropped_mlp": best.get("mlp")} if run["sublayers"] else {}),
             "calib_loss": best.get("loss"), "evaluations": len(run["history"]), "held_out": evals}

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import UserError
-from .runs import is_acc, top_candidates
+from .runs import is_acc, is_feasible, top_candidates
 from .tables import finite, fmt_layers
 
 __all__ = ["plot_fitness", "plot_pattern", "plot_origin", "plot_compare", "TOP_N", "ORIGIN_COLORS"]
@@ -43,7 +43,7 @@ def plot_fitness(run: dict, path: Path) -> None:
     # best-so-far over feasible candidates (exactly k dropped)
     best, bx_e, bx_t, by = math.inf, [], [], []
     for r in pts:
-        if k is None or len(r.get("dropped", ())) == k:
+        if is_feasible(run, r):
             best = min(best, r["loss"])
         if math.isfinite(best):
             bx_e.append(r["eval"])
@@ -58,17 +58,19 @@ def plot_fitness(run: dict, path: Path) -> None:
     panels = ((axes[0], "eval", "evaluations"), (axes[1], "token_layers", "token-layers (tokens x blocks run)"))
     for ax, key, xlabel in panels:
         for feasible in (True, False):
-            sel = [r for r in pts if (k is None or len(r.get("dropped", ())) == k) == feasible]
+            sel = [r for r in pts if is_feasible(run, r) == feasible]
             if not sel:
                 continue
             colors = [cmap(int(r.get("generation", 0)) / max(gmax, 1)) for r in sel]
             xs, ys = [r[key] for r in sel], [r["loss"] for r in sel]
             if feasible:
                 ax.scatter(xs, ys, c=colors, s=18, alpha=0.75, edgecolors="none",
-                                label=f"evaluated candidate (k={k})" if k is not None else "evaluated candidate")
+                           label=f"evaluated candidate (k={k})" if k is not None and not run.get("sublayers")
+                           else "evaluated candidate")
             else:
                 ax.scatter(xs, ys, facecolors="none", edgecolors=colors, s=18, alpha=0.75, linewidths=0.8,
-                           label=f"partial candidate (< {k} dropped)")
+                           label="partial candidate (below the budget)" if run.get("sublayers")
+                           else f"partial candidate (< {k} dropped)")
         if by:
             ax.step(bx_e if key == "eval" else bx_t, by, where="post", color="crimson", lw=2, label="best so far")
         if losses:
@@ -92,7 +94,8 @@ def plot_fitness(run: dict, path: Path) -> None:
         cb.locator = MaxNLocator(integer=True)
         cb.update_ticks()
     name = run["path"].name
-    fig.suptitle(f"{name}: {method}, {run['config']['model']['model']}, drop {k} of {run['n']} blocks"
+    what = (f"{k} of {2 * run['n']} sub-layers" if run.get("sublayers") else f"drop {k} of {run['n']} blocks")
+    fig.suptitle(f"{name}: {method}, {run['config']['model']['model']}, {what}"
                  + ("" if run["finished"] else " (in progress)"))
     fig.savefig(path, dpi=110)
 
@@ -136,6 +139,8 @@ def plot_origin(run: dict, path: Path) -> bool:
 
 
 def plot_pattern(run: dict, path: Path) -> None:
+    if run.get("sublayers"):
+        return plot_sublayers(run, path)
     Figure = mpl()
     from matplotlib.patches import Rectangle
 
@@ -185,6 +190,47 @@ def plot_pattern(run: dict, path: Path) -> None:
     ax2.set_xlabel("block index")
     ax2.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{run['path'].name}: {run['config']['method']}, k={k}", fontsize=11)
+    fig.savefig(path, dpi=110)
+
+
+def plot_sublayers(run: dict, path: Path) -> None:
+    """The best sub-layer pattern (attention row, MLP row; dark = dropped) and how often each sub-layer is dropped
+    among the best candidates."""
+    Figure = mpl()
+    from matplotlib.patches import Rectangle
+
+    n, best = run["n"] or 0, run["best"] or {}
+    attn, mlp = set(best.get("attention", ())), set(best.get("mlp", ()))
+    top = top_candidates(run, TOP_N)
+    fig = Figure(figsize=(max(6.5, 0.34 * n + 1.5), 4.2), layout="constrained")
+    ax, ax2 = fig.subplots(2, 1, height_ratios=[1, 1.6], sharex=True)
+    for row, (label, dropped) in enumerate((("attention", attn), ("MLP", mlp))):
+        y = 1 - row
+        for i in range(n):
+            ax.add_patch(Rectangle((i - 0.45, y + 0.05), 0.9, 0.9, edgecolor="black", lw=0.6,
+                                   facecolor="#b2182b" if i in dropped else "#d9e6f2"))
+        ax.text(-0.8, y + 0.5, label, ha="right", va="center", fontsize=8)
+    ax.set_xlim(-0.7, n - 0.3)
+    ax.set_ylim(0, 2.05)
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_visible(False)
+    loss = best.get("loss")
+    ax.set_title(f"best: attention {fmt_layers(sorted(attn))} and MLP {fmt_layers(sorted(mlp))} dropped (dark)"
+                 + (f", calib loss {loss:.4f}" if finite(loss) else ""), fontsize=10)
+    ca = Counter(i for r in top for i in r["dropped_attention"])
+    cm = Counter(i for r in top for i in r["dropped_mlp"])
+    xs = range(n)
+    ax2.bar([x - 0.2 for x in xs], [ca.get(i, 0) for i in xs], width=0.4, color="#ef8a62", label="attention")
+    ax2.bar([x + 0.2 for x in xs], [cm.get(i, 0) for i in xs], width=0.4, color="#67a9cf", label="MLP")
+    ax2.set_ylabel(f"times dropped\nin {len(top)} best", fontsize=8)
+    ax2.set_ylim(0, max(1, len(top)))
+    ax2.set_xticks(list(xs))
+    ax2.tick_params(axis="x", labelsize=7 if n > 24 else 8)
+    ax2.set_xlabel("block index")
+    ax2.legend(fontsize=8)
+    ax2.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{run['path'].name}: {run['config']['method']}, sub-layers", fontsize=11)
     fig.savefig(path, dpi=110)
 
 

@@ -15,12 +15,12 @@ from ..runner.config import SearchConfig
 from ..runner.rundir import RunDir
 from .tables import finite
 
-__all__ = ["load_run", "read_eval_files", "eval_metrics", "top_candidates", "is_acc"]
+__all__ = ["load_run", "read_eval_files", "eval_metrics", "top_candidates", "is_acc", "is_feasible"]
 
 
 def _n_from_history(hist: list[dict]) -> int | None:
     for r in hist:
-        m = re.match(r"L(\d+):", str(r.get("pattern", "")))
+        m = re.match(r"[LS](\d+):", str(r.get("pattern", "")))
         if m:
             return int(m.group(1))
     return None
@@ -41,6 +41,21 @@ def load_run(path) -> dict:
     n = (res or {}).get("n_layers") or _n_from_history(hist)
     k = (res or {}).get("k")
     width = "rates" in (res or {}) or any(r.get("rates") is not None for r in hist)
+    sub = search.space == "sublayers"
+    if sub:
+        best = None
+        if res is not None:
+            best = {"dropped": list(res.get("dropped_layers", ())), "loss": res.get("calib_loss"), "rates": None,
+                    "attention": list(res["dropped_attention"]), "mlp": list(res["dropped_mlp"])}
+        else:
+            feasible = [r for r in hist if finite(r.get("loss")) and r.get("feasible", True)]
+            if feasible:
+                b = min(feasible, key=lambda r: r["loss"])
+                best = {"dropped": sorted(set(b["dropped_attention"]) & set(b["dropped_mlp"])), "loss": b["loss"],
+                        "rates": None, "attention": b["dropped_attention"], "mlp": b["dropped_mlp"]}
+        return {"path": run.path, "config": cfg, "result": res, "history": hist, "n": n, "k": k, "best": best,
+                "finished": res is not None, "width": False, "sublayers": True,
+                "round_name": search.strategy_cls.round_name}
     if width:
         n = n or next((len(r["rates"]) for r in hist if r.get("rates")), None)
     if k is None and n and not width:
@@ -63,7 +78,15 @@ def load_run(path) -> dict:
     else:
         best = None
     return {"path": run.path, "config": cfg, "result": res, "history": hist, "n": n, "k": k, "best": best,
-            "finished": res is not None, "width": width, "round_name": search.strategy_cls.round_name}
+            "finished": res is not None, "width": width, "sublayers": False,
+            "round_name": search.strategy_cls.round_name}
+
+
+def is_feasible(run: dict, row: dict) -> bool:
+    """Whether a history row meets the run's budget (a layer run: exactly k blocks dropped)."""
+    if run.get("sublayers"):
+        return bool(row.get("feasible", True))
+    return run["k"] is None or len(row.get("dropped", ())) == run["k"]
 
 
 def eval_metrics(obj) -> dict[str, float]:
@@ -115,7 +138,7 @@ def top_candidates(run: dict, n: int) -> list[dict]:
     """The ``n`` lowest-loss distinct feasible candidates (first evaluation of each pattern)."""
     seen, rows = set(), []
     for r in run["history"]:
-        if not finite(r.get("loss")) or (run["k"] is not None and len(r.get("dropped", ())) != run["k"]):
+        if not finite(r.get("loss")) or not is_feasible(run, r):
             continue
         if r["pattern"] in seen:
             continue

@@ -2,9 +2,10 @@
 
 Owns :func:`load_model` (any model spec, run directories included: the public ``evoprune.load_model``),
 :func:`load_run_model` (a run's base model with its best result applied, blocks removed or widths
-sliced in place) and :func:`width_plan` (the :class:`~evoprune.prune.width_plan.WidthPlan` of a width
-or levels run). Which kind of result a run has is read off its ``result.json`` (``dropped_layers``,
-``rates``, ``attn_levels``), so runs of either configuration format work.
+sliced in place), :func:`width_plan` (the :class:`~evoprune.prune.width_plan.WidthPlan` of a width
+or levels run) and :func:`apply_sublayers_inplace`. Which kind of result a run has is read off its
+``result.json`` (``dropped_layers``, ``dropped_attention`` / ``dropped_mlp``, ``rates``, ``attn_levels``),
+so runs of either configuration format work.
 """
 from __future__ import annotations
 
@@ -13,12 +14,40 @@ from pathlib import Path
 from ..errors import UserError
 from .rundir import RunDir, is_run_dir
 
-__all__ = ["load_model", "load_run_model", "width_plan", "run_base_model", "is_width_result"]
+__all__ = ["load_model", "load_run_model", "width_plan", "run_base_model", "is_width_result",
+           "is_sublayer_result", "apply_sublayers_inplace"]
 
 
 def is_width_result(res: dict) -> bool:
     """Whether a run's result is a width-pruned model (per-block attention groups and MLP channels)."""
     return "rates" in res or "attn_levels" in res
+
+
+def is_sublayer_result(res: dict) -> bool:
+    """Whether a run's result drops attention and MLP sub-layers separately (``--space sublayers``)."""
+    return "dropped_attention" in res
+
+
+def apply_sublayers_inplace(lm, attention, mlp) -> None:
+    """Remove, for good, the attention of blocks ``attention`` and the MLP of blocks ``mlp`` of the dense ``lm``:
+    blocks in both are dropped (``lm.dropped``); the others are sliced to the width format with zero
+    attention groups / MLP channels (their output biases zeroed), so the model exports as a
+    ``trust_remote_code`` width model, or as a plain HF model when only whole blocks go."""
+    from ..models.slicing import apply_width_inplace
+    from ..models.sublayers import check_sublayers, zero_output_biases
+    from ..prune.width_plan import sublayer_plan
+
+    n = lm.adapter.n_layers(lm.model)
+    whole = sorted(set(attention) & set(mlp))
+    lm.adapter.drop_inplace(lm.model, whole)
+    lm.dropped = tuple(whole)
+    new = {b: j for j, b in enumerate(i for i in range(n) if i not in set(whole))}
+    a = [new[i] for i in attention if i in new]
+    m = [new[i] for i in mlp if i in new]
+    if a or m:
+        check_sublayers(lm.model)
+        zero_output_biases(lm.adapter, lm.adapter.get_blocks(lm.model), a, m)
+        apply_width_inplace(lm.model, sublayer_plan(lm, a, m))
 
 
 def run_base_model(run: RunDir) -> str:
@@ -53,6 +82,12 @@ def load_run_model(path, *, dtype=None, device="cpu", progress: bool = True, dev
         raise UserError(f"{run.path}: run has no result.json yet (finish it with: evoprune resume {run.path})")
     lm = load_pretrained(run_base_model(run), dtype=dtype or torch.float32, device=device, progress=progress,
                          device_map=device_map)
+    if is_sublayer_result(res):
+        apply_sublayers_inplace(lm, res["dropped_attention"], res["dropped_mlp"])
+        lm.name = str(path)
+        lm.extra["run"] = {"method": res.get("method"), "calib_loss": res.get("calib_loss"), "space": "sublayers",
+                           "dropped_attention": list(res["dropped_attention"]), "dropped_mlp": list(res["dropped_mlp"])}
+        return lm
     if is_width_result(res):
         from ..models.slicing import apply_width_inplace
 

@@ -4,7 +4,8 @@ Owns :func:`register` (the class decorator every strategy uses), :func:`get_stra
 :func:`methods`, :func:`default_method` and :func:`make_strategy`. Torch-free.
 
 Discovery: the built-in strategies are the modules of the subpackages named after the space
-kinds (:data:`SPACE_KINDS`: ``search/layers/``, ``search/width/``, ``search/levels/``); the first
+kinds (:data:`SPACE_KINDS`: ``search/layers/``, ``search/sublayers/``, ``search/width/``,
+``search/levels/``); the first
 lookup imports every module found there, so a new strategy is one new module in its space's
 folder (plus its test) and no list anywhere names it. A strategy defined elsewhere (a plugin, a
 test) is found as soon as the module defining it has been imported.
@@ -24,7 +25,7 @@ from ..spaces import SearchError
 
 __all__ = ["SPACE_KINDS", "register", "unregister", "get_strategy", "methods", "default_method", "make_strategy"]
 
-SPACE_KINDS = ("layers", "width", "levels")
+SPACE_KINDS = ("layers", "sublayers", "width", "levels")
 _REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in SPACE_KINDS}
 _DEFAULTS: dict[str, str] = {}
 _loaded = False

@@ -19,9 +19,10 @@ Torch is imported only inside the problems' methods.
 """
 from .layers import LayerProblem, LayersOptions
 from .levels import LevelProblem, LevelsOptions
+from .sublayers import SublayerProblem, SublayersOptions
 from .width import WidthOptions, WidthProblem
 
-__all__ = ["PROBLEMS", "LayerProblem", "LayersOptions", "LevelProblem", "LevelsOptions", "WidthOptions",
-           "WidthProblem"]
+__all__ = ["PROBLEMS", "LayerProblem", "LayersOptions", "LevelProblem", "LevelsOptions", "SublayerProblem",
+           "SublayersOptions", "WidthOptions", "WidthProblem"]
 
-PROBLEMS = {p.kind: p for p in (LayerProblem, WidthProblem, LevelProblem)}
+PROBLEMS = {p.kind: p for p in (LayerProblem, SublayerProblem, WidthProblem, LevelProblem)}

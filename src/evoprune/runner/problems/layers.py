@@ -25,7 +25,7 @@ __all__ = ["LayersOptions", "LayerProblem"]
 class LayersOptions:
     """Options of the layer-drop space."""
 
-    protect_ends: bool = opt(False, "never drop the first or the last block")
+    protect_ends: bool = opt(False, "never drop the first or the last block (sublayers: nor its attention or MLP)")
 
 
 class LayerProblem:

@@ -78,6 +78,18 @@ def _stop(proc: subprocess.Popen, grace_s: float) -> None:
         proc.wait(timeout=grace_s)
 
 
+def _child_setup() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """The server leads its own session (so its whole group can be signalled) and, on Linux, gets SIGTERM when
+    the process that started it dies without stopping it (killed, or SIGTERM without a handler)."""
+    os.setsid()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 @contextmanager
 def _serve(cmd: list[str], ready: str, *, name: str, startup_timeout_s: float, log_path, env: dict,
            server: "LocalServer") -> Iterator[LocalServer]:
@@ -90,7 +102,7 @@ def _serve(cmd: list[str], ready: str, *, name: str, startup_timeout_s: float, l
     log_path = Path(log_path)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
+                                preexec_fn=_child_setup)
     try:
         deadline = time.monotonic() + startup_timeout_s
         while True:
