@@ -21,7 +21,9 @@ def search(work: Path, name: str, **kw) -> dict:
     cfg = SearchConfig.build(model=MODEL, **kw)
     t = time.time()
     res = run_search(cfg, work / name, progress=False)
-    print(f"  {name}: drop {res['dropped_layers']} loss {res['calib_loss']:.4f} evals {res['evaluations']} "
+    drop = (f"attn {res['dropped_attention']} mlp {res['dropped_mlp']}" if "dropped_attention" in res
+            else res["dropped_layers"])
+    print(f"  {name}: drop {drop} loss {res['calib_loss']:.4f} evals {res['evaluations']} "
           f"tl {res['token_layers']:.3g} ({time.time() - t:.0f} s)", file=sys.stderr, flush=True)
     return res
 

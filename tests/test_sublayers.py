@@ -148,6 +148,13 @@ def test_cached_sublayer_evaluation_equals_naive(tiny_dirs, family):
         assert e2.token_layers <= e1.token_layers
     assert lru.lru.hits > 0 and sum(lru.weights[:2]) == pytest.approx(1.0)
     assert cached.setup_token_layers == n_tok * 6
+    # a pattern of whole blocks scores as the block space scores the same drop (the spaces nest)
+    from evoprune.spaces import DropPattern
+
+    blocks = NLLEvaluator(lm, calib)
+    for drop in ((3,), (1, 2, 4)):
+        e_sub, e_blk = cached.evaluate(SublayerPattern(6, drop, drop)), blocks.evaluate(DropPattern(6, drop))
+        assert abs(e_sub.loss - e_blk.loss) <= 1e-6 * abs(e_blk.loss) and e_sub.token_layers == e_blk.token_layers
 
 
 @torch.no_grad()

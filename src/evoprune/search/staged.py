@@ -23,6 +23,7 @@ The subclass's ``config`` is a :class:`StagedOptions` (``generations``,
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
@@ -30,7 +31,7 @@ from ..options import opt
 from ..spaces import SearchError
 from .base import Strategy, decode_fitness, encode_fitness
 
-__all__ = ["Request", "StagedOptions", "StagedStrategy"]
+__all__ = ["Request", "StagedOptions", "StagedStrategy", "SwapEvoOptions"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,36 @@ class StagedOptions:
                               f"<= offspring={self.offspring}, got {surv}")
         object.__setattr__(self, "survivors", surv)
         object.__setattr__(self, "elitism", bool(self.elitism))
+
+
+@dataclass(frozen=True)
+class SwapEvoOptions(StagedOptions):
+    """Options shared by the mask-space ``evo`` strategies (blocks, sub-layers): 20 generations x 16
+    offspring, 4 parents, one-shot ``scores`` (Block Influence, from the runner) seeding a share of the
+    initial cohort, and contiguity moves. Validated on construction (``SearchError``)."""
+
+    generations: int = opt(20, "generations (the initial cohort counts as one)")
+    offspring: int = opt(16, "candidates per generation")
+    scores: tuple | None = opt(None, "one-shot Block Influence per unit (supplied by the runner)", cli=False)
+    seed_fraction: float = opt(0.5, "share of the initial cohort seeded from Block Influence")
+    adjacent: float = opt(0.35, "probability that a swap is a contiguity move")
+
+    @classmethod
+    def default_survivors(cls, n_stages: int) -> tuple[int, ...]:
+        if n_stages != 1:
+            raise SearchError("--tokens-per-stage needs --survivors-per-stage with as many entries")
+        return (4,)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scores is not None:
+            sc = tuple(float(x) for x in self.scores)
+            if not all(math.isfinite(x) for x in sc):
+                raise SearchError("scores must be finite")
+            object.__setattr__(self, "scores", sc)
+        for name in ("seed_fraction", "adjacent"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise SearchError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
 
 
 def _ints(name: str, v) -> tuple[int, ...]:

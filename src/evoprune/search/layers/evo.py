@@ -66,40 +66,21 @@ import numpy as np
 from ...options import opt
 from ...spaces import DropPattern, SearchError
 from ..registry import register
-from ..staged import Request, StagedOptions, StagedStrategy
+from ..staged import Request, StagedStrategy, SwapEvoOptions
 
 __all__ = ["EvoConfig", "EvoStrategy", "Request"]
 
 
 @dataclass(frozen=True)
-class EvoConfig(StagedOptions):
-    """Options of ``evo``; validated on construction (``SearchError``)."""
+class EvoConfig(SwapEvoOptions):
+    """Options of ``evo``: :class:`~evoprune.search.staged.SwapEvoOptions` plus the greedy seeding
+    phase; validated on construction (``SearchError``)."""
 
-    generations: int = opt(20, "generations (the initial cohort counts as one)")
-    offspring: int = opt(16, "candidates per generation")
-    scores: tuple | None = opt(None, "one-shot Block Influence per block (supplied by the runner)", cli=False)
-    seed_fraction: float = opt(0.5, "share of the initial cohort seeded from Block Influence")
-    adjacent: float = opt(0.35, "probability that a swap is a contiguity move")
     greedy_seed: bool = opt(True, "multi-stage runs: start with a SLEB-like greedy pass on the cheapest stage")
     greedy_promote: int = opt(4, "greedy seeding: stage-0 candidates per step re-scored at full fidelity")
 
-    @classmethod
-    def default_survivors(cls, n_stages: int) -> tuple[int, ...]:
-        if n_stages != 1:
-            raise SearchError("--tokens-per-stage needs --survivors-per-stage with as many entries")
-        return (4,)
-
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.scores is not None:
-            sc = tuple(float(x) for x in self.scores)
-            if not all(math.isfinite(x) for x in sc):
-                raise SearchError("scores must be finite")
-            object.__setattr__(self, "scores", sc)
-        if not 0.0 <= float(self.seed_fraction) <= 1.0:
-            raise SearchError(f"seed_fraction must be in [0, 1], got {self.seed_fraction!r}")
-        if not 0.0 <= float(self.adjacent) <= 1.0:
-            raise SearchError(f"adjacent must be in [0, 1], got {self.adjacent!r}")
         if not isinstance(self.greedy_promote, int) or isinstance(self.greedy_promote, bool) or self.greedy_promote < 0:
             raise SearchError(f"greedy_promote must be an integer >= 0, got {self.greedy_promote!r}")
 

@@ -31,40 +31,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...options import opt
 from ...spaces import SearchError, SublayerPattern
 from ..registry import register
-from ..staged import StagedOptions, StagedStrategy
+from ..staged import StagedStrategy, SwapEvoOptions
 
 __all__ = ["SublayerEvoConfig", "SublayerEvoStrategy"]
 
 
 @dataclass(frozen=True)
-class SublayerEvoConfig(StagedOptions):
-    """Options of sub-layer ``evo``; validated on construction (``SearchError``)."""
-
-    generations: int = opt(20, "generations (the initial cohort counts as one)")
-    offspring: int = opt(16, "candidates per generation")
-    scores: tuple | None = opt(None, "one-shot Block Influence per sub-layer (supplied by the runner)", cli=False)
-    seed_fraction: float = opt(0.5, "share of the initial cohort seeded from Block Influence")
-    adjacent: float = opt(0.35, "probability that a swap is a contiguity move")
-
-    @classmethod
-    def default_survivors(cls, n_stages: int) -> tuple[int, ...]:
-        if n_stages != 1:
-            raise SearchError("--tokens-per-stage needs --survivors-per-stage with as many entries")
-        return (4,)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.scores is not None:
-            sc = tuple(float(x) for x in self.scores)
-            if not all(math.isfinite(x) for x in sc):
-                raise SearchError("scores must be finite")
-            object.__setattr__(self, "scores", sc)
-        for name in ("seed_fraction", "adjacent"):
-            if not 0.0 <= float(getattr(self, name)) <= 1.0:
-                raise SearchError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+class SublayerEvoConfig(SwapEvoOptions):
+    """Options of sub-layer ``evo`` (:class:`~evoprune.search.staged.SwapEvoOptions`; ``scores`` has one
+    Block Influence per sub-layer); validated on construction (``SearchError``)."""
 
 
 @register("evo", space="sublayers", default=True)
