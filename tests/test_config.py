@@ -40,11 +40,13 @@ def test_every_strategy_gets_its_own_defaults_from_the_cli(space, method):
 def test_defaults_are_the_strategies_and_the_best_method():
     assert (default_method("layers"), default_method("width"), default_method("levels")) == ("evo", "evo", "darwinlm")
     evo = search_config(_parse("--drop-count", "6")).method_options
-    assert cfg_is(evo, generations=20, offspring=16, survivors=(4,))  # the CLI used to force 10 generations
+    # the CLI used to force 10 generations; issue 16: two auto stages, racing, a derived budget
+    assert cfg_is(evo, generations=20, offspring=16, survivors=(4, 2), tokens_per_stage="auto", race_margin=0.05,
+                  budget_share=0.12)
     assert cfg_is(search_config(_parse("--method", "evop", "--drop-count", "6")).method_options,
                   generations=100, population=20)
     assert cfg_is(search_config(_parse("--space", "levels", "--sparsity", "0.3")).method_options,
-                  offspring=8, survivors=(1,))
+                  offspring=8, survivors=(2, 1), tokens_per_stage="auto", race_margin=0.05)
     assert cfg_is(search_config(_parse("--space", "width", "--sparsity", "0.3")).method_options,
                   population=10, generations=5)
 

@@ -85,7 +85,8 @@ def test_no_duplicates_elitism_and_counts():
 def test_bi_seeding():
     space = LayerDropSpace(10, 3)
     scores = [0.9, 0.1, 0.8, 0.05, 0.7, 0.6, 0.2, 0.5, 0.4, 0.3]
-    s = make_strategy("evo", space, np.random.default_rng(0), offspring=8, scores=scores, seed_fraction=0.5)
+    s = make_strategy("evo", space, np.random.default_rng(0), offspring=8, scores=scores, seed_fraction=0.5,
+                      tokens_per_stage=None)
     assert s.cohort[0] == DropPattern(10, (1, 3, 6))  # ShortGPT: the 3 lowest scores
     low = {1, 3, 6, 9, 8}
     seeded = s.cohort[:4]
@@ -146,7 +147,7 @@ def test_greedy_seeding_phase():
     f0 = (lambda p: f(p) - 100.0 * (lure in p.dropped))
     space = LayerDropSpace(14, 3)
     s = make_strategy("evo", space, np.random.default_rng(0), generations=3, offspring=8, survivors=(4, 2),
-                      scores=tuple(w), greedy_promote=2)
+                      scores=tuple(w), greedy_promote=2, race_margin=0, greedy_screen=1)
     steps = []
     for _ in range(6):  # three greedy steps of two batches: 14, 13, 12 candidates at stage 0, 2 of each at stage 1
         reqs = s.ask()

@@ -184,9 +184,10 @@ def test_evo_multifidelity_kill_and_resume(deep_model, calib_text, tmp_path, kil
     a = json.loads((ref / "result.json").read_text())
     rows = [json.loads(l) for l in _history(ref).splitlines()]
     assert a["evaluations"] == len(rows) > 35
-    assert {r["stage"] for r in rows} == {0, 1} and {r["tokens"] for r in rows} == {39, 3 * 47}
+    done = [r for r in rows if not r.get("raced")]  # raced rows hold partial scores (fewer tokens)
+    assert {r["stage"] for r in rows} == {0, 1} and {r["tokens"] for r in done} == {39, 3 * 47}
     full = [r for r in rows if r["stage"] == 1]
-    assert a["calib_loss"] == min(r["loss"] for r in full)
+    assert a["calib_loss"] == min(r["loss"] for r in full if not r.get("raced"))
     assert len({(r["pattern"], r["stage"]) for r in rows}) == len(rows)  # nothing evaluated twice
     # the LRU saved work: some candidates ran fewer blocks than from their first dropped block
     naive_from_f = [3 * 48 * sum(1 for i in range(r["dropped"][0], 12) if i not in r["dropped"]) for r in full]

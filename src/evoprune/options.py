@@ -109,6 +109,13 @@ def parse_ints(text) -> tuple[int, ...]:
     return out
 
 
+def parse_stages(text):
+    """``"auto"`` stays ``"auto"``; anything else as :func:`parse_ints`."""
+    if isinstance(text, str) and text.strip().lower() == "auto":
+        return "auto"
+    return parse_ints(text)
+
+
 def parse_names(text) -> tuple[str, ...]:
     """``"q_proj,v_proj"`` (or a sequence of strings) -> ``("q_proj", "v_proj")``."""
     parts = str(text).split(",") if isinstance(text, str) else [str(x) for x in text]
@@ -125,6 +132,8 @@ def parse_value(option: Option, value):
         return parse_bool(value)
     if kind == "ints":
         return parse_ints(value)
+    if kind == "stages":
+        return parse_stages(value)
     if kind == "names":
         return parse_names(value)
     if kind in ("int", "float"):

@@ -24,6 +24,7 @@ from ..options import (
     parse_bool,
     parse_ints,
     parse_names,
+    parse_stages,
 )
 
 __all__ = ["add_options", "add_search_options", "given", "flag_name", "BoolFlag"]
@@ -53,7 +54,8 @@ class BoolFlag(argparse.Action):
 
 
 def _type(o: Option):
-    parse = {"ints": parse_ints, "names": parse_names, "int": int, "float": float, "str": str}.get(o.kind, str)
+    parse = {"ints": parse_ints, "stages": parse_stages, "names": parse_names, "int": int, "float": float,
+             "str": str}.get(o.kind, str)
 
     def convert(text: str):
         try:
@@ -61,7 +63,7 @@ def _type(o: Option):
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
-    convert.__name__ = {"ints": "comma-separated integers", "names": "comma-separated names"}.get(o.kind, o.kind)
+    convert.__name__ = {"ints": "comma-separated integers", "stages": "'auto' or comma-separated integers", "names": "comma-separated names"}.get(o.kind, o.kind)
     return convert
 
 
@@ -76,7 +78,7 @@ def _add(group, o: Option, help_text: str, default=argparse.SUPPRESS, seen: set 
         group.add_argument(flag_name("no_" + o.flag), dest=o.flag, action=BoolFlag, negate=True,
                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return
-    metavar = {"ints": "N,N", "names": "NAME,NAME"}.get(o.kind)
+    metavar = {"ints": "N,N", "stages": "auto|N,N", "names": "NAME,NAME"}.get(o.kind)
     group.add_argument(*names, dest=o.flag, type=_type(o), default=default, choices=o.choices, metavar=metavar,
                        help=help_text)
 

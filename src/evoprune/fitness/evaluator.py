@@ -61,16 +61,20 @@ METRICS = ("nll", "kl")
 class Evaluation:
     """Result of scoring one pattern.
 
-    - ``loss``: mean NLL (or KL to the dense model, ``metric="kl"``) in nats per
-      predicted token over all calibration samples;
+    - ``loss``: mean NLL (or KL to the dense model, ``metric="kl"``), nats per predicted token;
     - ``tokens``: predicted tokens, ``n_samples * (seqlen - 1)``;
-    - ``token_layers``: input tokens x decoder blocks actually run for this
-      evaluation (the prefix cache's setup cost is not included).
+    - ``token_layers``: input tokens x decoder blocks run (the prefix cache's setup not included);
+    - ``batch_losses``: the loss total (nats) of each calibration batch scored, in order;
+    - ``complete``: ``False`` when a :class:`~evoprune.fitness.racing.Race` stopped it early: then
+      ``loss`` is the mean over the batches scored (``len(batch_losses)`` of them) and ``tokens``,
+      ``token_layers`` count only those.
     """
 
     loss: float
     tokens: int
     token_layers: int
+    batch_losses: tuple[float, ...] = ()
+    complete: bool = True
 
 
 class NLLEvaluator:
@@ -101,10 +105,8 @@ class NLLEvaluator:
     memory). The dense logits come from the same dense forward that builds the
     prefix cache (one dense forward in naive mode, counted the same way).
 
-    Memory of the prefix cache: ``(n_layers + 1) * n_samples * seqlen * hidden *
-    bytes`` on the model device, ``bytes`` = 4 for fp32 models (SmolLM2-135M,
-    4 x 512 tokens: 31 * 2048 * 576 * 4 B = 146 MB; a 7B model at 32 x 4096 hidden
-    with 5 x 2048 tokens: 5.5 GB). Use ``prefix_cache=False`` when it does not fit.
+    Prefix cache memory: ``(n_layers + 1) * n_tokens * hidden * bytes`` on the model device (SmolLM2-135M,
+    4 x 512 fp32 tokens: 146 MB; a 7B model, 5 x 2048 tokens: 5.5 GB); ``prefix_cache=False`` if it does not fit.
 
     The model is used in place (zero-copy drops, hooks) and always restored;
     don't run it concurrently from elsewhere while an evaluation is in progress.
@@ -217,11 +219,21 @@ class NLLEvaluator:
             return pattern.units
         return self.lm.adapter.pattern(self.lm.model, pattern).dropped
 
-    def _cost(self, run) -> int:
-        """Token-layers of running the positions ``run`` over the calibration set."""
+    def _cost(self, run, batches: int | None = None) -> int:
+        """Token-layers of running the positions ``run`` over the calibration set (its first ``batches`` batches)."""
+        n = self.calib.n_tokens if batches is None else self.batch_input_tokens(batches)
         if not self.sublayers:
-            return self.calib.n_tokens * len(run)
-        return int(round(self.calib.n_tokens * sum(self.weights[u] for u in run)))
+            return n * len(run)
+        return int(round(n * sum(self.weights[u] for u in run)))
+
+    def batch_input_tokens(self, batches: int) -> int:
+        """Input tokens of the first ``batches`` calibration batches."""
+        return sum(e - s for s, e in self.batches[:batches]) * self.calib.seqlen
+
+    @property
+    def batch_tokens(self) -> tuple[int, ...]:
+        """Predicted tokens of each calibration batch (what a :class:`~evoprune.fitness.racing.Race` weighs by)."""
+        return tuple((e - s) * (self.calib.seqlen - 1) for s, e in self.batches)
 
     def _plan(self, dropped: tuple[int, ...]) -> tuple[int, object]:
         """``(start, lru_hit)`` for these dropped positions: the deepest cached start (LRU bookkeeping applied)."""
@@ -245,19 +257,22 @@ class NLLEvaluator:
             for pos in [d for d in dropped if prev < d < j] + [j]:
                 self.lru.insert(prefix_key(pos, dropped), value)
 
-    def replay(self, pattern) -> int:
+    def replay(self, pattern, batches: int | None = None) -> int:
         """Apply :meth:`evaluate`'s cache bookkeeping for ``pattern`` without computing anything.
 
         Returns the ``token_layers`` that :meth:`evaluate` would report for
         ``pattern`` at this point (the LRU bookkeeping does not depend on the
         tensors). Used on resume and by a driver whose workers evaluate
         (:mod:`evoprune.distributed`): replaying candidates in the sequential
-        order gives the sequential run's token-layers.
+        order gives the sequential run's token-layers. ``batches``: the batches a
+        raced evaluation scored before it stopped (``None``: it completed).
         """
         dropped = self._units(pattern)
         start, _ = self._plan(dropped)
-        self._lru_insert(dropped, start, None)
-        return self._cost(self._run_units(dropped, start))
+        if batches is None or batches >= len(self.batches):
+            self._lru_insert(dropped, start, None)
+            batches = None
+        return self._cost(self._run_units(dropped, start), batches)
 
     def release(self) -> None:
         """Free the dense prefix cache, KL targets and LRU tensors; the LRU bookkeeping stays.
@@ -272,8 +287,11 @@ class NLLEvaluator:
             for key in self.lru.keys():
                 self.lru.set(key, None)
 
-    def evaluate(self, pattern) -> Evaluation:
-        """Score ``pattern`` (validated against the model; :class:`UserError` if it does not fit)."""
+    def evaluate(self, pattern, race=None) -> Evaluation:
+        """Score ``pattern`` (validated against the model; :class:`UserError` if it does not fit).
+
+        ``race``: a :class:`~evoprune.fitness.racing.Race` that may stop it after a batch (then the
+        result is partial, ``complete=False``, and nothing enters the LRU)."""
         dropped = self._units(pattern)
         self.prepare()
         start, hit = self._plan(dropped)
@@ -288,8 +306,9 @@ class NLLEvaluator:
                 self.lru.set(key, states)
             source = lambda b, s=states: s[b]  # noqa: E731
         capture = self._run_units(dropped, start)[1:] if self.lru is not None else []
-        ev, states = self._run_from(dropped, start, source, capture)
-        self._lru_insert(dropped, start, states)
+        ev, states = self._run_from(dropped, start, source, capture, race)
+        if ev.complete:
+            self._lru_insert(dropped, start, states)
         self.n_evaluations += 1
         self.spent_token_layers += ev.token_layers
         return ev
@@ -304,14 +323,14 @@ class NLLEvaluator:
 
     @torch.no_grad()
     def _run_from(self, dropped: tuple[int, ...], start: int, source: Callable[[int], torch.Tensor] | None,
-                  capture: list[int] = ()) -> tuple[Evaluation, dict[int, list[torch.Tensor]]]:
+                  capture: list[int] = (), race=None) -> tuple[Evaluation, dict[int, list[torch.Tensor]]]:
         """Fitness with positions ``dropped`` removed, running only the kept positions ``>= start``.
 
         ``source(batch_index)`` gives the hidden state entering position ``start``
         under the pattern (the output of its kept positions ``< start``), ``[B, T,
         hidden]``; ``None`` only with ``start == 0`` (the embeddings feed position 0).
         ``capture``: positions that run (or ``n_units``, the final-norm input) whose
-        entering hidden states are returned per batch.
+        entering hidden states are returned per batch. ``race``: may stop after a batch.
         """
         lm, model, adapter = self.lm, self.lm.model, self.lm.adapter
         if source is None and start != 0:
@@ -354,23 +373,27 @@ class NLLEvaluator:
         hooks = [(target, feed)] if source is not None else []
         hooks += [(site(j), grab(j)) for j in capture]
         device = model_device(model)
-        total, shape = 0.0, [None]
+        total, shape, parts = 0.0, [None], []
         with scope, hooked(hooks, pre=True, with_kwargs=True):
             for b, (s, e) in enumerate(self._bar(self.batches, "eval")):
                 current[0] = b
                 ids = self.calib.input_ids[s:e].to(device)
                 shape[0] = tuple(ids.shape)
                 logits = model(input_ids=ids, use_cache=False).logits
-                if self.metric == "kl":
-                    total += kl_sum(self._targets[b], logits)
-                else:
-                    total += float(window_nll(logits, ids).sum())
-        ev = Evaluation(loss=total / self.tokens, tokens=self.tokens, token_layers=self._cost(run))
+                part = kl_sum(self._targets[b], logits) if self.metric == "kl" else float(window_nll(logits, ids).sum())
+                total += part
+                parts.append(part)
+                if race is not None and race.stop(b + 1, total):
+                    break
+        if len(parts) < len(self.batches):
+            tokens = sum(self.batch_tokens[: len(parts)])
+            return Evaluation(loss=total / tokens, tokens=tokens, token_layers=self._cost(run, len(parts)),
+                              batch_losses=tuple(parts), complete=False), {}
+        ev = Evaluation(loss=total / self.tokens, tokens=self.tokens, token_layers=self._cost(run),
+                        batch_losses=tuple(parts))
         return ev, captured
 
     def _bar(self, it, desc: str):
-        if not self.progress:
-            return it
         from tqdm.auto import tqdm
 
-        return tqdm(it, desc=desc, total=len(self.batches), unit="batch", leave=False)
+        return tqdm(it, desc=desc, total=len(self.batches), unit="batch", leave=False) if self.progress else it

@@ -66,14 +66,14 @@ class LevelEvaluator(WholeModelEvaluator):
     def plan(self, g):
         return self.applied.db.plan(g.attn, g.mlp, self.applied.spec)
 
-    def evaluate(self, g) -> Evaluation:
+    def evaluate(self, g, race=None) -> Evaluation:
         self.prepare()
         self.applied.apply(g.attn, g.mlp)
         with width_sliced(self.lm.model, self.plan(g), self.lm.adapter):
             if self.train_windows is not None:
                 self.last_train = brief_train(self.lm, self.train_windows, self.train_cfg, self.train_seed)
             with torch.no_grad():
-                return self._score()
+                return self._score(race)
 
     def release(self) -> None:
         """Dense weights back, KL targets freed."""

@@ -48,6 +48,7 @@ class WholeModelEvaluator:
         self._nll = NLLEvaluator(lm, calib, batch_size=batch_size, prefix_cache=False, metric=metric,
                                  kl_topk=kl_topk, progress=progress)
         self.n_evaluations = 0
+        self._spent = 0
 
     @property
     def metric(self) -> str:
@@ -72,21 +73,37 @@ class WholeModelEvaluator:
     @property
     def spent_token_layers(self) -> int:
         """Setup + all evaluations so far."""
-        return self.setup_token_layers + self.n_evaluations * self.dense_token_layers
+        return self.setup_token_layers + self._spent
+
+    @property
+    def batch_tokens(self) -> tuple[int, ...]:
+        """Predicted tokens of each calibration batch (see :class:`~evoprune.fitness.racing.Race`)."""
+        return self._nll.batch_tokens
+
+    def _cost(self, batches: int | None) -> int:
+        """Token-layers of an evaluation that scored its first ``batches`` batches (``None``: all). Training
+        (:attr:`extra_token_layers`) runs before any batch is scored, so it is always paid in full."""
+        if batches is None or batches >= len(self._nll.batches):
+            return self.dense_token_layers
+        return self._nll.batch_input_tokens(batches) * self.n_layers + self.extra_token_layers
 
     def prepare(self) -> None:
         """Compute the dense KL targets now (``metric="kl"``), from the unedited model; a no-op for ``nll``."""
         self._nll.prepare()
 
-    def _score(self):
-        """The loss of the model as it is now (inside the subclass's edit); counts one evaluation."""
-        e = self._nll.evaluate(self._dense)
+    def _score(self, race=None):
+        """The loss of the model as it is now (inside the subclass's edit), raced by ``race``; counts one
+        evaluation."""
+        e = self._nll.evaluate(self._dense, race=race)
         self.n_evaluations += 1
-        return Evaluation(e.loss, e.tokens, self.dense_token_layers)
+        tl = self._cost(None if e.complete else len(e.batch_losses))
+        self._spent += tl
+        return Evaluation(e.loss, e.tokens, tl, e.batch_losses, e.complete)
 
-    def replay(self, genome) -> int:
-        """No caches depend on past candidates: nothing to replay; returns :meth:`evaluate`'s ``token_layers``."""
-        return self.dense_token_layers
+    def replay(self, genome, batches: int | None = None) -> int:
+        """No caches depend on past candidates: nothing to replay; returns :meth:`evaluate`'s ``token_layers``
+        (``batches``: of a raced evaluation that stopped after that many)."""
+        return self._cost(batches)
 
     def release(self) -> None:
         """Free the dense KL targets (see :meth:`NLLEvaluator.release`)."""
@@ -115,9 +132,9 @@ class WidthEvaluator(WholeModelEvaluator):
         """The :class:`WidthPlan` for ``rates`` (no forward)."""
         return plan_widths(self.spec, self.importance, rates)
 
-    def evaluate(self, rates: Sequence[float]) -> Evaluation:
-        """Score ``rates`` (:class:`~evoprune.errors.UserError` if they do not fit the model)."""
+    def evaluate(self, rates: Sequence[float], race=None) -> Evaluation:
+        """Score ``rates`` (:class:`~evoprune.errors.UserError` if they do not fit the model), raced by ``race``."""
         plan = self.plan(rates)
         self._nll.prepare()  # dense targets must come from the unmasked model
         with width_masked(self.lm.model, plan, self.lm.adapter):
-            return self._score()
+            return self._score(race)

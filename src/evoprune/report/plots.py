@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .runs import is_acc, is_feasible, top_candidates
-from .tables import finite, fmt_layers
+from .tables import finite, fmt_layers, scored
 
 __all__ = ["plot_fitness", "plot_pattern", "plot_origin", "plot_compare", "TOP_N", "ORIGIN_COLORS"]
 
@@ -34,7 +34,7 @@ def plot_fitness(run: dict, path: Path) -> None:
     hist, k = run["history"], run["k"]
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
-    pts = [r for r in hist if finite(r.get("loss"))]
+    pts = [r for r in hist if scored(r)]
     gens = [int(r.get("generation", 0)) for r in pts]
     gmax = max(gens, default=0)
     cmap = colormaps["viridis"]
@@ -108,7 +108,7 @@ ORIGIN_COLORS = {"llm-init": "#d73027", "llm-mutation": "#fc8d59", "llm-crossove
 def plot_origin(run: dict, path: Path) -> bool:
     """Fitness against evaluations, each candidate coloured by the operator that made it (LLM or fallback), with
     the best-so-far line. Returns ``False`` (nothing written) when the history names no origins."""
-    pts = [r for r in run["history"] if finite(r.get("loss")) and r.get("origin")]
+    pts = [r for r in run["history"] if scored(r) and r.get("origin")]
     if not pts:
         return False
     Figure = mpl()

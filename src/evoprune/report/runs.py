@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..runner.config import SearchConfig
 from ..runner.rundir import RunDir
-from .tables import finite
+from .tables import finite, scored
 
 __all__ = ["load_run", "read_eval_files", "eval_metrics", "top_candidates", "is_acc", "is_feasible"]
 
@@ -48,7 +48,7 @@ def load_run(path) -> dict:
             best = {"dropped": list(res.get("dropped_layers", ())), "loss": res.get("calib_loss"), "rates": None,
                     "attention": list(res["dropped_attention"]), "mlp": list(res["dropped_mlp"])}
         else:
-            feasible = [r for r in hist if finite(r.get("loss")) and r.get("feasible", True)]
+            feasible = [r for r in hist if scored(r) and r.get("feasible", True)]
             if feasible:
                 b = min(feasible, key=lambda r: r["loss"])
                 best = {"dropped": sorted(set(b["dropped_attention"]) & set(b["dropped_mlp"])), "loss": b["loss"],
@@ -60,7 +60,7 @@ def load_run(path) -> dict:
         n = n or next((len(r["rates"]) for r in hist if r.get("rates")), None)
     if k is None and n and not width:
         k = search.budget.k(n)
-    feasible = [r for r in hist if finite(r.get("loss")) and (k is None or len(r.get("dropped", ())) == k)]
+    feasible = [r for r in hist if scored(r) and (k is None or len(r.get("dropped", ())) == k)]
     if width:
         if res is not None:
             best = {"dropped": [], "loss": res.get("calib_loss"), "rates": res.get("rates")}
@@ -138,7 +138,7 @@ def top_candidates(run: dict, n: int) -> list[dict]:
     """The ``n`` lowest-loss distinct feasible candidates (first evaluation of each pattern)."""
     seen, rows = set(), []
     for r in run["history"]:
-        if not finite(r.get("loss")) or not is_feasible(run, r):
+        if not scored(r) or not is_feasible(run, r):
             continue
         if r["pattern"] in seen:
             continue

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["md_table", "text_table", "fmt", "fmt_wall", "fmt_layers", "finite"]
+__all__ = ["md_table", "text_table", "fmt", "fmt_wall", "fmt_layers", "finite", "scored"]
 
 
 def finite(x) -> bool:
     """A real, finite number (not a bool-like string, not NaN/inf)."""
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def scored(row: dict) -> bool:
+    """A history row with a complete, finite score (a raced row's loss is partial: not comparable)."""
+    return finite(row.get("loss")) and not row.get("raced")
 
 
 def fmt_wall(s) -> str:

@@ -126,12 +126,13 @@ class EvalWorker:
                 "device": self.device,
                 "setup_token_layers": sum(ev.setup_token_layers for ev in self.problem.evaluators)}
 
-    def evaluate(self, genome: Any, stage: int | None) -> tuple[float, int, int]:
-        """``(loss, tokens, token_layers actually run)`` of ``genome`` on stage ``stage`` (``None``: the only one)."""
+    def evaluate(self, genome: Any, stage: int | None, race=None) -> tuple:
+        """``(loss, tokens, token_layers actually run, batch losses, complete)`` of ``genome`` on stage
+        ``stage`` (``None``: the only one), raced by ``race`` (a :class:`~evoprune.fitness.racing.Race`)."""
         if self.delay:
             time.sleep(self.delay)
-        ev = self.problem.evaluators[-1 if stage is None else stage].evaluate(genome)
-        return ev.loss, ev.tokens, ev.token_layers
+        ev = self.problem.evaluators[-1 if stage is None else stage].evaluate(genome, race=race)
+        return ev.loss, ev.tokens, ev.token_layers, ev.batch_losses, ev.complete
 
 
 def actor_resources(node_cpus: Sequence[float], workers: int) -> float:
@@ -265,8 +266,9 @@ class WorkerPool:
         self._info[self.actors[slot].info.remote()] = (slot, self.actors[slot])
 
     # -- evaluation -----------------------------------------------------------------
-    def imap(self, tasks: Sequence[tuple[Any, int | None]]) -> Iterator[tuple[float, int, int]]:
-        """Evaluate ``(genome, stage)`` tasks; yield ``(loss, tokens, token_layers run)`` in input order.
+    def imap(self, tasks: Sequence[tuple]) -> Iterator[tuple]:
+        """Evaluate ``(genome, stage, race)`` tasks; yield ``(loss, tokens, token_layers run, batch losses,
+        complete)`` in input order.
 
         Dispatches as workers free up (one task per worker at a time) and yields
         each result as soon as all earlier ones are in. A lost worker's task is
@@ -297,7 +299,7 @@ class WorkerPool:
                     continue
                 slot, i, actor = running.pop(ref)
                 try:
-                    loss, tokens, tl = ray.get(ref)
+                    loss, tokens, tl, parts, complete = ray.get(ref)
                 except lost as e:
                     todo.appendleft(i)
                     if self.actors[slot] is actor:
@@ -310,7 +312,7 @@ class WorkerPool:
                 self._in_a_row = 0
                 self.evaluations += 1
                 self.token_layers_run += int(tl)
-                done[i] = (float(loss), int(tokens), int(tl))
+                done[i] = (float(loss), int(tokens), int(tl), tuple(parts), bool(complete))
                 idle.append(slot)
 
 

@@ -26,7 +26,10 @@ of such runs carry a ``stage`` field; ``calib_loss`` is the best candidate's los
 stage.
 
 ``budget_token_layers``: before each evaluation, the loop stops once the spent ``token_layers`` reach
-the budget; the result is the best full-fidelity candidate so far (``stopped_early: true``).
+the budget; the result is the best full-fidelity candidate so far (``stopped_early: true``). Without
+one, the method's :meth:`~evoprune.search.base.Strategy.default_budget` (derived from the space and the
+calibration size; ``evo``'s is documented in :mod:`evoprune.search.layers.evo`) applies, and only once
+a full-fidelity candidate exists. ``result.json`` records the budget that applied.
 
 Workers (``workers > 1`` or ``ray_address``): the candidates of each ``ask()`` batch are evaluated in
 parallel by Ray actors (:mod:`evoprune.runner.distributed`) and consumed in candidate order; the driver
@@ -146,8 +149,11 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
     if len(committed) < counters["evaluations"]:
         raise UserError(f"{run.path}: corrupted run (history shorter than the saved state)")
     run.rewrite_history(committed)
-    for r in committed:  # the LRUs' bookkeeping, as the uninterrupted run left it
-        problem.evaluators[r.get("stage", -1)].replay(problem.space.from_key(r["pattern"]))
+    parts = {}
+    for r in committed:  # the LRUs' bookkeeping and race references, as the uninterrupted run left them
+        _reused(problem.evaluators[r.get("stage", -1)], problem.space.from_key(r["pattern"]), r)
+        if not r.get("raced") and "batch_losses" in r:
+            parts[(r["pattern"], r.get("stage"))] = tuple(r["batch_losses"])
     prev_wall = (state or {}).get("wall_s", 0.0)
 
     def save_state() -> None:
@@ -157,7 +163,7 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
     if state is None:
         save_state()
     stopped = _loop(cfg, run, problem, strategy, counters, {(r["pattern"], r.get("stage")): r for r in pending},
-                    save_state, progress, t0)
+                    save_state, progress, t0, parts)
     if strategy.best is None:
         raise UserError(f"--budget-token-layers {cfg.budget.budget_token_layers} ran out before any full-fidelity "
                         f"evaluation; raise it")
@@ -165,9 +171,17 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
 
 
 def _loop(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, reuse: dict, save_state, progress: bool,
-          t0: float) -> bool:
-    """Ask, evaluate, log, tell until the strategy is done or the budget stops it; returns whether it stopped."""
-    evaluators, budget = problem.evaluators, cfg.budget.budget_token_layers
+          t0: float, parts: dict) -> bool:
+    """Ask, evaluate, log, tell until the strategy is done or the budget stops it; returns whether it stopped.
+    ``parts``: batch losses of the complete evaluations so far (race references), extended here."""
+    evaluators, given = problem.evaluators, cfg.budget.budget_token_layers
+    budget = given if given is not None else strategy.default_budget(evaluators[-1].calib.n_tokens)
+    counters["budget_token_layers"] = budget
+
+    def exhausted() -> bool:
+        # a method's default budget never ends a run before its first full-fidelity candidate
+        return budget is not None and counters["token_layers"] >= budget and (
+            given is not None or strategy.best is not None)
     display = Display(progress, cfg.method)
     best_seen = strategy.best[1] if strategy.best else math.inf
     stopped, pool = False, None
@@ -177,8 +191,8 @@ def _loop(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, reu
         while not strategy.done and not stopped:
             cands = strategy.ask()
             fits = []
-            for c, stage, genome, loss, tokens, tl in _scored(cands, evaluators, reuse, budget,
-                                                              lambda: counters["token_layers"], pool):
+            for c, stage, genome, loss, tokens, tl, batch_losses, complete in _scored(
+                    cands, evaluators, reuse, exhausted, parts, strategy.race_of, pool):
                 counters["evaluations"] += 1
                 counters["token_layers"] += tl
                 row = {"eval": counters["evaluations"], "generation": counters["generation"], "pattern": c.key,
@@ -186,12 +200,18 @@ def _loop(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, reu
                        "token_layers": counters["token_layers"]}
                 if stage is not None:
                     row["stage"] = stage
+                if len(batch_losses) > 1 or not complete:
+                    row["batch_losses"] = list(batch_losses)
+                if not complete:
+                    row["raced"] = True
+                else:
+                    parts[(c.key, stage)] = tuple(batch_losses)
                 origin = strategy.origin_of(genome)
                 if origin is not None:
                     row["origin"] = origin
                 run.append_history(row)
-                fits.append(loss)
-                if stage is None or stage == len(evaluators) - 1:
+                fits.append(loss if complete else math.inf)
+                if complete and (stage is None or stage == len(evaluators) - 1):
                     best_seen = min(best_seen, loss)
                 display.update(counters["generation"], best_seen, counters["evaluations"], counters["token_layers"])
             stopped = len(fits) < len(cands)  # only the budget ends a batch early
@@ -227,6 +247,7 @@ def _finish(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, c
         "calib_loss": best_loss, "calib_ppl": math.exp(best_loss),
         "evaluations": counters["evaluations"], "token_layers": counters["token_layers"],
         "wall_s": round(wall, 2), "seed": cfg.seed, "stopped_early": stopped,
+        "budget_token_layers": counters.get("budget_token_layers"),
         "calib": {"source": c.calib if not c.calib_from else f"run:{c.calib_from}", "sampling": c.sampling,
                   "samples": calib.n_samples, "seqlen": calib.seqlen},
         **strategy.result_extras(),
@@ -238,46 +259,66 @@ def _finish(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, c
     return result
 
 
-def _scored(cands, evaluators, reuse: dict, budget: int | None, spent, pool=None):
-    """``(candidate, stage, genome, loss, tokens, token_layers)`` of ``cands``, in candidate order.
+def _race(spec: dict | None, stage, ev, parts: dict):
+    """The :class:`~evoprune.fitness.racing.Race` of a candidate with race ``spec`` (``None``: not raced)."""
+    from ..fitness.racing import Race
 
-    Stops before the first candidate at which the token-layers spent so far reach ``budget``
-    (``spent()``: the caller's running total, updated between items). Rows of ``reuse`` (logged after
-    the last saved state) are replayed, not evaluated. With a :class:`~evoprune.runner.distributed.WorkerPool`
-    the candidates are first replayed in order through the driver's evaluators (the LRU bookkeeping gives
-    the sequential run's token-layers, hence the same budget stop, and nothing past it is dispatched),
-    then evaluated in parallel and yielded in order: the caller sees exactly what the sequential loop sees.
+    if not spec or not spec["refs"]:
+        return None
+    ref = tuple(parts[(k, stage)] for k in spec["refs"] if (k, stage) in parts)
+    race = Race(ref, ev.batch_tokens, rank=spec["rank"], margin=spec["margin"]) if ref else None
+    return race if race is not None and race.active else None
+
+
+def _reused(ev, genome, r: dict) -> tuple:
+    raced = bool(r.get("raced"))
+    ev.replay(genome, len(r["batch_losses"]) if raced else None)
+    return r["loss"], r["tokens"], r["eval_token_layers"], tuple(r.get("batch_losses", ())), not raced
+
+
+def _scored(cands, evaluators, reuse: dict, exhausted, parts: dict, race_of, pool=None):
+    """``(candidate, stage, genome, loss, tokens, token_layers, batch losses, complete)`` of ``cands``, in order.
+
+    Stops before the first candidate at which ``exhausted()`` (the budget is spent; the caller updates
+    its running total between items). Rows of ``reuse`` (logged after
+    the last saved state) are replayed, not evaluated. A request with race references is raced
+    against their batch losses in ``parts`` (``(key, stage)`` -> per-batch loss totals of complete
+    evaluations). With a :class:`~evoprune.runner.distributed.WorkerPool` the candidates are
+    evaluated in parallel (a raced one's cost is only known once it ran), then replayed in order
+    through the driver's evaluators (the LRU bookkeeping gives the sequential run's token-layers,
+    hence the same budget stop; results past it are dropped): the caller sees exactly what the
+    sequential loop sees.
     """
-    plan, total = [], spent()
+    plan = []
     for c in cands:
-        if budget is not None and (spent() if pool is None else total) >= budget:
-            break
+        if pool is None and exhausted():
+            return
         stage = getattr(c, "stage", None)
         genome = getattr(c, "pattern", c)
         ev = evaluators[-1 if stage is None else stage]
         r = reuse.pop((c.key, stage), None)
+        if pool is not None:
+            plan.append((c, stage, genome, ev, r, None if r is not None else _race(race_of(c), stage, ev, parts)))
+            continue
         if r is not None:
-            ev.replay(genome)
-            item = (c, stage, genome, r["loss"], r["tokens"], r["eval_token_layers"])
-        elif pool is not None:
-            item = (c, stage, genome, None, None, ev.replay(genome))  # evaluated below, by the workers
-        else:
-            if _EVAL_DELAY:
-                time.sleep(_EVAL_DELAY)
-            e = ev.evaluate(genome)
-            item = (c, stage, genome, e.loss, e.tokens, e.token_layers)
-        if pool is None:
-            yield item
-        else:
-            plan.append(item)
-            total += item[5]
+            yield (c, stage, genome, *_reused(ev, genome, r))
+            continue
+        if _EVAL_DELAY:
+            time.sleep(_EVAL_DELAY)
+        e = ev.evaluate(genome, race=_race(race_of(c), stage, ev, parts))
+        yield c, stage, genome, e.loss, e.tokens, e.token_layers, e.batch_losses, e.complete
     if not plan:
         return
-    results = pool.imap([(genome, stage) for _, stage, genome, loss, _, _ in plan if loss is None])
-    for c, stage, genome, loss, tokens, tl in plan:
-        if loss is None:
-            loss, tokens, _ = next(results)
-        yield c, stage, genome, loss, tokens, tl
+    results = pool.imap([(genome, stage, race) for _, stage, genome, _, r, race in plan if r is None])
+    for c, stage, genome, ev, r, _ in plan:
+        if exhausted():
+            return
+        if r is not None:
+            yield (c, stage, genome, *_reused(ev, genome, r))
+            continue
+        loss, tokens, _, batch_losses, complete = next(results)
+        tl = ev.replay(genome, None if complete else len(batch_losses))
+        yield c, stage, genome, loss, tokens, tl, batch_losses, complete
 
 
 def _make_operator(cfg: SearchConfig, lm, run: RunDir, problem):

@@ -128,6 +128,17 @@ class Strategy:
         """Fields this method adds to ``result.json`` (default: none)."""
         return {}
 
+    def race_of(self, candidate) -> dict | None:
+        """Racing of an asked candidate: ``{"refs": keys, "rank": r, "margin": nats/token}`` (see
+        :class:`~evoprune.fitness.racing.Race`; the references are genomes already scored on the same
+        data) or ``None``. Default: the fields of a :class:`~evoprune.search.staged.Request`."""
+        refs = getattr(candidate, "refs", ())
+        return {"refs": refs, "rank": candidate.rank, "margin": candidate.margin} if refs else None
+
+    def default_budget(self, n_tokens: int) -> int | None:
+        """Token-layer budget of a run given none (``n_tokens``: calibration tokens); ``None``: unbounded."""
+        return None
+
     def origin_of(self, genome) -> str | None:
         """Which operator made ``genome`` (logged as the history row's ``origin``), or ``None`` when the method
         does not say."""

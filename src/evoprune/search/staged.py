@@ -31,7 +31,11 @@ from ..options import opt
 from ..spaces import SearchError
 from .base import Strategy, decode_fitness, encode_fitness
 
-__all__ = ["Request", "StagedOptions", "StagedStrategy", "SwapEvoOptions"]
+__all__ = ["AUTO", "Request", "StagedOptions", "StagedStrategy", "SwapEvoOptions"]
+
+# ``tokens_per_stage="auto"``: two stages, a cheap first slice the runner derives from the calibration
+# set's shape (:func:`evoprune.runner.problems.common.stage_slices`) and the whole set
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,8 @@ class StagedOptions:
     :meth:`default_survivors`); its length is the number of stages. ``tokens_per_stage``: fitness
     tokens of each stage, for the runner (the strategy only sees stage indices; ``None``: the runner
     has one stage, the whole calibration set; the last entry must be the whole set, which the runner
-    checks against it). Validated on construction (``SearchError``).
+    checks against it; ``"auto"``: two stages, a cheap slice the runner derives from the calibration
+    set's shape, then the whole set; with a single ``survivors`` entry, one stage). Validated on construction (``SearchError``).
     """
 
     generations: int = opt(10, "generations (the initial cohort counts as one)")
@@ -50,8 +55,11 @@ class StagedOptions:
     survivors: tuple | None = opt(None, "candidates promoted past each stage, e.g. 4,1 (the last = parents kept)",
                                   flag="survivors_per_stage")
     tokens_per_stage: tuple | None = opt(None, "fitness tokens per selection stage, e.g. 512,2048 (the last = the "
-                                               "whole calibration set)", aliases=("fitness_tokens_per_stage",))
+                                               "whole calibration set; auto: derived)", aliases=("fitness_tokens_per_stage",),
+                                  kind="stages")
     elitism: bool = opt(True, "parents compete with their offspring")
+    race_margin: float = opt(0.0, "racing: stop a last-stage candidate once it trails every kept parent by more "
+                                  "than this many nats per token still to score (0: off)")
 
     last_may_exceed: ClassVar[bool] = True  # may the parents kept (last survivors) outnumber the offspring?
 
@@ -72,16 +80,22 @@ class StagedOptions:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SearchError(f"{name} must be an integer >= 1, got {v!r}")
         tps = self.tokens_per_stage
-        if tps is not None:
+        if isinstance(tps, str) and tps.strip().lower() == "auto":
+            tps = AUTO
+            object.__setattr__(self, "tokens_per_stage", AUTO)
+        elif tps is not None:
             tps = _ints("tokens_per_stage", tps)
             if any(b <= a for a, b in zip(tps, tps[1:])) or tps[0] < 2:
                 raise SearchError(f"--tokens-per-stage must increase and start at >= 2 tokens, got {tps}")
             object.__setattr__(self, "tokens_per_stage", tps)
         if self.survivors is None:
-            surv = self.default_survivors(1 if tps is None else len(tps))
+            surv = self.default_survivors(1 if tps is None else 2 if tps == AUTO else len(tps))
         else:
             surv = _ints("survivors", self.survivors)
-            if tps is not None and len(surv) != len(tps):
+            if tps == AUTO and len(surv) == 1:  # one survivors entry: one stage, the whole set
+                tps = None
+                object.__setattr__(self, "tokens_per_stage", None)
+            if tps is not None and len(surv) != (2 if tps == AUTO else len(tps)):
                 raise SearchError("--tokens-per-stage needs --survivors-per-stage with as many entries")
         capped = surv[:-1] if self.last_may_exceed else surv
         if any(s > self.offspring for s in capped):
@@ -89,6 +103,9 @@ class StagedOptions:
                               f"<= offspring={self.offspring}, got {surv}")
         object.__setattr__(self, "survivors", surv)
         object.__setattr__(self, "elitism", bool(self.elitism))
+        if not (isinstance(self.race_margin, (int, float)) and math.isfinite(self.race_margin) and self.race_margin >= 0):
+            raise SearchError(f"race_margin must be a number >= 0, got {self.race_margin!r}")
+        object.__setattr__(self, "race_margin", float(self.race_margin))
 
 
 @dataclass(frozen=True)
@@ -133,10 +150,18 @@ def _ints(name: str, v) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class Request:
-    """One evaluation a multi-stage strategy asks for: ``pattern`` (any genome) on stage ``stage``'s data."""
+    """One evaluation a multi-stage strategy asks for: ``pattern`` (any genome) on stage ``stage``'s data.
+
+    Racing (``refs`` non-empty): the runner may stop scoring it once it is clearly worse (``margin``)
+    than ``rank`` of the genomes with keys ``refs``, already scored at the same stage
+    (:class:`~evoprune.fitness.racing.Race`); such a stopped candidate is told ``+inf``.
+    """
 
     pattern: Any
     stage: int
+    refs: tuple[str, ...] = ()
+    rank: int = 1
+    margin: float = 0.0
 
     @property
     def key(self) -> str:
@@ -177,9 +202,19 @@ class StagedStrategy(Strategy):
 
     # -- ask / tell ------------------------------------------------------------------
 
+    def _race_refs(self, stage: int) -> dict:
+        """Race fields of this stage's requests: at the last stage (with ``elitism`` and ``race_margin``), a
+        candidate clearly worse than every kept parent cannot become one."""
+        m = self.config.race_margin
+        refs = tuple(p.key for p in self.parents if math.isfinite(self._memo.get(p.key, math.inf)))
+        if not m or stage != self.last or not self.config.elitism or len(refs) < self.config.survivors[-1]:
+            return {}
+        return {"refs": refs, "rank": len(refs), "margin": m}
+
     def ask(self) -> list[Request]:
         while not self._requests and not self._done:
-            fresh = [Request(p, self.stage) for p in self.active if self.stage_fitness(p, self.stage) is None]
+            race = self._race_refs(self.stage)
+            fresh = [Request(p, self.stage, **race) for p in self.active if self.stage_fitness(p, self.stage) is None]
             if fresh:
                 self._requests = fresh
             else:
@@ -248,7 +283,7 @@ class StagedStrategy(Strategy):
         return {"parents": [p.key for p in self.parents], "cohort": [p.key for p in self.cohort],
                 "active": [p.key for p in self.active], "stage": self.stage,
                 "low": {k: encode_fitness(v) for k, v in self._low.items()},
-                "requests": [[r.key, r.stage] for r in self._requests]}
+                "requests": [[r.key, r.stage, list(r.refs), r.rank, r.margin] for r in self._requests]}
 
     def _load_extra_state(self, d: dict) -> None:
         key = self.space.from_key
@@ -257,4 +292,5 @@ class StagedStrategy(Strategy):
         self.active = [key(k) for k in d["active"]]
         self.stage = int(d["stage"])
         self._low = {str(k): decode_fitness(v) for k, v in d["low"].items()}
-        self._requests = [Request(key(k), int(s)) for k, s in d["requests"]]
+        self._requests = [Request(key(r[0]), int(r[1]), *([tuple(r[2]), int(r[3]), float(r[4])] if len(r) > 2 else []))
+                          for r in d["requests"]]

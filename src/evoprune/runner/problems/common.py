@@ -4,12 +4,16 @@ Owns :func:`stage_slices`. Stage ``s`` with ``T = tokens_per_stage[s]`` tokens u
 shared by all its candidates: the first ``m = min(n_samples, ceil(T / seqlen))`` calibration samples,
 each cut to its first ``T // m`` tokens (so ``m * (T // m) <= T`` tokens). The last stage must be the
 whole calibration set (``T = n_samples * seqlen``). No ``tokens_per_stage``: one stage, the whole set.
+``"auto"``: two stages, :func:`auto_first_stage` then the whole set.
 """
 from __future__ import annotations
 
 from ...errors import UserError
 
-__all__ = ["stage_slices", "stage_tokens", "check_stages"]
+__all__ = ["stage_slices", "stage_tokens", "check_stages", "auto_first_stage"]
+
+AUTO_SHARE = 8  # tokens_per_stage="auto": the first stage has 1/AUTO_SHARE of the calibration tokens,
+AUTO_MIN_TOKENS = 64  # but at least this many (or half the set)
 
 
 def stage_tokens(method_options) -> tuple[int, ...] | None:
@@ -24,10 +28,22 @@ def check_stages(method_options) -> None:
         raise UserError("several --survivors-per-stage entries need --tokens-per-stage")
 
 
+def auto_first_stage(n_samples: int, seqlen: int) -> tuple[int, int]:
+    """The cheap first slice of ``tokens_per_stage="auto"``: ``(samples, tokens per sample)``: 1/8 of the
+    set, but at least ``min(64, half the set)`` tokens (fewer are too noisy to rank candidates by)."""
+    n = n_samples * seqlen
+    total = max(2, n // AUTO_SHARE, min(AUTO_MIN_TOKENS, n // 2))
+    m = min(n_samples, -(-total // seqlen))
+    return m, max(2, total // m)
+
+
 def stage_slices(tokens_per_stage, n_samples: int, seqlen: int) -> list[tuple[int, int]]:
     """``(samples, tokens per sample)`` of each fidelity stage (see the module docstring)."""
     if tokens_per_stage is None:
         return [(n_samples, seqlen)]
+    if tokens_per_stage == "auto":
+        first = auto_first_stage(n_samples, seqlen)
+        return [first, (n_samples, seqlen)] if first != (n_samples, seqlen) else [first, first]
     if tokens_per_stage[-1] != n_samples * seqlen:
         raise UserError(f"the last --tokens-per-stage entry must be the whole calibration set "
                         f"({n_samples} x {seqlen} = {n_samples * seqlen} tokens), got {tokens_per_stage[-1]}")

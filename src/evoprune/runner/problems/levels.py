@@ -78,7 +78,7 @@ class LevelProblem:
                             "to remove), not --drop-count")
         training = cfg.training
         if training is not None and training.tokens_per_stage is not None:
-            n_stages = len(stage_tokens(cfg.method_options) or (0,))
+            n_stages = getattr(cfg.method_options, "n_stages", 1)
             if len(training.tokens_per_stage) != n_stages:
                 raise UserError(f"--train-tokens-per-stage needs one entry per selection stage ({n_stages}), "
                                 f"got {len(training.tokens_per_stage)}")

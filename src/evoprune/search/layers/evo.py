@@ -4,21 +4,32 @@ Owns :class:`Request`, :class:`EvoConfig` and :class:`EvoStrategy`. A
 (mu + lambda) evolution strategy in the spirit of EvoPress (Sieberling et al.,
 2024) and DarwinLM, built for fixed-``k`` layer dropping:
 
+- **Defaults** (issue 16): two stages (``tokens_per_stage="auto"``: 1/8 of the calibration
+  tokens, at least 64, then all of them; survivors ``(4, 2)``), racing at the full stage (``race_margin``,
+  :class:`~evoprune.fitness.racing.Race`) and, without ``--budget-token-layers``, a token-layer
+  budget of ``budget_share`` x :func:`greedy_reference` (a naive full-fidelity greedy pass to
+  ``k``; a prefix-cached SLEB costs 0.58-0.64 of it on SmolLM2-135M, so the default 0.12 is about
+  0.2 x SLEB). That budget never stops a run before its first full-fidelity ``k``-block candidate.
 - **Greedy seeding** (``greedy_seed``, multi-stage runs only): first a SLEB-like
-  greedy pass on the cheapest (stage-0) slice: step ``j`` scores every pattern
+  greedy pass on the cheapest (stage-0) slice: step ``j`` scores the patterns
   "blocks chosen so far + one more" at stage 0, re-scores the best
   ``greedy_promote`` of them (at most ``survivors[0]``) at the last (full) stage
   and keeps the best of those by full fitness (``greedy_promote=0``: the best at
   stage 0), until ``k`` blocks. The promotion keeps a noisy low-fidelity slice
   from steering the greedy path away from full-fidelity SLEB's (on SmolLM2, a
   512-token slice preferred a block that the whole calibration set does not;
-  there the full-fidelity best ranked 0-3rd at stage 0, hence the default 4).
-  The last step's ``n - k + 1`` patterns (already scored at stage 0) are the
+  there the full-fidelity best ranked 0-4th at stage 0, hence the default 4).
+  With ``race_margin`` the stage-0 best is scored first and the other promoted
+  ones are raced against it. Steps after the first score only the blocks in the
+  best ``greedy_screen`` share of the previous step's stage-0 ranking plus the
+  droppable neighbours of the blocks dropped so far (on SmolLM2 SLEB's next block
+  ranked at most 9th of 28 in the previous step, and it was a neighbour then).
+  The last step's patterns (already scored at stage 0) are the
   initial cohort, ranked, followed by the one-shot-score seeds below
   (``seed_fraction * offspring`` of them, no random ones). The greedy costs about
-  stage-0 tokens / full tokens of a full-fidelity SLEB plus ``greedy_promote``
-  full evaluations per step; the evolution then refines its answer with
-  full-fidelity comparisons.
+  stage-0 tokens / full tokens of a full-fidelity SLEB (less with the screen) plus
+  ``greedy_promote`` (raced) full evaluations per step; the evolution then refines
+  its answer with full-fidelity comparisons, raced against the parents.
 - **Initial cohort** without greedy seeding (``offspring`` patterns, at least ``survivors[-1]``): when
   one-shot ``scores`` are given (ShortGPT Block Influence, lower = more
   droppable), a ``seed_fraction`` share is seeded from them: first the
@@ -68,7 +79,16 @@ from ...spaces import DropPattern, SearchError
 from ..registry import register
 from ..staged import Request, StagedStrategy, SwapEvoOptions
 
-__all__ = ["EvoConfig", "EvoStrategy", "Request"]
+__all__ = ["EvoConfig", "EvoStrategy", "Request", "greedy_reference"]
+
+RACE_MARGIN = 0.05
+BUDGET_SHARE = 0.12
+
+
+def greedy_reference(n_layers: int, n_droppable: int, k: int, n_tokens: int) -> int:
+    """Token-layers of a naive (uncached) full-fidelity greedy pass to ``k`` blocks: step ``j`` scores
+    ``n_droppable - j`` patterns that each run ``n_layers - j - 1`` blocks over ``n_tokens`` tokens."""
+    return n_tokens * sum((n_droppable - j) * (n_layers - j - 1) for j in range(k))
 
 
 @dataclass(frozen=True)
@@ -76,13 +96,32 @@ class EvoConfig(SwapEvoOptions):
     """Options of ``evo``: :class:`~evoprune.search.staged.SwapEvoOptions` plus the greedy seeding
     phase; validated on construction (``SearchError``)."""
 
+    tokens_per_stage: tuple | str | None = opt(
+        "auto", "fitness tokens per selection stage, e.g. 512,2048 (the last = the whole calibration set; auto: "
+                "1/8 of the set, >= 64 tokens, then the whole set)", aliases=("fitness_tokens_per_stage",), kind="stages")
+    race_margin: float = opt(RACE_MARGIN, "racing: stop a full-fidelity candidate once it trails its references by more "
+                                          "than this many nats per token still to score (0: off)")
+    budget_share: float = opt(BUDGET_SHARE, "no --budget-token-layers: budget = this x a naive greedy pass's "
+                                            "token-layers (see the method docs; 0: none)")
     greedy_seed: bool = opt(True, "multi-stage runs: start with a SLEB-like greedy pass on the cheapest stage")
     greedy_promote: int = opt(4, "greedy seeding: stage-0 candidates per step re-scored at full fidelity")
+    greedy_screen: float = opt(0.5, "greedy steps after the first score only this share of the previous step's "
+                                    "stage-0 ranking, plus the neighbours of dropped blocks (1: every block)")
+
+    @classmethod
+    def default_survivors(cls, n_stages: int) -> tuple[int, ...]:
+        if n_stages == 2:
+            return (4, 2)
+        return super().default_survivors(n_stages)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not (isinstance(self.budget_share, (int, float)) and 0 <= self.budget_share < math.inf):
+            raise SearchError(f"budget_share must be a number >= 0, got {self.budget_share!r}")
         if not isinstance(self.greedy_promote, int) or isinstance(self.greedy_promote, bool) or self.greedy_promote < 0:
             raise SearchError(f"greedy_promote must be an integer >= 0, got {self.greedy_promote!r}")
+        if not (isinstance(self.greedy_screen, (int, float)) and 0 < self.greedy_screen <= 1):
+            raise SearchError(f"greedy_screen must be in (0, 1], got {self.greedy_screen!r}")
 
 
 @register("evo", default=True)
@@ -106,6 +145,7 @@ class EvoStrategy(StagedStrategy):
             raise SearchError(f"evo needs k < droppable blocks, got k={space.k} of {space.n_droppable}")
         # greedy seeding phase: blocks dropped so far (None once the phase is over or not used)
         self.greedy: list[int] | None = [] if (self.config.greedy_seed and self.last > 0) else None
+        self.screen: list[int] | None = None  # blocks this greedy step may add (None: every droppable one)
         if self.greedy is None:
             self._start(self._initial_cohort())
 
@@ -113,13 +153,40 @@ class EvoStrategy(StagedStrategy):
 
     def _greedy_candidates(self) -> list[DropPattern]:
         sp, g = self.space, self.greedy
-        return [DropPattern(sp.n_layers, tuple(sorted(g + [i]))) for i in sp.droppable if i not in g]
+        pool = sp.droppable if self.screen is None else self.screen
+        return [DropPattern(sp.n_layers, tuple(sorted(g + [i]))) for i in pool if i not in g]
+
+    def _next_screen(self, cands: list[DropPattern], chosen: list[int]) -> list[int] | None:
+        """Blocks the next greedy step may add: the best ``greedy_screen`` share of this step's stage-0
+        ranking (by the block each candidate adds) and every droppable neighbour of a dropped block."""
+        share = float(self.config.greedy_screen)
+        if share >= 1:
+            return None
+        g = set(self.greedy)
+        ranked = sorted(range(len(cands)), key=lambda i: (self._low[f"{cands[i].key}@0"], i))
+        added = [next(b for b in cands[i].dropped if b not in g) for i in ranked]
+        keep = set(added[: max(1, math.ceil(share * len(added)))])
+        keep |= {j for i in chosen for j in (i - 1, i + 1) if j in self.space.droppable}
+        return sorted(keep - set(chosen))
 
     def _greedy_promoted(self, cands: list[DropPattern]) -> list[DropPattern]:
         """The step's candidates re-scored at full fidelity: the best ``greedy_promote`` at stage 0."""
         n = min(self.config.greedy_promote, self.config.survivors[0])
         ranked = sorted(range(len(cands)), key=lambda i: (self._low[f"{cands[i].key}@0"], i))
         return [cands[i] for i in ranked[:n]]
+
+    def _promotion_requests(self, cands: list[DropPattern]) -> list[Request]:
+        """The step's promoted candidates still to score at full fidelity. With ``race_margin``, the best at
+        stage 0 is scored alone first and the others are raced against the promoted ones already scored."""
+        pool = self._greedy_promoted(cands)
+        todo = [p for p in pool if p.key not in self._memo]
+        m = self.config.race_margin
+        if not m or not todo:
+            return [Request(p, self.last) for p in todo]
+        refs = tuple(p.key for p in pool if math.isfinite(self._memo.get(p.key, math.inf)))
+        if not refs:
+            return [Request(todo[0], self.last)]
+        return [Request(p, self.last, refs, 1, m) for p in todo]
 
     def _greedy_step(self) -> None:
         """This greedy step is scored (stage 0, then its promoted candidates): keep the best, or end the phase."""
@@ -130,6 +197,7 @@ class EvoStrategy(StagedStrategy):
         else:
             best = min(cands, key=lambda p: self._low[f"{p.key}@0"])
         if len(self.greedy) + 1 < self.space.k:
+            self.screen = self._next_screen(cands, list(best.dropped))
             self.greedy = list(best.dropped)
             return
         # the last step's candidates are k-block patterns already scored at stage 0: the initial cohort
@@ -145,7 +213,7 @@ class EvoStrategy(StagedStrategy):
             cands = self._greedy_candidates()
             fresh = [Request(p, 0) for p in cands if f"{p.key}@0" not in self._low]
             if not fresh:
-                fresh = [Request(p, self.last) for p in self._greedy_promoted(cands) if p.key not in self._memo]
+                fresh = self._promotion_requests(cands)
             if fresh:
                 self._requests = fresh
                 return list(self._requests)
@@ -218,9 +286,16 @@ class EvoStrategy(StagedStrategy):
 
     # -- state -----------------------------------------------------------------------
 
+    def default_budget(self, n_tokens: int) -> int | None:
+        """``budget_share x greedy_reference(...)`` (``None`` when ``budget_share`` is 0)."""
+        sp = self.space
+        ref = greedy_reference(sp.n_layers, sp.n_droppable, sp.k, n_tokens)
+        return int(self.config.budget_share * ref) or None
+
     def _extra_state(self) -> dict:
-        return {"greedy": self.greedy, **super()._extra_state()}
+        return {"greedy": self.greedy, "screen": self.screen, **super()._extra_state()}
 
     def _load_extra_state(self, d: dict) -> None:
         self.greedy = None if d.get("greedy") is None else [int(i) for i in d["greedy"]]
+        self.screen = None if d.get("screen") is None else [int(i) for i in d["screen"]]
         super()._load_extra_state(d)

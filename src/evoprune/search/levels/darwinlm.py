@@ -19,7 +19,12 @@ candidates are :class:`~evoprune.spaces.LevelVector`\\ s of a
   selection each stage fine-tunes the candidate briefly before scoring it, on
   more tokens stage by stage (:mod:`evoprune.fitness.levels`). ``survivors[-1]``
   (default 1, the paper's single parent) candidates become the parents, with
-  the old parents competing (``elitism``, default on).
+  the old parents competing (``elitism``, default on). Default stages
+  (``tokens_per_stage="auto"``): 1/8 of the calibration tokens, then all of
+  them, survivors ``(2, 1)``;
+- racing (``race_margin``): on the last stage a child is stopped once its
+  partial loss is clearly worse than every parent's on the same batches
+  (:class:`~evoprune.fitness.racing.Race`).
 
 Torch-free; randomness only from the given generator.
 """
@@ -44,12 +49,18 @@ class DarwinLMConfig(StagedOptions):
     generations: int = opt(10, "generations (the uniform start counts as one)")
     offspring: int = opt(8, "candidates per generation")
     max_flips: int = opt(3, "most level switches per mutation")
+    tokens_per_stage: tuple | str | None = opt(
+        "auto", "fitness tokens per selection stage, e.g. 512,2048 (the last = the whole calibration set; auto: "
+                "1/8 of the set, >= 64 tokens, then the whole set)", aliases=("fitness_tokens_per_stage",), kind="stages")
+    race_margin: float = opt(0.05, "racing: stop a last-stage child once it trails every parent by more than this "
+                                   "many nats per token still to score (0: off)")
 
     last_may_exceed: ClassVar[bool] = False
 
     @classmethod
     def default_survivors(cls, n_stages: int) -> tuple[int, ...]:
-        return (1,) * n_stages
+        # auto stages: the best two children of the cheap slice reach the whole set, one parent (the paper's)
+        return (2, 1) if n_stages == 2 else (1,) * n_stages
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -10,6 +10,9 @@ children by :meth:`WidthSpace.mutate` of a binary-tournament parent and ``crosso
 :meth:`WidthSpace.crossover` of two tournament parents; children already scored or repeated are redrawn
 (at most ``50 * (M + S)`` draws). The next population is the best K of parents and children (ties:
 parents first). ``generations`` (N) counts offspring generations; evaluations = K + N (M + S).
+Racing (``race_margin`` > 0): a child is scored batch by batch and stopped once its partial loss is
+clearly worse than every population member's on the same batches (it could not enter the population;
+it is told ``+inf``), see :class:`~evoprune.fitness.racing.Race`.
 
 Torch-free; randomness only from the given generator.
 """
@@ -37,6 +40,8 @@ class WidthEvoConfig:
     step: float = opt(0.05, "largest rate moved between two layers per mutation")
     scores: tuple | None = opt(None, "OWL outlier ratio per layer (supplied by the runner)", cli=False)
     lam: float = opt(0.08, "OWL rate spread lambda of the initial OWL vector", flag="owl_lambda")
+    race_margin: float = opt(0.05, "racing: stop a child once it trails every population member by more than this "
+                                   "many nats per token still to score (0: off)")
 
     def __post_init__(self) -> None:
         for name in ("population", "generations"):
@@ -51,6 +56,8 @@ class WidthEvoConfig:
             raise SearchError(f"mutation step must be in (0, 1], got {self.step}")
         if self.scores is not None:
             object.__setattr__(self, "scores", tuple(float(x) for x in self.scores))
+        if not (isinstance(self.race_margin, (int, float)) and 0 <= self.race_margin < float("inf")):
+            raise SearchError(f"race_margin must be a number >= 0, got {self.race_margin!r}")
 
 
 @register("evo", space="width", default=True)
@@ -130,6 +137,14 @@ class WidthEvoStrategy(Strategy):
 
     def result_extras(self) -> dict:
         return {"origins": {k: dict(v) for k, v in sorted(self.origin_stats.items())}}
+
+    def race_of(self, genome) -> dict | None:
+        """Children (generation >= 1) race the population: one clearly worse than every member cannot enter it."""
+        m, k = float(self.config.race_margin), int(self.config.population)
+        refs = tuple(g.key for g in self.population if self._memo.get(g.key, float("inf")) < float("inf"))
+        if not m or self.generation == 0 or len(refs) < k:
+            return None
+        return {"refs": refs, "rank": len(refs), "margin": m}
 
     # -- Strategy hooks ----------------------------------------------------------------
     def _propose(self) -> list[RateVector]:
