@@ -22,7 +22,7 @@ def search(work: Path, name: str, **kw) -> dict:
     t = time.time()
     res = run_search(cfg, work / name, progress=False)
     drop = (f"attn {res['dropped_attention']} mlp {res['dropped_mlp']}" if "dropped_attention" in res
-            else res["dropped_layers"])
+            else res["dropped_layers"] if "dropped_layers" in res else f"rates {res.get('rates')}")
     print(f"  {name}: drop {drop} loss {res['calib_loss']:.4f} evals {res['evaluations']} "
           f"tl {res['token_layers']:.3g} ({time.time() - t:.0f} s)", file=sys.stderr, flush=True)
     return res

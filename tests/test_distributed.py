@@ -64,7 +64,8 @@ def reference(deep_model, calib_text, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("ref") / "run"
     res = run_search(_cfg(deep_model, calib_text), out, progress=False)
-    assert res["evaluations"] > 40
+    # evo's derived budget ends it (racing and waves of dispatch are exercised too): enough to kill mid-run
+    assert res["evaluations"] > 30 and res["stopped_early"]
     return out
 
 

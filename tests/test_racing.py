@@ -90,9 +90,16 @@ def test_greedy_screen_and_raced_promotion():
     assert all(r.refs == ("L14:d0",) and r.rank == 1 and r.margin == 0.05 for r in rest)
     s.tell(rest, [2.0, float("inf"), 0.5])  # block 3 wins at full fidelity; block 2 was raced out
     step2 = s.ask()
-    # best 7 of the 14 added blocks at stage 0 (0..6) and the neighbours of block 3 (2, 4), minus 3 itself
+    # the shortlist: the best 7 of the 14 single blocks at stage 0 (0..6), plus the neighbours of block 3
+    # (2, 4), minus 3 itself
     assert sorted(next(b for b in r.dropped if b != 3) for r in step2) == [0, 1, 2, 4, 5, 6]
-    assert s.screen == [0, 1, 2, 4, 5, 6]
+    assert s.shortlist == [0, 1, 2, 3, 4, 5, 6] and s.screen == [0, 1, 2, 4, 5, 6]
+    s.tell(step2, [f0(r.pattern) for r in step2])
+    s.tell(s.ask(), [1.0])  # the stage-0 best, (0, 3), wins at full fidelity
+    s.tell(s.ask(), [2.0, 3.0, 4.0])
+    step3 = s.ask()  # the greedy moves on when asked
+    # the third step adds from the same shortlist, plus the neighbours of 0 and 3 (1, 2, 4), minus 0 and 3
+    assert s.greedy == [0, 3] and s.screen == [1, 2, 4, 5, 6] and len(step3) == 5
 
 
 def test_greedy_reference():

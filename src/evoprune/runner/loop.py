@@ -178,9 +178,9 @@ def _loop(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, reu
     budget = given if given is not None else strategy.default_budget(evaluators[-1].calib.n_tokens)
     counters["budget_token_layers"] = budget
 
-    def exhausted() -> bool:
+    def exhausted(extra: int = 0) -> bool:
         # a method's default budget never ends a run before its first full-fidelity candidate
-        return budget is not None and counters["token_layers"] >= budget and (
+        return budget is not None and counters["token_layers"] + extra >= budget and (
             given is not None or strategy.best is not None)
     display = Display(progress, cfg.method)
     best_seen = strategy.best[1] if strategy.best else math.inf
@@ -280,14 +280,16 @@ def _scored(cands, evaluators, reuse: dict, exhausted, parts: dict, race_of, poo
     """``(candidate, stage, genome, loss, tokens, token_layers, batch losses, complete)`` of ``cands``, in order.
 
     Stops before the first candidate at which ``exhausted()`` (the budget is spent; the caller updates
-    its running total between items). Rows of ``reuse`` (logged after
-    the last saved state) are replayed, not evaluated. A request with race references is raced
-    against their batch losses in ``parts`` (``(key, stage)`` -> per-batch loss totals of complete
-    evaluations). With a :class:`~evoprune.runner.distributed.WorkerPool` the candidates are
-    evaluated in parallel (a raced one's cost is only known once it ran), then replayed in order
-    through the driver's evaluators (the LRU bookkeeping gives the sequential run's token-layers,
-    hence the same budget stop; results past it are dropped): the caller sees exactly what the
-    sequential loop sees.
+    its running total between items; ``exhausted(extra)``: would it be after ``extra`` more). Rows of
+    ``reuse`` (logged after the last saved state) are replayed, not evaluated. A request with race
+    references is raced against their batch losses in ``parts`` (``(key, stage)`` -> per-batch loss
+    totals of complete evaluations). With a :class:`~evoprune.runner.distributed.WorkerPool` the
+    candidates are evaluated in parallel in waves: a wave holds the next candidates that are sure to
+    come before the budget's stop (counting each at its evaluator's ``dense_token_layers``, an upper
+    bound; a raced one's cost is only known once it ran); its results are replayed in order through
+    the driver's evaluators (the LRU bookkeeping gives the sequential run's token-layers, hence the
+    same budget stop), so the caller sees exactly what the sequential loop sees and nothing past the
+    stop is dispatched.
     """
     plan = []
     for c in cands:
@@ -307,18 +309,23 @@ def _scored(cands, evaluators, reuse: dict, exhausted, parts: dict, race_of, poo
             time.sleep(_EVAL_DELAY)
         e = ev.evaluate(genome, race=_race(race_of(c), stage, ev, parts))
         yield c, stage, genome, e.loss, e.tokens, e.token_layers, e.batch_losses, e.complete
-    if not plan:
-        return
-    results = pool.imap([(genome, stage, race) for _, stage, genome, _, r, race in plan if r is None])
-    for c, stage, genome, ev, r, _ in plan:
-        if exhausted():
+    i = 0
+    while i < len(plan):
+        wave, ahead = [], 0
+        while i < len(plan) and not exhausted(ahead):
+            wave.append(plan[i])
+            ahead += plan[i][4]["eval_token_layers"] if plan[i][4] is not None else plan[i][3].dense_token_layers
+            i += 1
+        if not wave:
             return
-        if r is not None:
-            yield (c, stage, genome, *_reused(ev, genome, r))
-            continue
-        loss, tokens, _, batch_losses, complete = next(results)
-        tl = ev.replay(genome, None if complete else len(batch_losses))
-        yield c, stage, genome, loss, tokens, tl, batch_losses, complete
+        results = pool.imap([(genome, stage, race) for _, stage, genome, _, r, race in wave if r is None])
+        for c, stage, genome, ev, r, _ in wave:
+            if r is not None:
+                yield (c, stage, genome, *_reused(ev, genome, r))
+                continue
+            loss, tokens, _, batch_losses, complete = next(results)
+            tl = ev.replay(genome, None if complete else len(batch_losses))
+            yield c, stage, genome, loss, tokens, tl, batch_losses, complete
 
 
 def _make_operator(cfg: SearchConfig, lm, run: RunDir, problem):

@@ -8,8 +8,8 @@ Owns :class:`Request`, :class:`EvoConfig` and :class:`EvoStrategy`. A
   tokens, at least 64, then all of them; survivors ``(4, 2)``), racing at the full stage (``race_margin``,
   :class:`~evoprune.fitness.racing.Race`) and, without ``--budget-token-layers``, a token-layer
   budget of ``budget_share`` x :func:`greedy_reference` (a naive full-fidelity greedy pass to
-  ``k``; a prefix-cached SLEB costs 0.58-0.64 of it on SmolLM2-135M, so the default 0.12 is about
-  0.2 x SLEB). That budget never stops a run before its first full-fidelity ``k``-block candidate.
+  ``k``; a prefix-cached SLEB costs 0.58-0.64 of it on SmolLM2-135M, so the default 0.135 is
+  0.21-0.24 x SLEB). That budget never stops a run before its first full-fidelity ``k``-block candidate.
 - **Greedy seeding** (``greedy_seed``, multi-stage runs only): first a SLEB-like
   greedy pass on the cheapest (stage-0) slice: step ``j`` scores the patterns
   "blocks chosen so far + one more" at stage 0, re-scores the best
@@ -21,9 +21,11 @@ Owns :class:`Request`, :class:`EvoConfig` and :class:`EvoStrategy`. A
   there the full-fidelity best ranked 0-4th at stage 0, hence the default 4).
   With ``race_margin`` the stage-0 best is scored first and the other promoted
   ones are raced against it. Steps after the first score only the blocks in the
-  best ``greedy_screen`` share of the previous step's stage-0 ranking plus the
-  droppable neighbours of the blocks dropped so far (on SmolLM2 SLEB's next block
-  ranked at most 9th of 28 in the previous step, and it was a neighbour then).
+  best ``greedy_screen`` share of the first step's stage-0 ranking (single blocks)
+  plus the droppable neighbours of the blocks dropped so far (replayed on SLEB's
+  full-fidelity history, k = 9, seed 0, this follows SLEB's path at every step
+  with half the stage-0 evaluations; screening by the previous step's ranking
+  instead shrinks the pool step by step and lost SLEB's path at step 8).
   The last step's patterns (already scored at stage 0) are the
   initial cohort, ranked, followed by the one-shot-score seeds below
   (``seed_fraction * offspring`` of them, no random ones). The greedy costs about
@@ -82,7 +84,7 @@ from ..staged import Request, StagedStrategy, SwapEvoOptions
 __all__ = ["EvoConfig", "EvoStrategy", "Request", "greedy_reference"]
 
 RACE_MARGIN = 0.05
-BUDGET_SHARE = 0.12
+BUDGET_SHARE = 0.135
 
 
 def greedy_reference(n_layers: int, n_droppable: int, k: int, n_tokens: int) -> int:
@@ -105,7 +107,7 @@ class EvoConfig(SwapEvoOptions):
                                             "token-layers (see the method docs; 0: none)")
     greedy_seed: bool = opt(True, "multi-stage runs: start with a SLEB-like greedy pass on the cheapest stage")
     greedy_promote: int = opt(4, "greedy seeding: stage-0 candidates per step re-scored at full fidelity")
-    greedy_screen: float = opt(0.5, "greedy steps after the first score only this share of the previous step's "
+    greedy_screen: float = opt(0.5, "greedy steps after the first score only this share of the first step's "
                                     "stage-0 ranking, plus the neighbours of dropped blocks (1: every block)")
 
     @classmethod
@@ -146,6 +148,7 @@ class EvoStrategy(StagedStrategy):
         # greedy seeding phase: blocks dropped so far (None once the phase is over or not used)
         self.greedy: list[int] | None = [] if (self.config.greedy_seed and self.last > 0) else None
         self.screen: list[int] | None = None  # blocks this greedy step may add (None: every droppable one)
+        self.shortlist: list[int] = []  # the greedy's first-step shortlist (see _next_screen)
         if self.greedy is None:
             self._start(self._initial_cohort())
 
@@ -157,16 +160,15 @@ class EvoStrategy(StagedStrategy):
         return [DropPattern(sp.n_layers, tuple(sorted(g + [i]))) for i in pool if i not in g]
 
     def _next_screen(self, cands: list[DropPattern], chosen: list[int]) -> list[int] | None:
-        """Blocks the next greedy step may add: the best ``greedy_screen`` share of this step's stage-0
-        ranking (by the block each candidate adds) and every droppable neighbour of a dropped block."""
+        """Blocks the next greedy step may add: the shortlist (the best ``greedy_screen`` share of the
+        first step's stage-0 ranking of single blocks) and every droppable neighbour of a dropped block."""
         share = float(self.config.greedy_screen)
         if share >= 1:
             return None
-        g = set(self.greedy)
-        ranked = sorted(range(len(cands)), key=lambda i: (self._low[f"{cands[i].key}@0"], i))
-        added = [next(b for b in cands[i].dropped if b not in g) for i in ranked]
-        keep = set(added[: max(1, math.ceil(share * len(added)))])
-        keep |= {j for i in chosen for j in (i - 1, i + 1) if j in self.space.droppable}
+        if not self.greedy:  # the first step: single-block candidates
+            ranked = sorted(range(len(cands)), key=lambda i: (self._low[f"{cands[i].key}@0"], i))
+            self.shortlist = sorted(cands[i].dropped[0] for i in ranked[: max(1, math.ceil(share * len(ranked)))])
+        keep = set(self.shortlist) | {j for i in chosen for j in (i - 1, i + 1) if j in self.space.droppable}
         return sorted(keep - set(chosen))
 
     def _greedy_promoted(self, cands: list[DropPattern]) -> list[DropPattern]:
@@ -293,9 +295,10 @@ class EvoStrategy(StagedStrategy):
         return int(self.config.budget_share * ref) or None
 
     def _extra_state(self) -> dict:
-        return {"greedy": self.greedy, "screen": self.screen, **super()._extra_state()}
+        return {"greedy": self.greedy, "screen": self.screen, "shortlist": self.shortlist, **super()._extra_state()}
 
     def _load_extra_state(self, d: dict) -> None:
         self.greedy = None if d.get("greedy") is None else [int(i) for i in d["greedy"]]
         self.screen = None if d.get("screen") is None else [int(i) for i in d["screen"]]
+        self.shortlist = [int(i) for i in d.get("shortlist", [])]
         super()._load_extra_state(d)
