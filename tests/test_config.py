@@ -41,7 +41,7 @@ def test_defaults_are_the_strategies_and_the_best_method():
     assert (default_method("layers"), default_method("width"), default_method("levels")) == ("evo", "evo", "darwinlm")
     evo = search_config(_parse("--drop-count", "6")).method_options
     # the CLI used to force 10 generations; issue 16: two auto stages, racing, a derived budget
-    assert cfg_is(evo, generations=20, offspring=16, survivors=(4, 2), tokens_per_stage="auto", race_margin=0.05,
+    assert cfg_is(evo, generations=20, offspring=16, survivors=(6, 2), tokens_per_stage="auto", race_margin=0.05,
                   budget_share=0.135)
     assert cfg_is(search_config(_parse("--method", "evop", "--drop-count", "6")).method_options,
                   generations=100, population=20)

@@ -127,7 +127,7 @@ def test_default_evo_exact_and_resumable(deep_model, calib_text, tmp_path, kill_
     a = json.loads((ref / "result.json").read_text())
     rows = [json.loads(x) for x in _history(ref).splitlines()]
     cfg = json.loads((ref / "config.json").read_text())
-    assert cfg["method_options"]["tokens_per_stage"] == "auto" and cfg["method_options"]["survivors"] == [4, 2]
+    assert cfg["method_options"]["tokens_per_stage"] == "auto" and cfg["method_options"]["survivors"] == [6, 2]
     # auto stages: 1/8 of 4 x 48 tokens, at least 64: the first 2 samples x 32 tokens, then the whole set
     assert auto_first_stage(4, 48) == (2, 32) and auto_first_stage(4, 512) == (1, 256)
     assert {r["tokens"] for r in rows if r["stage"] == 0} == {2 * 31}

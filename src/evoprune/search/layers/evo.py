@@ -5,7 +5,7 @@ Owns :class:`Request`, :class:`EvoConfig` and :class:`EvoStrategy`. A
 2024) and DarwinLM, built for fixed-``k`` layer dropping:
 
 - **Defaults** (issue 16): two stages (``tokens_per_stage="auto"``: 1/8 of the calibration
-  tokens, at least 64, then all of them; survivors ``(4, 2)``), racing at the full stage (``race_margin``,
+  tokens, at least 64, then all of them; survivors ``(6, 2)``), racing at the full stage (``race_margin``,
   :class:`~evoprune.fitness.racing.Race`) and, without ``--budget-token-layers``, a token-layer
   budget of ``budget_share`` x :func:`greedy_reference` (a naive full-fidelity greedy pass to
   ``k``; a prefix-cached SLEB costs 0.58-0.64 of it on SmolLM2-135M, so the default 0.135 is
@@ -18,7 +18,8 @@ Owns :class:`Request`, :class:`EvoConfig` and :class:`EvoStrategy`. A
   stage 0), until ``k`` blocks. The promotion keeps a noisy low-fidelity slice
   from steering the greedy path away from full-fidelity SLEB's (on SmolLM2, a
   512-token slice preferred a block that the whole calibration set does not;
-  there the full-fidelity best ranked 0-4th at stage 0, hence the default 4).
+  there the full-fidelity best ranked 0-3rd at stage 0, and 5th on a 256-token
+  slice, hence the default 6).
   With ``race_margin`` the stage-0 best is scored first and the other promoted
   ones are raced against it. Steps after the first score only the blocks in the
   best ``greedy_screen`` share of the first step's stage-0 ranking (single blocks)
@@ -106,14 +107,14 @@ class EvoConfig(SwapEvoOptions):
     budget_share: float = opt(BUDGET_SHARE, "no --budget-token-layers: budget = this x a naive greedy pass's "
                                             "token-layers (see the method docs; 0: none)")
     greedy_seed: bool = opt(True, "multi-stage runs: start with a SLEB-like greedy pass on the cheapest stage")
-    greedy_promote: int = opt(4, "greedy seeding: stage-0 candidates per step re-scored at full fidelity")
+    greedy_promote: int = opt(6, "greedy seeding: stage-0 candidates per step re-scored at full fidelity")
     greedy_screen: float = opt(0.5, "greedy steps after the first score only this share of the first step's "
                                     "stage-0 ranking, plus the neighbours of dropped blocks (1: every block)")
 
     @classmethod
     def default_survivors(cls, n_stages: int) -> tuple[int, ...]:
         if n_stages == 2:
-            return (4, 2)
+            return (6, 2)
         return super().default_survivors(n_stages)
 
     def __post_init__(self) -> None:
