@@ -24,8 +24,9 @@ from evoprune.errors import UserError
 
 ray = pytest.importorskip("ray")
 
+# no derived budget (budget_share 0): the run is long enough to kill; racing (evo's default margin) stays on
 _KW = dict(method="evo", drop_count=4, sampling="random", nsamples=3, seqlen=48, seed=3, generations=3,
-           offspring=8, tokens_per_stage=(40, 144), survivors_per_stage=(3, 2), cache_mb=1.0)
+           offspring=8, tokens_per_stage=(40, 144), survivors_per_stage=(3, 2), cache_mb=1.0, budget_share=0.0)
 
 
 def _cfg(model, calib, **kw):
@@ -64,8 +65,7 @@ def reference(deep_model, calib_text, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("ref") / "run"
     res = run_search(_cfg(deep_model, calib_text), out, progress=False)
-    # evo's derived budget ends it (racing and waves of dispatch are exercised too): enough to kill mid-run
-    assert res["evaluations"] > 30 and res["stopped_early"]
+    assert res["evaluations"] > 40
     return out
 
 

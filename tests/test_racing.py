@@ -191,7 +191,7 @@ def test_width_racing_exact_and_resumable(tiny_dirs, calib_text, tmp_path):
 
 
 def test_darwinlm_auto_stages_and_racing_resumable(tiny_dirs, calib_text, tmp_path, monkeypatch):
-    """One-shot darwinlm with its default auto stages and racing on the last stage: kill -9 + resume ==
+    """One-shot darwinlm with auto stages and racing on the last stage: kill -9 + resume ==
     uninterrupted; the result is the best complete last-stage score."""
     monkeypatch.setenv("EVOPRUNE_CACHE", str(tmp_path / "cache"))
 
@@ -199,7 +199,7 @@ def test_darwinlm_auto_stages_and_racing_resumable(tiny_dirs, calib_text, tmp_pa
         return ["search", "--model", str(tiny_dirs["llama"]), "--space", "levels", "--method", "darwinlm",
                 "--sparsity", "0.3", "--calib", f"text:{calib_text}", "--sampling", "random", "--nsamples", "3",
                 "--seqlen", "48", "--seed", "2", "--offspring", "4", "--generations", "5", "--training-aware", "off",
-                "--race-margin", "0.0005", "--out", str(out)]
+                "--tokens-per-stage", "auto", "--race-margin", "0.0005", "--out", str(out)]
     ref = tmp_path / "ref"
     subprocess.run(_cmd(*args(ref)), env=_env(), check=True, capture_output=True, timeout=300)
     a = json.loads((ref / "result.json").read_text())

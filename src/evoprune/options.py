@@ -28,10 +28,15 @@ _MISSING = dataclasses.MISSING
 
 
 def opt(default: Any = _MISSING, help: str = "", *, flag: str | None = None, aliases: tuple[str, ...] = (),
-        choices: tuple | None = None, cli: bool = True, kind: str | None = None, default_factory: Any = _MISSING):
+        choices: tuple | None = None, cli: bool = True, kind: str | None = None, default_factory: Any = _MISSING,
+        legacy: Any = _MISSING):
     """A dataclass field that is a user-facing option (see the module docstring); ``kind`` overrides the
-    value syntax read from the annotation (e.g. ``"names"``: comma-separated strings)."""
+    value syntax read from the annotation (e.g. ``"names"``: comma-separated strings); ``legacy``: the value
+    a run record written before the option existed means (the behaviour it ran with), when it differs
+    from ``default``."""
     meta = {"help": help, "flag": flag, "aliases": tuple(aliases), "choices": choices, "cli": cli, "kind": kind}
+    if legacy is not _MISSING:
+        meta["legacy"] = legacy
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

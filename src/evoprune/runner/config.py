@@ -198,10 +198,13 @@ class SearchConfig:
     def from_dict(cls, d: dict, overrides: dict | None = None) -> "SearchConfig":
         """A config from a record or recipe: sections by name (field names inside), top-level ``space``,
         ``method``, ``seed``, and any flat option names at the top level; ``overrides`` (flat names, e.g.
-        the command line's) win. A flat legacy record (``"evoprune_run": 1``) is read leniently."""
+        the command line's) win. A flat legacy record (``"evoprune_run": 1``) is read leniently. In a run
+        record (``"evoprune_run"`` present) an option it lacks takes its ``legacy`` value (see
+        :func:`~evoprune.options.opt`), so an old run resumes as it ran."""
         if not isinstance(d, dict):
             raise UserError("a search configuration must be a mapping")
         legacy = d.get("evoprune_run") == 1
+        record = "evoprune_run" in d  # a run's config.json: options it does not hold predate it
         overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
         d = {k: v for k, v in d.items() if k != "evoprune_run"}
         top = {k: d[k] for k in _TOP if k in d} | {k: overrides[k] for k in _TOP if k in overrides}
@@ -236,6 +239,11 @@ class SearchConfig:
                 raise UserError(_not_an_option(key, space, method))
             section, o = table[key]
             values[section][o.field] = cls._parsed(o, value, key)
+        if record:
+            for name, sec in sections.items():
+                for f in dataclasses.fields(sec):
+                    if "legacy" in f.metadata and f.name not in values[name]:
+                        values[name][f.name] = f.metadata["legacy"]
         return cls._from_values(space, method, top.get("seed", 0), values)
 
     @staticmethod

@@ -177,6 +177,7 @@ def _loop(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, reu
     evaluators, given = problem.evaluators, cfg.budget.budget_token_layers
     budget = given if given is not None else strategy.default_budget(evaluators[-1].calib.n_tokens)
     counters["budget_token_layers"] = budget
+    races = bool(getattr(cfg.method_options, "race_margin", 0))
 
     def exhausted(extra: int = 0) -> bool:
         # a method's default budget never ends a run before its first full-fidelity candidate
@@ -200,7 +201,7 @@ def _loop(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, reu
                        "token_layers": counters["token_layers"]}
                 if stage is not None:
                     row["stage"] = stage
-                if len(batch_losses) > 1 or not complete:
+                if (races and len(batch_losses) > 1) or not complete:  # race references, also on resume
                     row["batch_losses"] = list(batch_losses)
                 if not complete:
                     row["raced"] = True
@@ -247,7 +248,8 @@ def _finish(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, c
         "calib_loss": best_loss, "calib_ppl": math.exp(best_loss),
         "evaluations": counters["evaluations"], "token_layers": counters["token_layers"],
         "wall_s": round(wall, 2), "seed": cfg.seed, "stopped_early": stopped,
-        "budget_token_layers": counters.get("budget_token_layers"),
+        **({} if counters.get("budget_token_layers") is None
+           else {"budget_token_layers": counters["budget_token_layers"]}),
         "calib": {"source": c.calib if not c.calib_from else f"run:{c.calib_from}", "sampling": c.sampling,
                   "samples": calib.n_samples, "seqlen": calib.seqlen},
         **strategy.result_extras(),

@@ -101,15 +101,17 @@ class EvoConfig(SwapEvoOptions):
 
     tokens_per_stage: tuple | str | None = opt(
         "auto", "fitness tokens per selection stage, e.g. 512,2048 (the last = the whole calibration set; auto: "
-                "1/8 of the set, >= 64 tokens, then the whole set)", aliases=("fitness_tokens_per_stage",), kind="stages")
+                "1/8 of the set, >= 64 tokens, then the whole set)", aliases=("fitness_tokens_per_stage",), kind="stages",
+        legacy=None)
     race_margin: float = opt(RACE_MARGIN, "racing: stop a full-fidelity candidate once it trails its references by more "
-                                          "than this many nats per token still to score (0: off)")
+                                          "than this many nats per token still to score (0: off)", legacy=0.0)
     budget_share: float = opt(BUDGET_SHARE, "no --budget-token-layers: budget = this x a naive greedy pass's "
-                                            "token-layers (see the method docs; 0: none)")
+                                            "token-layers (see the method docs; 0: none)", legacy=0.0)
     greedy_seed: bool = opt(True, "multi-stage runs: start with a SLEB-like greedy pass on the cheapest stage")
-    greedy_promote: int = opt(6, "greedy seeding: stage-0 candidates per step re-scored at full fidelity")
+    greedy_promote: int = opt(6, "greedy seeding: stage-0 candidates per step re-scored at full fidelity", legacy=4)
     greedy_screen: float = opt(0.5, "greedy steps after the first score only this share of the first step's "
-                                    "stage-0 ranking, plus the neighbours of dropped blocks (1: every block)")
+                                    "stage-0 ranking, plus the neighbours of dropped blocks (1: every block)",
+                               legacy=1.0)
 
     @classmethod
     def default_survivors(cls, n_stages: int) -> tuple[int, ...]:

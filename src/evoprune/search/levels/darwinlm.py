@@ -19,9 +19,11 @@ candidates are :class:`~evoprune.spaces.LevelVector`\\ s of a
   selection each stage fine-tunes the candidate briefly before scoring it, on
   more tokens stage by stage (:mod:`evoprune.fitness.levels`). ``survivors[-1]``
   (default 1, the paper's single parent) candidates become the parents, with
-  the old parents competing (``elitism``, default on). Default stages
-  (``tokens_per_stage="auto"``): 1/8 of the calibration tokens, then all of
-  them, survivors ``(2, 1)``;
+  the old parents competing (``elitism``, default on). ``tokens_per_stage="auto"``:
+  1/8 of the calibration tokens, then all of them, survivors ``(2, 1)``; not the
+  default: on SmolLM2-135M (30%, one-shot, 2 x 256 tokens, 3 seeds) it cost 0.38x
+  the single stage's token-layers but reached a lower loss on 1 seed of 3
+  (``benchmarks/selection_cost.py``);
 - racing (``race_margin``): on the last stage a child is stopped once its
   partial loss is clearly worse than every parent's on the same batches
   (:class:`~evoprune.fitness.racing.Race`).
@@ -50,16 +52,16 @@ class DarwinLMConfig(StagedOptions):
     offspring: int = opt(8, "candidates per generation")
     max_flips: int = opt(3, "most level switches per mutation")
     tokens_per_stage: tuple | str | None = opt(
-        "auto", "fitness tokens per selection stage, e.g. 512,2048 (the last = the whole calibration set; auto: "
-                "1/8 of the set, >= 64 tokens, then the whole set)", aliases=("fitness_tokens_per_stage",), kind="stages")
+        None, "fitness tokens per selection stage, e.g. 512,2048 (the last = the whole calibration set; auto: "
+              "1/8 of the set, >= 64 tokens, then the whole set)", aliases=("fitness_tokens_per_stage",), kind="stages")
     race_margin: float = opt(0.05, "racing: stop a last-stage child once it trails every parent by more than this "
-                                   "many nats per token still to score (0: off)")
+                                   "many nats per token still to score (0: off)", legacy=0.0)
 
     last_may_exceed: ClassVar[bool] = False
 
     @classmethod
     def default_survivors(cls, n_stages: int) -> tuple[int, ...]:
-        # auto stages: the best two children of the cheap slice reach the whole set, one parent (the paper's)
+        # auto stages: the best two children of the cheap slice reach the whole set; one parent (the paper's)
         return (2, 1) if n_stages == 2 else (1,) * n_stages
 
     def __post_init__(self) -> None:

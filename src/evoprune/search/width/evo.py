@@ -41,7 +41,7 @@ class WidthEvoConfig:
     scores: tuple | None = opt(None, "OWL outlier ratio per layer (supplied by the runner)", cli=False)
     lam: float = opt(0.08, "OWL rate spread lambda of the initial OWL vector", flag="owl_lambda")
     race_margin: float = opt(0.05, "racing: stop a child once it trails every population member by more than this "
-                                   "many nats per token still to score (0: off)")
+                                   "many nats per token still to score (0: off)", legacy=0.0)
 
     def __post_init__(self) -> None:
         for name in ("population", "generations"):
