@@ -138,7 +138,7 @@ def test_driver_killed_then_resumed_with_other_worker_count(deep_model, calib_te
     args = ["search", "--model", str(deep_model), "--method", "evo", "--drop-count", "4", "--calib",
             f"text:{calib_text}", "--sampling", "random", "--nsamples", "3", "--seqlen", "48", "--seed", "3",
             "--generations", "3", "--offspring", "8", "--tokens-per-stage", "40,144", "--survivors-per-stage", "3,2",
-            "--cache-mb", "1", "--workers", "2", "--ray-address", address, "--out", str(out)]
+            "--cache-mb", "1", "--budget-share", "0", "--workers", "2", "--ray-address", address, "--out", str(out)]
     env = {**os.environ, "EVOPRUNE_NO_PROGRESS": "1", "EVOPRUNE_EVAL_DELAY_S": "0.1"}
     log = tmp_path / "driver.log"
     with open(log, "wb") as f:
