@@ -167,7 +167,8 @@ def test_width_racing_exact_and_resumable(tiny_dirs, calib_text, tmp_path):
 
     model = tiny_dirs["llama"]
     ref = tmp_path / "ref"
-    args = _width_args(model, calib_text, ref, "evo", ["--race-margin", "0.0005", "--generations", "5"])
+    args = _width_args(model, calib_text, ref, "evo", ["--race-margin", "0.0005", "--generations", "5",
+                                                       "--tokens-per-stage", "none"])
     subprocess.run(_cmd(*args), env=_env(), check=True, capture_output=True, timeout=300)
     a = json.loads((ref / "result.json").read_text())
     rows, raced, done = _raced_rows(ref)
@@ -184,8 +185,8 @@ def test_width_racing_exact_and_resumable(tiny_dirs, calib_text, tmp_path):
     for r in done[:: max(1, len(done) // 5)]:
         assert ev.evaluate(r["rates"]).loss == pytest.approx(r["loss"], rel=1e-6)
     run = tmp_path / "killed"
-    _kill_resume(_width_args(model, calib_text, run, "evo", ["--race-margin", "0.0005", "--generations", "5"]),
-                 run, [9])
+    _kill_resume(_width_args(model, calib_text, run, "evo", ["--race-margin", "0.0005", "--generations", "5",
+                                                             "--tokens-per-stage", "none"]), run, [9])
     assert _history(ref) == _history(run)
     assert json.loads((run / "result.json").read_text())["token_layers"] == a["token_layers"]
 

@@ -15,7 +15,7 @@ from evoprune.search import drive, make_strategy
 from evoprune.search.width.oneshot import owl_rates
 from evoprune.spaces import SearchError, WidthSpace
 from tests.test_llm_operator import FakeServer
-from tests.test_run import _cmd, _env, _kill_resume
+from tests.test_run import _cmd, _env, _history, _kill_resume
 
 
 # -- pure: genome and space ------------------------------------------------------------------
@@ -60,16 +60,61 @@ def _toy(n):
 
 def test_width_evo_beats_uniform_and_resumes_identically():
     space, f = WidthSpace(12, 0.3), _toy(12)
-    s = make_strategy("evo", space, np.random.default_rng(0), population=8, mutations=4, crossovers=4, generations=12)
+    s = make_strategy("evo", space, np.random.default_rng(0), population=8, mutations=4, crossovers=4, generations=12,
+                      tokens_per_stage=None)
     best = drive(s, f)
     assert s.n_evaluations == 8 + 12 * 8 and best[1] < 0.3 * f(space.uniform())
-    a = make_strategy("evo", space, np.random.default_rng(5), population=6, generations=6)
+    a = make_strategy("evo", space, np.random.default_rng(5), population=6, generations=6, tokens_per_stage=None)
     for _ in range(3):
         c = a.ask()
         a.tell(c, [f(g) for g in c])
-    b = make_strategy("evo", space, np.random.default_rng(99), population=6, generations=6)
+    b = make_strategy("evo", space, np.random.default_rng(99), population=6, generations=6, tokens_per_stage=None)
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     assert drive(a, f) == drive(b, f)
+
+
+def test_width_evo_staged_selection():
+    """Width evo with two stages: generation 0 on the whole set; each later generation's M + S children
+    screened at stage 0, the best `promote` of them (by the stage-0 fitness) on the whole set, and only those
+    compete for the population; a state saved between the two stages continues identically."""
+    space, f = WidthSpace(12, 0.3), _toy(12)
+    bias = np.random.default_rng(7)
+    noisy = {}
+
+    def fit(r):  # stage 0: the true fitness plus a fixed per-genome error (a cheap, noisy slice)
+        if r.stage == 0:
+            noisy.setdefault(r.key, f(r.pattern) + float(bias.normal(0, 0.01)))
+            return noisy[r.key]
+        return f(r.pattern)
+
+    s = make_strategy("evo", space, np.random.default_rng(0), population=6, mutations=3, crossovers=3, generations=5,
+                      tokens_per_stage="auto")
+    assert s.config.n_stages == 2 and s.config.promote == 2
+    rounds = []
+    while not s.done:
+        c = s.ask()
+        rounds.append([(r.stage, r.key) for r in c])
+        s.tell(c, [fit(r) for r in c])
+    assert [len(r) for r in rounds] == [6] + [6, 2] * 5 and s.n_evaluations == 6 + 5 * 8
+    assert all(st == 1 for st, _ in rounds[0])
+    for screen, full in zip(rounds[1::2], rounds[2::2]):
+        assert {st for st, _ in screen} == {0} and {st for st, _ in full} == {1}
+        best2 = sorted(screen, key=lambda x: noisy[x[1]])[:2]
+        assert [k for _, k in full] == [k for _, k in best2]
+    assert s.best[1] == min(f(space.from_key(k)) for r in rounds for st, k in r if st == 1)
+    assert all(s._memo[g.key] < np.inf for g in s.population)  # only whole-set scores enter the population
+    # resume between the screening and the whole-set stage, and mid-screening
+    for cut in (2, 3):
+        a = make_strategy("evo", space, np.random.default_rng(3), population=6, mutations=3, crossovers=3, generations=4,
+                          tokens_per_stage="auto")
+        for _ in range(cut):
+            c = a.ask()
+            a.tell(c[:1], [fit(c[0])]) if cut == 3 and _ == cut - 1 else a.tell(c, [fit(r) for r in c])
+        b = make_strategy("evo", space, np.random.default_rng(99), population=6, mutations=3, crossovers=3,
+                          generations=4, tokens_per_stage="auto")
+        b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+        assert [(r.key, r.stage) for r in a.ask()] == [(r.key, r.stage) for r in b.ask()]
+        assert drive(a, fit) == drive(b, fit)
 
 
 class FakeOperator:
@@ -110,7 +155,7 @@ def test_self_pruner_fills_missing_proposals_and_ablations():
     space, f = WidthSpace(10, 0.3), _toy(10)
     op = FakeOperator(space)
     s = make_strategy("self-pruner", space, np.random.default_rng(0), operator=op, population=6, mutations=3,
-                      crossovers=3, generations=4)
+                      crossovers=3, generations=4, tokens_per_stage=None)
     drive(s, lambda g: 1.0 + f(g))
     assert s.n_evaluations == 6 + 4 * 6  # every generation complete despite short / duplicate replies
     assert op.calls[0] == ("init", 6) and op.calls.count(("mutation", 3)) == 4
@@ -243,3 +288,32 @@ def test_self_pruner_run_kill_resume_and_export(tiny_dirs, calib_text, tmp_path)
     with torch.no_grad():
         mine = lm.model(torch.arange(20)[None] % 300).logits[0, -1, :5].tolist()
     assert mine == pytest.approx(logits, abs=1e-5)
+
+
+def test_width_staged_run_exact_and_resumable(tiny_dirs, calib_text, tmp_path):
+    """--tokens-per-stage auto on width: children screened on the first window (31 tokens), the best 2 on both;
+    whole-set scores equal an unstaged evaluation; kill -9 + resume gives the same history."""
+    model = tiny_dirs["llama"]
+    ref = tmp_path / "ref"
+    extra = ["--tokens-per-stage", "auto", "--generations", "4"]
+    r = subprocess.run(_cmd(*_width_args(model, calib_text, ref, "evo", extra)), env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    a = json.loads((ref / "result.json").read_text())
+    rows = [json.loads(x) for x in _history(ref).splitlines()]
+    assert a["evaluations"] == 4 + 4 * (4 + 2) == len(rows)
+    assert {x["tokens"] for x in rows if x["stage"] == 0} == {31} and {x["tokens"] for x in rows if x["stage"] == 1} == {62}
+    assert [x["stage"] for x in rows if x["generation"] == 0] == [1] * 4
+    assert a["calib_loss"] == min(x["loss"] for x in rows if x["stage"] == 1)
+    assert a["token_layers"] == rows[-1]["token_layers"] == 32 * 2 * 6 + 4 * 384 + 4 * (4 * 192 + 2 * 384)
+    from evoprune import load_model
+    from evoprune.data.calibration import CalibSet
+    from evoprune.fitness.whole_model import WidthEvaluator
+    from evoprune.prune.importance import WidthImportance
+
+    ev = WidthEvaluator(load_model(str(model)), CalibSet.load(ref / "calib.pt"), WidthImportance.load(ref / "importance.pt"))
+    for x in [x for x in rows if x["stage"] == 1][::3]:
+        assert ev.evaluate(x["rates"]).loss == pytest.approx(x["loss"], rel=1e-6)
+    run = tmp_path / "killed"
+    _kill_resume(_width_args(model, calib_text, run, "evo", extra), run, [9])
+    assert _history(ref) == _history(run)

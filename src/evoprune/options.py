@@ -115,9 +115,11 @@ def parse_ints(text) -> tuple[int, ...]:
 
 
 def parse_stages(text):
-    """``"auto"`` stays ``"auto"``; anything else as :func:`parse_ints`."""
+    """``"auto"`` stays ``"auto"``, ``"none"`` / ``"off"`` is ``None`` (one stage); anything else as :func:`parse_ints`."""
     if isinstance(text, str) and text.strip().lower() == "auto":
         return "auto"
+    if isinstance(text, str) and text.strip().lower() in ("none", "off"):
+        return None
     return parse_ints(text)
 
 

@@ -31,7 +31,7 @@ from ..options import opt
 from ..spaces import SearchError
 from .base import Strategy, decode_fitness, encode_fitness
 
-__all__ = ["AUTO", "Request", "StagedOptions", "StagedStrategy", "SwapEvoOptions"]
+__all__ = ["AUTO", "Request", "StagedOptions", "StagedStrategy", "SwapEvoOptions", "stage_tokens_option"]
 
 # ``tokens_per_stage="auto"``: two stages, a cheap first slice the runner derives from the calibration
 # set's shape (:func:`evoprune.runner.problems.common.stage_slices`) and the whole set
@@ -79,15 +79,8 @@ class StagedOptions:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SearchError(f"{name} must be an integer >= 1, got {v!r}")
-        tps = self.tokens_per_stage
-        if isinstance(tps, str) and tps.strip().lower() == "auto":
-            tps = AUTO
-            object.__setattr__(self, "tokens_per_stage", AUTO)
-        elif tps is not None:
-            tps = _ints("tokens_per_stage", tps)
-            if any(b <= a for a, b in zip(tps, tps[1:])) or tps[0] < 2:
-                raise SearchError(f"--tokens-per-stage must increase and start at >= 2 tokens, got {tps}")
-            object.__setattr__(self, "tokens_per_stage", tps)
+        tps = stage_tokens_option(self.tokens_per_stage)
+        object.__setattr__(self, "tokens_per_stage", tps)
         if self.survivors is None:
             surv = self.default_survivors(1 if tps is None else 2 if tps == AUTO else len(tps))
         else:
@@ -136,6 +129,19 @@ class SwapEvoOptions(StagedOptions):
         for name in ("seed_fraction", "adjacent"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise SearchError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+
+
+def stage_tokens_option(tps):
+    """A validated ``tokens_per_stage`` value: ``None``, :data:`AUTO` or increasing integers >= 2
+    (``SearchError`` otherwise)."""
+    if isinstance(tps, str) and tps.strip().lower() == AUTO:
+        return AUTO
+    if tps is None:
+        return None
+    tps = _ints("tokens_per_stage", tps)
+    if any(b <= a for a, b in zip(tps, tps[1:])) or tps[0] < 2:
+        raise SearchError(f"--tokens-per-stage must increase and start at >= 2 tokens, got {tps}")
+    return tps
 
 
 def _ints(name: str, v) -> tuple[int, ...]:

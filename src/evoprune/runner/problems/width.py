@@ -1,8 +1,9 @@
 """``--space width``: a structured width-pruning rate per decoder layer, mean = the target sparsity.
 
 Owns :class:`WidthOptions` and :class:`WidthProblem`: the :class:`~evoprune.spaces.WidthSpace`, the
-structure importance (Wanda-sp or magnitude, from one dense forward; ``RUN/importance.pt``, counted once
-per run), one :class:`~evoprune.fitness.whole_model.WidthEvaluator`, and the OWL outlier ratios as
+structure importance (Wanda-sp or magnitude, from one dense forward of the whole calibration set;
+``RUN/importance.pt``, counted once per run), one :class:`~evoprune.fitness.whole_model.WidthEvaluator` per
+selection stage (its data slice, :func:`~evoprune.runner.problems.common.stage_slices`), and the OWL outlier ratios as
 one-shot ``scores`` for strategies that need them. ``result.json`` adds ``rates``, ``importance``,
 ``params`` (of the pruned model), ``params_dense``, ``prunable_params_kept`` / ``_total`` (the decoder
 blocks' attention and MLP projections the rates apply to) and ``param_sparsity``.
@@ -15,6 +16,7 @@ from pathlib import Path
 from ...errors import UserError
 from ...options import opt
 from ...prune.kinds import IMPORTANCES
+from .common import stage_slices, stage_tokens
 
 __all__ = ["WidthOptions", "WidthProblem"]
 
@@ -79,7 +81,10 @@ class WidthProblem:
             self.importance.save(path)
         if not fresh:
             spent = 0  # counted by the run that computed it
-        self.evaluators = [WidthEvaluator(self.lm, calib, self.importance, batch_size=cfg.calibration.batch_size)]
+        slices = stage_slices(stage_tokens(cfg.method_options), calib.n_samples, calib.seqlen)
+        whole = (calib.n_samples, calib.seqlen)
+        self.evaluators = [WidthEvaluator(self.lm, calib if (m, t) == whole else calib.slice(m, t), self.importance,
+                                          batch_size=cfg.calibration.batch_size) for m, t in slices]
         inputs = {"scores": [float(x) for x in self.importance.outlier_ratio]} if "scores" in needs else {}
         return spent, inputs
 

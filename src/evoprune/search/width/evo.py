@@ -14,6 +14,15 @@ Racing (``race_margin`` > 0): a child is scored batch by batch and stopped once 
 clearly worse than every population member's on the same batches (it could not enter the population;
 it is told ``+inf``), see :class:`~evoprune.fitness.racing.Race`.
 
+Staged selection (``tokens_per_stage``, e.g. ``"auto"``: a first slice of 1/8 of the calibration
+tokens, then the whole set; issue 16): the initial population is scored on the whole set; each later
+generation's children are first scored on the cheap slice (stage 0, asked as
+:class:`~evoprune.search.staged.Request` objects) and only the best ``promote`` of them (ties: proposal
+order) on the whole set (the last stage, raced as above); only those compete for the population.
+``tokens_per_stage=None`` (the default): one stage, every child on the whole set (Algorithm 1's loop).
+Staged selection is not the default because on SmolLM2 (30%, 2 x 256 tokens, 3 seeds) it cost 0.51x
+the token-layers but reached a higher loss on every seed (docs/RESULTS.md, selection-cost).
+
 Torch-free; randomness only from the given generator.
 """
 from __future__ import annotations
@@ -22,7 +31,8 @@ from dataclasses import dataclass
 
 from ...options import opt
 from ...spaces import RateVector, SearchError
-from ..base import Strategy
+from ..base import Strategy, decode_fitness, encode_fitness
+from ..staged import AUTO, Request, stage_tokens_option
 from ..registry import register
 from .oneshot import owl_rates
 
@@ -42,6 +52,10 @@ class WidthEvoConfig:
     lam: float = opt(0.08, "OWL rate spread lambda of the initial OWL vector", flag="owl_lambda")
     race_margin: float = opt(0.05, "racing: stop a child once it trails every population member by more than this "
                                    "many nats per token still to score (0: off)", legacy=0.0)
+    tokens_per_stage: tuple | str | None = opt(
+        None, "fitness tokens of a screening stage for the children and of the whole set, e.g. 64,512 (auto: 1/8 "
+              "of the set, >= 64 tokens, then the whole set; default: every child on the whole set)", kind="stages")
+    promote: int = opt(2, "children per generation scored on the whole set after the screening stage (the best there)")
 
     def __post_init__(self) -> None:
         for name in ("population", "generations"):
@@ -58,6 +72,18 @@ class WidthEvoConfig:
             object.__setattr__(self, "scores", tuple(float(x) for x in self.scores))
         if not (isinstance(self.race_margin, (int, float)) and 0 <= self.race_margin < float("inf")):
             raise SearchError(f"race_margin must be a number >= 0, got {self.race_margin!r}")
+        tps = stage_tokens_option(self.tokens_per_stage)
+        if tps not in (None, AUTO) and len(tps) > 2:
+            raise SearchError(f"--space width has at most two stages (a screening slice, the whole set), got {tps}")
+        object.__setattr__(self, "tokens_per_stage", tps)
+        if not isinstance(self.promote, int) or isinstance(self.promote, bool) or self.promote < 1:
+            raise SearchError(f"promote must be an integer >= 1, got {self.promote!r}")
+
+    @property
+    def n_stages(self) -> int:
+        """Selection stages: 2 with a screening slice, else 1."""
+        tps = self.tokens_per_stage
+        return 1 if tps is None else 2 if tps == AUTO else len(tps)
 
 
 @register("evo", space="width", default=True)
@@ -80,6 +106,9 @@ class WidthEvoStrategy(Strategy):
         self._cohort: list[str] = []  # keys proposed this round
         self._origin: dict[str, str] = {}  # key -> origin, for the current cohort
         self.origin_stats: dict[str, dict[str, int]] = {}
+        self.last = self.config.n_stages - 1  # the whole-set stage
+        self._low: dict[str, float] = {}  # key -> screening-stage fitness (staged runs)
+        self._screening = False  # staged: the current round scores the children at stage 0
 
     # -- operators (overridden by the LLM-driven subclass) ---------------------------
     def _initial(self, k: int) -> list[RateVector]:
@@ -105,14 +134,14 @@ class WidthEvoStrategy(Strategy):
         seen = set() if seen is None else seen
         keep = []
         for g in out:
-            if g.key not in seen and g.key not in self._memo and self.space.feasible(g):
+            if g.key not in seen and not self._scored(g.key) and self.space.feasible(g):
                 seen.add(g.key)
                 keep.append(g)
         tries = 0
         while len(keep) < n and tries < 50 * max(n, 1):
             tries += 1
             g = draw()
-            if g.key not in seen and g.key not in self._memo:
+            if g.key not in seen and not self._scored(g.key):
                 seen.add(g.key)
                 keep.append(g)
         for g in keep[:n]:
@@ -139,16 +168,53 @@ class WidthEvoStrategy(Strategy):
         return {"origins": {k: dict(v) for k, v in sorted(self.origin_stats.items())}}
 
     def race_of(self, genome) -> dict | None:
-        """Children (generation >= 1) race the population: one clearly worse than every member cannot enter it."""
+        """Children (generation >= 1) race the population on the whole set: one clearly worse than every
+        member cannot enter it (a screening-stage request is never raced)."""
         m, k = float(self.config.race_margin), int(self.config.population)
         refs = tuple(g.key for g in self.population if self._memo.get(g.key, float("inf")) < float("inf"))
-        if not m or self.generation == 0 or len(refs) < k:
+        if not m or self.generation == 0 or len(refs) < k or getattr(genome, "stage", self.last) != self.last:
             return None
         return {"refs": refs, "rank": len(refs), "margin": m}
 
+    # -- staged selection (see the module docstring) ------------------------------------
+    def _scored(self, key: str) -> bool:
+        return key in self._memo or key in self._low
+
+    def _asked(self, kids: list, stage: int) -> list:
+        """``kids`` as the runner gets them: genomes in a one-stage run, else :class:`Request` objects."""
+        return list(kids) if not self.last else [Request(g, stage) for g in kids]
+
+    def tell(self, candidates, fitnesses) -> None:
+        if not self.last:
+            return super().tell(candidates, fitnesses)
+        ids, fits = self._checked_tell(candidates, fitnesses, [(r.key, r.stage) for r in self._pending],
+                                       lambda r: (getattr(r, "key", None), getattr(r, "stage", None)))
+        for r, f in zip(candidates, fits):
+            self.n_evaluations += 1
+            if r.stage == self.last:
+                self._memo[r.key] = f
+                self._update_best(r.pattern, f)
+            else:
+                self._low[r.key] = f
+        told = set(ids)
+        self._pending = [r for r in self._pending if (r.key, r.stage) not in told]
+        if not self._pending:
+            self._finish_round()
+
+    def _finish_round(self) -> None:
+        if self._screening:  # the children are screened: the best go on to the whole set, same generation
+            self._screening = False
+            return
+        super()._finish_round()
+
     # -- Strategy hooks ----------------------------------------------------------------
-    def _propose(self) -> list[RateVector]:
+    def _propose(self) -> list:
         c = self.config
+        if self.last and self.generation > 0 and self._cohort and all(k in self._low for k in self._cohort):
+            # the screened cohort: its best `promote` (ties: proposal order) on the whole set
+            order = sorted(range(len(self._cohort)), key=lambda i: (self._low[self._cohort[i]], i))
+            self._cohort = [self._cohort[i] for i in order[: int(c.promote)]]
+            return self._asked([self.space.from_key(k) for k in self._cohort], self.last)
         if self.generation == 0:
             kids = self._initial(int(c.population))
         else:
@@ -158,7 +224,8 @@ class WidthEvoStrategy(Strategy):
             self._done = True
         self._cohort = [g.key for g in kids]
         self._origin = {g.key: self._origin[g.key] for g in kids}
-        return kids
+        self._screening = bool(self.last and self.generation > 0 and kids)
+        return self._asked(kids, 0 if self._screening else self.last)
 
     def _advance(self) -> None:
         pool = {g.key: g for g in self.population}
@@ -176,11 +243,19 @@ class WidthEvoStrategy(Strategy):
             self._done = True
 
     def _extra_state(self) -> dict:
-        return {"population": [g.key for g in self.population], "cohort": list(self._cohort),
-                "origin": dict(self._origin), "origin_stats": {k: dict(v) for k, v in self.origin_stats.items()}}
+        out = {"population": [g.key for g in self.population], "cohort": list(self._cohort),
+               "origin": dict(self._origin), "origin_stats": {k: dict(v) for k, v in self.origin_stats.items()}}
+        if self.last:
+            out.update(low={k: encode_fitness(v) for k, v in self._low.items()}, screening=self._screening,
+                       requests=[[r.key, r.stage] for r in self._pending])
+        return out
 
     def _load_extra_state(self, d: dict) -> None:
         self.population = [self.space.from_key(k) for k in d["population"]]
         self._cohort = list(d.get("cohort", []))
         self._origin = {str(k): str(v) for k, v in d.get("origin", {}).items()}
         self.origin_stats = {str(k): {kk: int(vv) for kk, vv in v.items()} for k, v in d.get("origin_stats", {}).items()}
+        if self.last:
+            self._low = {str(k): decode_fitness(v) for k, v in d["low"].items()}
+            self._screening = bool(d["screening"])
+            self._pending = [Request(self.space.from_key(k), int(st)) for k, st in d["requests"]]

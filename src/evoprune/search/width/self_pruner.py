@@ -103,7 +103,7 @@ class SelfPrunerStrategy(WidthEvoStrategy):
             except SearchError:
                 stats["invalid"] += 1
                 continue
-            if g.key in seen or g.key in self._memo:
+            if g.key in seen or self._scored(g.key):
                 stats["duplicates"] += 1
                 continue
             seen.add(g.key)
