@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from ...options import opt
 from ...spaces import RateVector, SearchError
 from ..base import Strategy, decode_fitness, encode_fitness
-from ..staged import AUTO, Request, stage_tokens_option
 from ..registry import register
+from ..staged import AUTO, Request, stage_tokens_option
 from .oneshot import owl_rates
 
 __all__ = ["WidthEvoConfig", "WidthEvoStrategy"]
