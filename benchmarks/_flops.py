@@ -18,25 +18,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from evoprune.plan.flops import block_flops as _block
+from evoprune.plan.flops import per_token  # noqa: F401 (the benchmarks import it from here)
 from evoprune.runner.config import SearchConfig
 from evoprune.runner.problems.common import stage_slices, stage_tokens
 from evoprune.runner.rundir import RunDir
-
-
-def per_token(lm) -> dict:
-    """``{"block": FLOPs of one block's weights, "attn": FLOPs per context token, "head": LM head}`` per token."""
-    block = lm.adapter.get_blocks(lm.model)[0]
-    weights = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
-    cfg = lm.model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return {"block": 2.0 * weights, "attn": 4.0 * cfg.num_attention_heads * head_dim,
-            "head": 2.0 * lm.model.get_output_embeddings().weight.numel()}
-
-
-def _block(f: dict, seqlen: int) -> float:
-    return f["block"] + f["attn"] * (seqlen + 1) / 2
 
 
 def run_flops(run: Path, f: dict, n_layers: int, upto_generation: int | None = None) -> dict:

@@ -195,7 +195,7 @@ def test_reading_failures_are_one_line(tmp_path, tiny_dirs, calib_text):
 
 def test_every_section_owns_its_defaults():
     """No config field is left without a help text, so the generated CLI documents every option."""
-    from evoprune.cli.search import _methods, _sections
+    from evoprune.cli.search import search_methods as _methods, search_sections as _sections
     from evoprune.options import options_of
 
     classes = list(_sections().values()) + [s.config_cls for s in _methods().values()]

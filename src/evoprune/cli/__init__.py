@@ -6,7 +6,7 @@ written) prints one ``evoprune: error: ...`` line on stderr and exits with code 
 and without writing anything. Commands whose result is data print it as JSON on their last stdout
 line. One module per command group: :mod:`.models` (info, ppl, export), :mod:`.search` (search,
 resume), :mod:`.evaluate` (eval, bench), :mod:`.report` (report, compare), :mod:`.finetune`,
-:mod:`.demo`, :mod:`.serve` (operator-server); shared argument helpers in :mod:`.common` and :mod:`.options`.
+:mod:`.plan`, :mod:`.demo`, :mod:`.serve` (operator-server); shared argument helpers in :mod:`.common` and :mod:`.options`.
 """
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo, evaluate, finetune, models, report, search, serve
+    from . import demo, evaluate, finetune, models, plan, report, search, serve
 
     ap = Parser(prog="evoprune", description="Search-based pruning of Hugging Face causal LMs.")
     ap.add_argument("--version", action="version", version=f"evoprune {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
-    for group in (models, search, demo, evaluate, report, finetune, serve):
+    for group in (models, search, plan, demo, evaluate, report, finetune, serve):
         group.add_parsers(sub)
     return ap
 

@@ -1,13 +1,15 @@
 """``evoprune info``, ``ppl`` and ``export``: a model's shape, its held-out perplexity, a checked export.
 
 Owns the three commands (``add_parsers``). A model spec is an alias, a run directory, a ``.gguf``
-file, a local HF directory or a hub id; ``--drop`` removes blocks in memory first.
+file, a local HF directory or a hub id; ``--drop`` removes blocks in memory first. ``info --env`` shows
+the software stack instead (:func:`evoprune.environment.stack`; no model is loaded).
 """
 from __future__ import annotations
 
 import sys
 
 from ..errors import UserError
+from ..runner.sections import ModelOptions
 from .common import add_model_options, drop_arg, emit, load, progress
 
 __all__ = ["add_parsers"]
@@ -16,11 +18,29 @@ __all__ = ["add_parsers"]
 def cmd_info(args) -> int:
     from ..report.tables import text_table
 
-    lm = load(args.model, args.device, args.dtype)
-    info = {"model": args.model, **lm.adapter.info(lm.model), "dropped_layers": list(lm.dropped)}
+    if args.env:
+        if args.model is not None:
+            raise UserError("--env shows the software stack, not a model's shape; give either --env or --model")
+        from ..environment import stack
+
+        info = stack()
+        print(text_table(["", ""], [[k, _cell(v)] for k, v in info.items()], right=()))
+        emit(info)
+        return 0
+    model = args.model if args.model is not None else ModelOptions.model  # the --model default
+    lm = load(model, args.device, args.dtype)
+    info = {"model": model, **lm.adapter.info(lm.model), "dropped_layers": list(lm.dropped)}
     print(text_table(["", ""], [[k, v] for k, v in info.items()], right=()))
     emit(info)
     return 0
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, list):
+        return "; ".join(map(str, v)) if v else "none"
+    return str(v)
 
 
 def cmd_ppl(args) -> int:
@@ -80,9 +100,12 @@ def cmd_export(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("info", help="show a model's shape (layers, heads, KV heads, hidden, intermediate, params)")
+    p = sub.add_parser("info", help="show a model's shape (layers, heads, KV heads, hidden, intermediate, "
+                       "params); --env: the software stack")
     add_model_options(p)
-    p.set_defaults(func=cmd_info)
+    p.add_argument("--env", action="store_true", help="show the software stack instead (Python, platform, "
+                   "package versions, mismatches against constraints.txt); no model is loaded")
+    p.set_defaults(func=cmd_info, model=None)  # None: not given (the help still names the default that applies)
 
     p = sub.add_parser("ppl", help="perplexity on a held-out text (non-overlapping windows)")
     add_model_options(p)

@@ -15,12 +15,12 @@ from ..errors import UserError
 from .common import emit, progress, quiet_transformers, read_recipe
 from .options import add_options, add_search_options, given
 
-__all__ = ["add_parsers", "search_config"]
+__all__ = ["add_parsers", "search_config", "search_sections", "search_methods", "method_help"]
 
 _CLI_ONLY = ("func", "command", "config", "out", "budget_from")
 
 
-def _sections() -> dict[str, type]:
+def search_sections() -> dict[str, type]:
     """Every non-method section of every space and method (group title -> config class), in record order."""
     from ..runner.config import section_classes
     from ..search import SPACE_KINDS, methods
@@ -45,13 +45,13 @@ def _sections() -> dict[str, type]:
     return {**out, titles["execution"]: execution}
 
 
-def _methods() -> dict[tuple, type]:
+def search_methods() -> dict[tuple, type]:
     from ..search import SPACE_KINDS, get_strategy, methods
 
     return {(space, m): get_strategy(m, space) for space in SPACE_KINDS for m in methods(space)}
 
 
-def _method_help() -> str:
+def method_help() -> str:
     from ..search import SPACE_KINDS, default_method, methods
 
     return "; ".join(f"{s}: {' | '.join(methods(s))} (default {default_method(s)})" for s in SPACE_KINDS)
@@ -112,7 +112,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--space", default=argparse.SUPPRESS, help="layers (drop whole blocks) | width (per-layer head/"
                    "channel rates, Self-Pruner) | levels (attention and MLP compression levels, DarwinLM) "
                    "(default: layers)")
-    p.add_argument("--method", default=argparse.SUPPRESS, help=_method_help())
+    p.add_argument("--method", default=argparse.SUPPRESS, help=method_help())
     p.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="random seed (default: 0)")
     p.add_argument("--config", default=None, metavar="RECIPE",
                    help="a recipe file (YAML or JSON): the sections of a run's config.json, or flat option names; "
@@ -120,7 +120,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--budget-from", default=None, metavar="RUN",
                    help="random: use the evaluation count of this finished run as --budget")
     p.add_argument("--out", required=True, help="run directory (resumed if it holds the same search)")
-    add_search_options(p, sections=_sections(), methods=_methods())
+    add_search_options(p, sections=search_sections(), methods=search_methods())
     p.set_defaults(func=cmd_search)
 
     from ..runner.sections import ExecutionOptions

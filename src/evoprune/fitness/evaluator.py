@@ -1,10 +1,8 @@
 """Fitness of a drop pattern: mean calibration NLL, naive or from cached dense hidden states.
 
-Owns
-- :class:`Evaluation`, what one fitness evaluation returns (loss + cost);
-- :class:`NLLEvaluator`, which scores drop patterns on a
-  :class:`~evoprune.data.calibration.CalibSet`, from the dense hidden states
-  of :func:`evoprune.fitness.dense.dense_states`.
+Owns :class:`NLLEvaluator`, which scores drop patterns on a :class:`~evoprune.data.calibration.CalibSet`
+from the dense hidden states of :func:`evoprune.fitness.dense.dense_states` (it returns an
+:class:`~evoprune.fitness.evaluation.Evaluation`).
 
 Cost unit: *token-layers* = input tokens x decoder blocks actually run. Only
 decoder blocks count (embedding, final norm and LM head are not), so a naive
@@ -32,10 +30,15 @@ state entering ``u`` is fed at the input of the first block that runs, whose ear
 removed (``adapter.skipped``). A sub-layer's token-layers are its share of its block's matmul
 FLOPs (attention / MLP parameters over the block's; SmolLM2-135M: 0.25 / 0.75), so a whole block
 still counts 1; an evaluation's total is rounded to an integer.
+
+Sparse checkpoints (``cache_every=j > 1``, :mod:`evoprune.fitness.checkpoints`): a candidate whose first
+dropped position is ``f`` starts at the kept state ``c = j * (f // j)`` and recomputes the dense
+positions ``c .. f-1``, counted: ``token_layers`` grows by ``n_tokens x (f - c)`` (sub-layers: their
+weights); the losses and the LRU's bookkeeping are those of the full cache. ``cache_device``: where the
+cached states live (default: the model's; ``cpu`` beside a CUDA model: pinned, copied per batch).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -46,35 +49,15 @@ from ..models.hooks import hidden_arg, hooked, model_device, with_hidden
 from ..models.loading import LoadedModel
 from ..prune.block_influence import block_influence
 from ..spaces import DropPattern, SublayerPattern
+from .checkpoints import checkpoint, checkpoints, keep_states
 from .dense import batches, dense_states, no_blocks
+from .evaluation import Evaluation
 from .kl import KLTarget, kl_sum
-from .prefix_lru import PrefixLRU, prefix_key
+from .prefix_lru import PrefixLRU
 
 __all__ = ["Evaluation", "NLLEvaluator", "METRICS"]
 
 METRICS = ("nll", "kl")
-
-
-# -- evaluation ---------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Result of scoring one pattern.
-
-    - ``loss``: mean NLL (or KL to the dense model, ``metric="kl"``), nats per predicted token;
-    - ``tokens``: predicted tokens, ``n_samples * (seqlen - 1)``;
-    - ``token_layers``: input tokens x decoder blocks run (the prefix cache's setup not included);
-    - ``batch_losses``: the loss total (nats) of each calibration batch scored, in order;
-    - ``complete``: ``False`` when a :class:`~evoprune.fitness.racing.Race` stopped it early: then
-      ``loss`` is the mean over the batches scored (``len(batch_losses)`` of them) and ``tokens``,
-      ``token_layers`` count only those.
-    """
-
-    loss: float
-    tokens: int
-    token_layers: int
-    batch_losses: tuple[float, ...] = ()
-    complete: bool = True
 
 
 class NLLEvaluator:
@@ -84,29 +67,25 @@ class NLLEvaluator:
 
     - ``prefix_cache=False`` (naive): every batch runs through all kept blocks;
       ``token_layers = n_samples * seqlen * len(pattern.kept)``.
-    - ``prefix_cache=True``: the first :meth:`evaluate` (or :meth:`prepare`) runs
-      the dense model once and caches every block's input hidden state, costing
-      :attr:`dense_token_layers`, reported as :attr:`setup_token_layers`. A
-      pattern whose first dropped block is ``f`` then runs only its kept blocks
-      ``>= f``: ``token_layers = n_samples * seqlen * (len(pattern.kept) - f)``
-      (0 for the dense pattern). Same loss as naive (bitwise on CPU).
-    - ``cache_mb > 0`` (needs ``prefix_cache``): additionally a
-      :class:`~evoprune.fitness.prefix_lru.PrefixLRU` of at most ``cache_mb``
-      MiB keeps the hidden states entering every block a candidate ran, keyed by
-      (position, dropped blocks below it); a later candidate with the same
-      dropped blocks below position ``j`` starts at the deepest such ``j``:
-      ``token_layers = n_tokens * #(kept blocks >= j)``. Same loss as naive.
-      :meth:`replay` applies an evaluation's bookkeeping without computing
-      and returns its token-layers (resume, distributed drivers); ghost
-      entries it leaves are computed on a hit, uncounted.
+    - ``prefix_cache=True``: the first :meth:`evaluate` (or :meth:`prepare`) runs the dense model once and
+      caches every block's input hidden state, costing :attr:`dense_token_layers`, reported as
+      :attr:`setup_token_layers`. A pattern whose first dropped block is ``f`` then runs only its kept
+      blocks ``>= f``: ``token_layers = n_samples * seqlen * (len(pattern.kept) - f)`` (0 for the dense
+      pattern). Same loss as naive (bitwise on CPU).
+    - ``cache_mb > 0`` (needs ``prefix_cache``): additionally a :class:`~evoprune.fitness.prefix_lru.PrefixLRU`
+      of at most ``cache_mb`` MiB keeps the hidden states entering every block a candidate ran, keyed by
+      (position, dropped blocks below it); a later candidate with the same dropped blocks below position
+      ``j`` starts at the deepest such ``j``: ``token_layers = n_tokens * #(kept blocks >= j)``. Same loss
+      as naive. :meth:`replay` applies an evaluation's bookkeeping without computing and returns its
+      token-layers (resume, distributed drivers); ghost entries it leaves are computed on a hit, uncounted.
 
     ``metric="kl"``: the fitness is the mean ``KL(dense || candidate)`` of the
     next-token distributions (see :mod:`evoprune.fitness.kl`; ``kl_topk`` bounds
     memory). The dense logits come from the same dense forward that builds the
     prefix cache (one dense forward in naive mode, counted the same way).
 
-    Prefix cache memory: ``(n_layers + 1) * n_tokens * hidden * bytes`` on the model device (SmolLM2-135M,
-    4 x 512 fp32 tokens: 146 MB; a 7B model, 5 x 2048 tokens: 5.5 GB); ``prefix_cache=False`` if it does not fit.
+    Prefix cache memory: :attr:`cache_bytes` (SmolLM2-135M, 4 x 512 fp32 tokens: 146 MB; a 7B model,
+    5 x 2048 tokens: 5.5 GB); ``cache_every``/``cache_device`` (or ``prefix_cache=False``) if it does not fit.
 
     The model is used in place (zero-copy drops, hooks) and always restored;
     don't run it concurrently from elsewhere while an evaluation is in progress.
@@ -116,7 +95,8 @@ class NLLEvaluator:
 
     def __init__(self, lm: LoadedModel, calib: CalibSet, *, batch_size: int = 1, prefix_cache: bool = True,
                  progress: bool = False, metric: str = "nll", kl_topk: int | None = None,
-                 cache_mb: float = 0.0, sublayers: bool = False) -> None:
+                 cache_mb: float = 0.0, sublayers: bool = False, cache_every: int = 1,
+                 cache_device: str | None = None) -> None:
         if calib.seqlen < 2:
             raise ValueError(f"calibration samples need >= 2 tokens to predict one, got seqlen {calib.seqlen}")
         if metric not in METRICS:
@@ -125,6 +105,8 @@ class NLLEvaluator:
             raise ValueError(f"kl_topk must be >= 1, got {kl_topk}")
         if cache_mb and not prefix_cache:
             raise ValueError("cache_mb needs prefix_cache=True")
+        if isinstance(cache_every, bool) or int(cache_every) < 1:
+            raise ValueError(f"cache_every must be >= 1, got {cache_every}")
         self.lm = lm
         self.calib = calib
         self.batch_size = int(batch_size)
@@ -137,6 +119,8 @@ class NLLEvaluator:
         self.sublayers = bool(sublayers)
         self.per_block = 2 if self.sublayers else 1
         self.n_units = self.per_block * self.n_layers
+        self.cache_every = int(cache_every)
+        self.cache_device = None if cache_device is None else torch.device(cache_device)
         if self.sublayers:
             from ..models.sublayers import check_sublayers, sublayer_params
 
@@ -151,9 +135,10 @@ class NLLEvaluator:
         self._cache: list[list[torch.Tensor]] | None = None
         self._targets: list[KLTarget] | None = None
         self._setup = 0
+        self._bi: list[float] | None = None  # Block Influence, kept from the dense forward when states are thinned
         emb = lm.model.get_input_embeddings().weight
-        entry = calib.n_tokens * emb.shape[1] * emb.element_size()
-        self.lru = PrefixLRU(float(cache_mb) * 2 ** 20, entry) if cache_mb else None
+        self.lru_entry_bytes = calib.n_tokens * emb.shape[1] * emb.element_size()  # one state of every token
+        self.lru = PrefixLRU(float(cache_mb) * 2 ** 20, self.lru_entry_bytes) if cache_mb else None
 
     # -- sizes ---------------------------------------------------------------
     @property
@@ -171,6 +156,15 @@ class NLLEvaluator:
         """Token-layers spent on the dense forward (prefix cache and/or KL targets); 0 until it ran."""
         return self._setup
 
+    def checkpoint(self, first: int) -> int:
+        """The cached position a candidate whose first dropped position is ``first`` starts from."""
+        return checkpoint(first, self.n_units, self.cache_every)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the dense prefix cache: ``len(checkpoints) x n_tokens x hidden x element size``."""
+        return len(checkpoints(self.n_units, self.cache_every)) * self.lru_entry_bytes
+
     # -- prefix cache --------------------------------------------------------
     def prepare(self) -> None:
         """Run the dense forward now if a prefix cache or KL targets need it (otherwise the first evaluation does)."""
@@ -181,12 +175,19 @@ class NLLEvaluator:
         if self.lm.adapter.n_layers(self.lm.model) != self.n_layers:
             raise RuntimeError("the model's block count changed since the evaluator was built")
         cache, targets = [], []
-        for batch in self._bar(dense_states(self.lm, self.calib, self.batch_size, sublayers=self.sublayers),
-                               "caching hidden states"):
-            if need_cache:
-                cache.append(batch.states)
-            if need_kl:
-                targets.append(KLTarget.from_logits(batch.logits, self.kl_topk))
+
+        def stream():
+            for batch in self._bar(dense_states(self.lm, self.calib, self.batch_size, sublayers=self.sublayers),
+                                   "caching hidden states"):
+                if need_cache:
+                    cache.append(keep_states(batch.states, self.n_units, self.cache_every, self.cache_device))
+                if need_kl:
+                    targets.append(KLTarget.from_logits(batch.logits, self.kl_topk))
+                yield batch.states
+
+        thinned = need_cache and self.cache_every > 1  # BI needs every state: take it before they are thinned
+        bi = block_influence(stream()) if thinned else [None for _ in stream()]
+        self._bi = bi if thinned else self._bi
         if need_cache:
             self._cache = cache
         if need_kl:
@@ -195,9 +196,8 @@ class NLLEvaluator:
         self.spent_token_layers += self.dense_token_layers
 
     def _hidden_at(self, unit: int, batch_index: int) -> torch.Tensor:
-        """Dense hidden state entering position ``unit`` (``n_units``: final-norm input) for one batch,
-        ``[B, T, hidden]``."""
-        assert self._cache is not None
+        """Dense state entering position ``unit`` (``n_units``: the final-norm input) of one batch, ``[B, T, hidden]``."""
+        assert self._cache is not None and self._cache[batch_index][unit] is not None
         return self._cache[batch_index][unit]
 
     def block_influence(self) -> list[float]:
@@ -206,7 +206,7 @@ class NLLEvaluator:
         self.prepare()
         if self._cache is None:
             raise RuntimeError("block_influence needs prefix_cache=True")
-        return block_influence(self._cache)
+        return list(self._bi) if self._bi is not None else block_influence(self._cache)
 
     # -- evaluation ----------------------------------------------------------
     def _units(self, pattern) -> tuple[int, ...]:
@@ -235,27 +235,25 @@ class NLLEvaluator:
         """Predicted tokens of each calibration batch (what a :class:`~evoprune.fitness.racing.Race` weighs by)."""
         return tuple((e - s) * (self.calib.seqlen - 1) for s, e in self.batches)
 
-    def _plan(self, dropped: tuple[int, ...]) -> tuple[int, object]:
-        """``(start, lru_hit)`` for these dropped positions: the deepest cached start (LRU bookkeeping applied)."""
+    def _plan(self, dropped: tuple[int, ...]) -> tuple[int, int, object]:
+        """``(start, lru_from, lru_hit)`` for these dropped positions (LRU bookkeeping applied): where the
+        forward starts (an LRU entry, or the checkpoint at or before the first dropped position) and where
+        the positions the LRU sees start (the entry, or the first dropped position)."""
         if not self.prefix_cache:
-            return 0, None
+            return 0, 0, None
         hit = self.lru.lookup(self.n_units, dropped) if self.lru is not None else None
+        if hit is not None:
+            return hit[0][0], hit[0][0], hit
         first = dropped[0] if dropped else self.n_units
-        return (first if hit is None else hit[0][0]), hit
+        return self.checkpoint(first), first, None
 
     def _run_units(self, dropped, start: int) -> list[int]:
         d = set(dropped)
         return [u for u in range(start, self.n_units) if u not in d]
 
     def _lru_insert(self, dropped: tuple[int, ...], start: int, states: dict[int, list] | None) -> None:
-        if self.lru is None:
-            return
-        run = self._run_units(dropped, start)
-        for prev, j in zip(run, run[1:]):
-            value = None if states is None else states[j]
-            # the state entering kept position j also enters every dropped position between prev and j
-            for pos in [d for d in dropped if prev < d < j] + [j]:
-                self.lru.insert(prefix_key(pos, dropped), value)
+        if self.lru is not None:
+            self.lru.insert_run(self._run_units(dropped, start), dropped, states)
 
     def replay(self, pattern, batches: int | None = None) -> int:
         """Apply :meth:`evaluate`'s cache bookkeeping for ``pattern`` without computing anything.
@@ -268,9 +266,9 @@ class NLLEvaluator:
         raced evaluation scored before it stopped (``None``: it completed).
         """
         dropped = self._units(pattern)
-        start, _ = self._plan(dropped)
+        start, lru_from, _ = self._plan(dropped)
         if batches is None or batches >= len(self.batches):
-            self._lru_insert(dropped, start, None)
+            self._lru_insert(dropped, lru_from, None)
             batches = None
         return self._cost(self._run_units(dropped, start), batches)
 
@@ -294,7 +292,7 @@ class NLLEvaluator:
         result is partial, ``complete=False``, and nothing enters the LRU)."""
         dropped = self._units(pattern)
         self.prepare()
-        start, hit = self._plan(dropped)
+        start, lru_from, hit = self._plan(dropped)
         if not self.prefix_cache:
             source = None
         elif hit is None:
@@ -305,10 +303,10 @@ class NLLEvaluator:
                 states = self._materialize(key)
                 self.lru.set(key, states)
             source = lambda b, s=states: s[b]  # noqa: E731
-        capture = self._run_units(dropped, start)[1:] if self.lru is not None else []
+        capture = self._run_units(dropped, lru_from)[1:] if self.lru is not None else []
         ev, states = self._run_from(dropped, start, source, capture, race)
         if ev.complete:
-            self._lru_insert(dropped, start, states)
+            self._lru_insert(dropped, lru_from, states)
         self.n_evaluations += 1
         self.spent_token_layers += ev.token_layers
         return ev
@@ -316,9 +314,9 @@ class NLLEvaluator:
     def _materialize(self, key) -> list[torch.Tensor]:
         """Per-batch hidden states entering position ``j`` with ``prefix`` dropped below it."""
         j, prefix = key
-        f = prefix[0]
+        c = self.checkpoint(prefix[0])
         dropped = tuple(prefix) + tuple(range(j, self.n_units))
-        _, states = self._run_from(dropped, f, lambda b: self._hidden_at(f, b), [self.n_units])
+        _, states = self._run_from(dropped, c, lambda b: self._hidden_at(c, b), [self.n_units])
         return states[self.n_units]
 
     @torch.no_grad()
@@ -351,8 +349,10 @@ class NLLEvaluator:
         captured: dict[int, list[torch.Tensor]] = {j: [] for j in capture}
 
         def feed(module, args, kwargs):
-            # clone: a block that updated its input in place must not corrupt the cache
-            return with_hidden(args, kwargs, source(current[0]).clone())
+            # clone: a block that updated its input in place must not corrupt the cache; the copy goes to the
+            # device of the input it replaces (a split model's block, or a GPU beside a CPU cache)
+            h, where = source(current[0]), hidden_arg(args, kwargs).device
+            return with_hidden(args, kwargs, h.clone() if h.device == where else h.to(where, non_blocking=True))
 
         def grab(j: int) -> Callable:
             def hook(module, args, kwargs):

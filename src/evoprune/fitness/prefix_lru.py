@@ -94,3 +94,12 @@ class PrefixLRU:
             self._d[key] = value
         while len(self._d) > self.capacity:
             self._d.popitem(last=False)
+
+    def insert_run(self, run: Sequence[int], dropped: Sequence[int], states: dict | None) -> None:
+        """Insert what one candidate's forward saw: ``run`` its positions that ran (from where the LRU starts),
+        ``states[j]`` the per-batch states entering each ``j`` of ``run[1:]`` (``None``: ghosts). The state
+        entering kept position ``j`` also enters every dropped position between the previous kept one and ``j``."""
+        for prev, j in zip(run, run[1:]):
+            value = None if states is None else states[j]
+            for pos in [d for d in dropped if prev < d < j] + [j]:
+                self.insert(prefix_key(pos, dropped), value)

@@ -35,6 +35,10 @@ Workers (``workers > 1`` or ``ray_address``): the candidates of each ``ask()`` b
 parallel by Ray actors (:mod:`evoprune.runner.distributed`) and consumed in candidate order; the driver
 replays each candidate through its own evaluators' bookkeeping first, so token-layers, the budget's
 stopping point, ``history.jsonl`` and ``result.json`` are those of the sequential run.
+
+``--report-to`` (:mod:`evoprune.runner.reporting`): after every state save, the generation counter, the
+best full-fidelity loss so far, the evaluations and the token-layers are streamed to TensorBoard / wandb;
+the run directory stays the source of truth.
 """
 from __future__ import annotations
 
@@ -46,10 +50,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..environment import stack
 from ..errors import UserError, user_input
 from .calibration import build_calib
 from .config import EXECUTION_SECTION, SearchConfig
 from .display import Display
+from .reporting import generation_metrics, reporters
 from .rundir import RunDir, is_run_dir
 
 __all__ = ["run_search"]
@@ -143,7 +149,9 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
     run, resume, done = _open_run(cfg, out, resume)
     if done is not None:
         return done
+    reporter = reporters(cfg.execution.report_to, run.path, cfg.to_dict())  # imports now; opened by _loop
     lm, problem, calib, counters, inputs, strategy, state = _setup(cfg, run, resume, progress, operator)
+    run.append_env({"event": "resume" if resume else "start", "time": round(time.time(), 3), **stack()})
     history = run.read_history()
     committed, pending = history[: counters["evaluations"]], history[counters["evaluations"]:]
     if len(committed) < counters["evaluations"]:
@@ -163,7 +171,7 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
     if state is None:
         save_state()
     stopped = _loop(cfg, run, problem, strategy, counters, {(r["pattern"], r.get("stage")): r for r in pending},
-                    save_state, progress, t0, parts)
+                    save_state, progress, t0, parts, reporter)
     if strategy.best is None:
         raise UserError(f"--budget-token-layers {cfg.budget.budget_token_layers} ran out before any full-fidelity "
                         f"evaluation; raise it")
@@ -171,7 +179,7 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
 
 
 def _loop(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, reuse: dict, save_state, progress: bool,
-          t0: float, parts: dict) -> bool:
+          t0: float, parts: dict, reporter) -> bool:
     """Ask, evaluate, log, tell until the strategy is done or the budget stops it; returns whether it stopped.
     ``parts``: batch losses of the complete evaluations so far (race references), extended here."""
     evaluators, given = problem.evaluators, cfg.budget.budget_token_layers
@@ -187,6 +195,7 @@ def _loop(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, reu
     best_seen = strategy.best[1] if strategy.best else math.inf
     stopped, pool = False, None
     try:
+        reporter.open()
         if cfg.distributed and not strategy.done:
             pool = _start_pool(cfg, run, problem, progress)
         while not strategy.done and not stopped:
@@ -220,12 +229,14 @@ def _loop(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, reu
                 strategy.tell(cands[: len(fits)], fits)
             counters["generation"] = strategy.generation
             save_state()
+            reporter.log(counters["generation"], generation_metrics(counters, strategy.best))
             run.append_wall({"generation": counters["generation"], "evaluations": counters["evaluations"],
                              "elapsed_s": round(time.time() - t0, 3)})
     finally:
         display.close()
         if pool is not None:
             pool.close()
+        reporter.close()
     return stopped
 
 

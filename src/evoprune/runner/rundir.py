@@ -11,6 +11,8 @@ Owns :class:`RunDir`, :func:`is_run_dir` and the on-disk layout of ``evoprune se
     RUN/wall.jsonl      wall-clock timings (kept apart: they differ between runs)
     RUN/workers.jsonl   Ray worker events of runs with --workers / --ray-address (start: pid, node;
                         lost; close: evaluations and token-layers the workers actually ran)
+    RUN/env.jsonl       the software stack, one line each time the run starts or resumes
+                        (``{"event": "start"|"resume", "time": ..., **evoprune.environment.stack()}``)
 
 Every write of a whole file goes to a temporary file in ``RUN`` followed by
 ``os.replace``, so a run killed at any instant leaves either the old or the new
@@ -51,6 +53,7 @@ class RunDir:
         self.result_path = self.path / "result.json"
         self.wall_path = self.path / "wall.jsonl"
         self.workers_path = self.path / "workers.jsonl"
+        self.env_path = self.path / "env.jsonl"
 
     # -- reading ------------------------------------------------------------------
     def _read_json(self, p: Path, what: str) -> dict:
@@ -117,3 +120,7 @@ class RunDir:
 
     def append_workers(self, row: dict) -> None:
         append_jsonl(self.workers_path, row, fsync=False)
+
+    def append_env(self, record: dict) -> None:
+        """One line of ``env.jsonl``: the stack this start or resume of the run ran on."""
+        append_jsonl(self.env_path, record, fsync=False)

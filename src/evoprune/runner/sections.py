@@ -17,11 +17,12 @@ from ..options import opt
 from ..spaces import k_from_sparsity
 
 __all__ = ["ModelOptions", "CalibOptions", "BudgetOptions", "FitnessOptions", "ExecutionOptions",
-           "DTYPES", "SAMPLINGS", "FITNESSES"]
+           "DTYPES", "SAMPLINGS", "FITNESSES", "REPORT_TO"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 SAMPLINGS = ("random", "ccds")
 FITNESSES = ("nll", "kl")
+REPORT_TO = ("tensorboard", "wandb", "none")  # --report-to: Hugging Face Trainer's report_to names
 
 
 def _positive(section, *names: str) -> None:
@@ -100,6 +101,9 @@ class FitnessOptions:
                        choices=FITNESSES)
     kl_topk: int | None = opt(None, "--fitness kl: keep only the dense model's top-K log-probs per token")
     cache_mb: float = opt(0.0, "MiB for the shared-prefix hidden-state LRU (0: off)")
+    cache_every: str = opt("auto", "layers / sublayers: keep the dense state of every J-th position and recompute "
+                                   "the rest (counted in token-layers); auto: 1 (every position) unless that does "
+                                   "not fit the cache device, then the smallest J that does")
 
     def __post_init__(self) -> None:
         if self.fitness not in FITNESSES:
@@ -108,6 +112,23 @@ class FitnessOptions:
             raise UserError("--kl-topk needs --fitness kl and must be >= 1")
         if not float(self.cache_mb) >= 0:
             raise UserError(f"--cache-mb must be >= 0, got {self.cache_mb}")
+        every = str(self.cache_every).strip().lower()
+        if every != "auto":
+            if not every.isdigit() or int(every) < 1:
+                raise UserError(f"--cache-every must be auto or an integer >= 1, got {self.cache_every!r}")
+            every = int(every)
+        object.__setattr__(self, "cache_every", every)
+
+
+def _report_to(value) -> str:
+    """``--report-to`` normalized: ``"none"``, or the names (``tensorboard``, ``wandb``) once each, comma-separated."""
+    parts = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    names = list(dict.fromkeys(str(n).strip().lower() for n in parts if str(n).strip()))
+    bad = [n for n in names if n not in REPORT_TO]
+    if bad or not names or ("none" in names and len(names) > 1):
+        what = f"unknown --report-to {bad[0]!r}" if bad else f"--report-to {','.join(names)!r} is not valid"
+        raise UserError(f"{what} (choose from {', '.join(REPORT_TO)}, or a comma list like tensorboard,wandb)")
+    return ",".join(names)
 
 
 @dataclass(frozen=True)
@@ -120,6 +141,11 @@ class ExecutionOptions:
     device_map: str | None = opt(None, "load the model with from_pretrained(device_map=...), e.g. auto (default: auto "
                                        "when --gpus-per-worker > 1)")
     hessian_mb: float = opt(2048.0, "levels: MiB of float64 Hessians per level-database pass")
+    cache_device: str | None = opt(None, "layers / sublayers: device of the dense hidden-state cache (default: the "
+                                         "model's; cpu beside a CUDA model: pinned host memory)")
+    report_to: str = opt("none", "stream per-generation best calib loss, evaluations and token-layers beside the run "
+                                 "directory: tensorboard (RUN/tensorboard) | wandb (RUN/wandb) | none, or a comma list",
+                         kind="names")
 
     def __post_init__(self) -> None:
         w = self.workers
@@ -135,6 +161,9 @@ class ExecutionOptions:
             raise UserError("--device-map must not be empty (e.g. auto)")
         if not float(self.hessian_mb) > 0:
             raise UserError(f"--hessian-mb must be > 0, got {self.hessian_mb}")
+        if self.cache_device is not None and not str(self.cache_device).strip():
+            raise UserError("--cache-device must not be empty (e.g. cpu or cuda:1)")
+        object.__setattr__(self, "report_to", _report_to(self.report_to))
 
     @property
     def distributed(self) -> bool:

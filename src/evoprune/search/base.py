@@ -210,6 +210,23 @@ class Strategy:
         fits = [float(f) for f in fitnesses]
         return ids, [math.inf if math.isnan(f) else f for f in fits]
 
+    def _tell_requests(self, candidates: Sequence, fitnesses: Sequence[float], pending: list, last: int,
+                       low: dict, low_key: Callable[[Any], str]) -> list:
+        """``tell`` of multi-stage requests (:class:`~evoprune.search.staged.Request`, outstanding in ``pending``):
+        last-stage fitnesses go to the memo (and the best), lower stages to ``low[low_key(request)]``.
+        Returns the requests of ``pending`` not told yet."""
+        ids, fits = self._checked_tell(candidates, fitnesses, [(r.key, r.stage) for r in pending],
+                                       lambda r: (getattr(r, "key", None), getattr(r, "stage", None)))
+        for r, f in zip(candidates, fits):
+            self.n_evaluations += 1
+            if r.stage == last:
+                self._memo[r.key] = f
+                self._update_best(r.pattern, f)
+            else:
+                low[low_key(r)] = f
+        told = set(ids)
+        return [r for r in pending if (r.key, r.stage) not in told]
+
     def _update_best(self, p: Any, f: float) -> None:
         # Strict '<' keeps the earliest of equal-fitness patterns.
         if self.space.feasible(p) and (self._best is None or f < self._best[1]):

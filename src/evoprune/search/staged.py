@@ -228,17 +228,8 @@ class StagedStrategy(Strategy):
         return list(self._requests)
 
     def tell(self, candidates: Sequence[Request], fitnesses: Sequence[float]) -> None:
-        ids, fits = self._checked_tell(candidates, fitnesses, [(r.key, r.stage) for r in self._requests],
-                                       lambda r: (getattr(r, "key", None), getattr(r, "stage", None)))
-        for r, f in zip(candidates, fits):
-            self.n_evaluations += 1
-            if r.stage == self.last:
-                self._memo[r.key] = f
-                self._update_best(r.pattern, f)
-            else:
-                self._low[f"{r.key}@{r.stage}"] = f
-        told = set(ids)
-        self._requests = [r for r in self._requests if (r.key, r.stage) not in told]
+        self._requests = self._tell_requests(candidates, fitnesses, self._requests, self.last, self._low,
+                                             lambda r: f"{r.key}@{r.stage}")
         if not self._requests:
             self._batch_done()
 

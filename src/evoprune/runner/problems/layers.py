@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from ...errors import UserError
 from ...options import opt
-from .common import stage_slices, stage_tokens
 
 __all__ = ["LayersOptions", "LayerProblem"]
 
@@ -33,7 +32,7 @@ class LayerProblem:
 
     kind = "layers"
     options_cls = LayersOptions
-    setup_files: tuple[str, ...] = ()
+    setup_files: tuple[str, ...] = ("cache.json",)  # the resolved --cache-every (see .prefix)
 
     @staticmethod
     def check_config(cfg) -> None:
@@ -54,16 +53,9 @@ class LayerProblem:
     def prepare(self, calib, run, fresh: bool, needs: frozenset) -> tuple[int, dict]:
         """Build the evaluators; when ``fresh``, run their dense forwards and compute the strategy's inputs.
         Returns ``(setup token-layers, inputs)``."""
-        from ...fitness.evaluator import NLLEvaluator
+        from .prefix import prefix_evaluators
 
-        cfg = self.cfg
-        slices = stage_slices(stage_tokens(cfg.method_options), calib.n_samples, calib.seqlen)
-        mb = float(cfg.fitness.cache_mb) / len(slices)
-        whole = (calib.n_samples, calib.seqlen)
-        self.evaluators = [NLLEvaluator(self.lm, calib if (m, t) == whole else calib.slice(m, t),
-                                        batch_size=cfg.calibration.batch_size, prefix_cache=True,
-                                        metric=cfg.fitness.fitness, kl_topk=cfg.fitness.kl_topk, cache_mb=mb)
-                           for m, t in slices]
+        self.evaluators = prefix_evaluators(self.cfg, self.lm, calib, run, sublayers=False)
         spent, inputs = 0, {}
         if fresh:
             for ev in self.evaluators:  # the dense hidden-state caches: one dense forward each, counted once per run

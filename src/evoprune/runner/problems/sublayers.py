@@ -12,7 +12,6 @@ removed), ``params_removed`` and ``dense_token_layers_per_eval``.
 """
 from __future__ import annotations
 
-from .common import stage_slices, stage_tokens
 from .layers import LayersOptions
 
 __all__ = ["SublayersOptions", "SublayerProblem"]
@@ -25,7 +24,7 @@ class SublayerProblem:
 
     kind = "sublayers"
     options_cls = SublayersOptions
-    setup_files: tuple[str, ...] = ()
+    setup_files: tuple[str, ...] = ("cache.json",)  # the resolved --cache-every (see .prefix)
 
     @staticmethod
     def check_config(cfg) -> None:
@@ -46,16 +45,9 @@ class SublayerProblem:
 
     def prepare(self, calib, run, fresh: bool, needs: frozenset) -> tuple[int, dict]:
         """Build the evaluators; when ``fresh``, run their dense forwards and compute the strategy's inputs."""
-        from ...fitness.evaluator import NLLEvaluator
+        from .prefix import prefix_evaluators
 
-        cfg = self.cfg
-        slices = stage_slices(stage_tokens(cfg.method_options), calib.n_samples, calib.seqlen)
-        mb = float(cfg.fitness.cache_mb) / len(slices)
-        whole = (calib.n_samples, calib.seqlen)
-        self.evaluators = [NLLEvaluator(self.lm, calib if (m, t) == whole else calib.slice(m, t),
-                                        batch_size=cfg.calibration.batch_size, prefix_cache=True, sublayers=True,
-                                        metric=cfg.fitness.fitness, kl_topk=cfg.fitness.kl_topk, cache_mb=mb)
-                           for m, t in slices]
+        self.evaluators = prefix_evaluators(self.cfg, self.lm, calib, run, sublayers=True)
         spent, inputs = 0, {}
         if fresh:
             for ev in self.evaluators:

@@ -187,17 +187,9 @@ class WidthEvoStrategy(Strategy):
     def tell(self, candidates, fitnesses) -> None:
         if not self.last:
             return super().tell(candidates, fitnesses)
-        ids, fits = self._checked_tell(candidates, fitnesses, [(r.key, r.stage) for r in self._pending],
-                                       lambda r: (getattr(r, "key", None), getattr(r, "stage", None)))
-        for r, f in zip(candidates, fits):
-            self.n_evaluations += 1
-            if r.stage == self.last:
-                self._memo[r.key] = f
-                self._update_best(r.pattern, f)
-            else:
-                self._low[r.key] = f
-        told = set(ids)
-        self._pending = [r for r in self._pending if (r.key, r.stage) not in told]
+        # screening fitnesses are keyed by the bare genome key (one screening stage)
+        self._pending = self._tell_requests(candidates, fitnesses, self._pending, self.last, self._low,
+                                            lambda r: r.key)
         if not self._pending:
             self._finish_round()
 
