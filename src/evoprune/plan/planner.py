@@ -79,8 +79,9 @@ def _setup_token_layers(cfg, sh: dict, stages, n_tokens: int) -> dict:
     else:
         o = cfg.space_options
         if o.database == "obs":  # one forward per chunk of blocks whose fp64 Hessians fit --hessian-mb
-            per_block = 8 * (sh["o_in"] ** 2 + sh["down_in"] ** 2)
-            chunk = max(1, int(float(cfg.execution.hessian_mb) * 2 ** 20 // per_block))
+            from ..prune.levels_db import hessian_chunk
+
+            chunk = hessian_chunk((sh["o_in"], sh["down_in"]), cfg.execution.hessian_mb)
             out["level database"] = sum(n_tokens * min(N, s + chunk) for s in range(0, N, chunk))
         else:
             out["level database"] = n_tokens * N

@@ -65,7 +65,7 @@ from .kinds import DB_METHODS
 from .obs import structured_obs
 from .width_plan import WidthPlan
 
-__all__ = ["DB_METHODS", "level_ladders", "LevelDatabase", "AppliedLevels", "db_fingerprint"]
+__all__ = ["DB_METHODS", "level_ladders", "LevelDatabase", "AppliedLevels", "db_fingerprint", "hessian_chunk"]
 
 FORMAT = "evoprune.levels/1"
 KINDS = ("attn", "mlp")
@@ -268,8 +268,7 @@ class LevelDatabase:
 
         blocks = lm.adapter.get_blocks(lm.model)
         lin0 = width_linears(lm.adapter, blocks[0])
-        per_block = 8 * sum(lin0[_PROJ[k]].in_features ** 2 for k in KINDS)
-        chunk = max(1, int(float(hessian_mb) * 2 ** 20 // per_block))
+        chunk = hessian_chunk([lin0[_PROJ[k]].in_features for k in KINDS], hessian_mb)
         dtype = lin0["o"].weight.dtype
         spent = 0
         bar = tqdm(total=spec.n_layers, desc="level database (OBS)", unit="block", leave=False,
@@ -295,6 +294,12 @@ class LevelDatabase:
                 bar.update(1)
         bar.close()
         return spent
+
+
+def hessian_chunk(in_features, hessian_mb: float) -> int:
+    """Blocks per OBS pass: as many as whose float64 Hessians (``in x in`` for each unit's output projection,
+    ``in_features``) fit ``hessian_mb`` MiB, at least one. Also what :mod:`evoprune.plan` counts."""
+    return max(1, int(float(hessian_mb) * 2 ** 20 // (8 * sum(int(n) ** 2 for n in in_features))))
 
 
 class AppliedLevels:
