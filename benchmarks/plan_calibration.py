@@ -188,6 +188,9 @@ resident before them and minus the held caches and targets (allocator slack incl
 magnitude is expected to agree).
 
 {t3}
+
+Not run: `benchmarks/gpu_check.sh` (the GPU acceptance check, which writes a `gpu-check` section); no session
+so far was lent a GPU. Its `--smoke` mode (the same steps on the CPU) passed.
 """
 
 if __name__ == "__main__":
