@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import numpy as np
 import pytest
 
 from evoprune import DropPattern, load_model
@@ -102,15 +103,30 @@ def test_greedy_screen_and_raced_promotion():
     assert s.greedy == [0, 3] and s.screen == [1, 2, 4, 5, 6] and len(step3) == 5
 
 
+def test_default_budget_follows_the_first_stage():
+    """0.135 x the naive greedy pass when stage 0 is 1/8 of the set (or one stage); more when it is a larger share."""
+    from evoprune.search import make_strategy
+    from evoprune.spaces import LayerDropSpace
+
+    ev = make_strategy("evo", LayerDropSpace(30, 6), np.random.default_rng(0))
+    ref = greedy_reference(30, 30, 6, 2048)
+    assert ev.default_budget((256, 2048)) == int(0.135 * ref)  # 4 x 512: the calibrated point
+    assert ev.default_budget((128, 2048)) == int(0.135 * ref)  # a smaller first stage never shrinks it
+    assert ev.default_budget((2048,)) == int(0.135 * ref)
+    small = greedy_reference(30, 30, 6, 256)
+    assert ev.default_budget((64, 256)) == int(0.135 * 2 * small)  # 2 x 128: 64 tokens = 1/4 of the set
+
+
 def test_greedy_reference():
     # step 0: 4 patterns x 4 blocks, step 1: 3 x 3; 10 tokens
     assert greedy_reference(5, 4, 2, 10) == 10 * (4 * 4 + 3 * 3)
 
 
 # the tiny random model's candidates are near-ties: a small margin makes racing stop some of them, and a
-# larger budget share leaves room for evolution after the greedy phase (its promotions dominate at 12 blocks)
+# larger budget share leaves room for evolution after the greedy phase (its promotions dominate at 12 blocks);
+# the first stage (64 of 192 tokens) scales it by 8 x 1/3
 _DEFAULT_ARGS = ["--offspring", "8", "--cache-mb", "1", "--generations", "6", "--race-margin", "0.002",
-                 "--budget-share", "0.5"]
+                 "--budget-share", "0.1875"]
 
 
 def _default_evo(deep_model, calib_text, out):
@@ -131,7 +147,7 @@ def test_default_evo_exact_and_resumable(deep_model, calib_text, tmp_path, kill_
     # auto stages: 1/8 of 4 x 48 tokens, at least 64: the first 2 samples x 32 tokens, then the whole set
     assert auto_first_stage(4, 48) == (2, 32) and auto_first_stage(4, 512) == (1, 256)
     assert {r["tokens"] for r in rows if r["stage"] == 0} == {2 * 31}
-    assert a["budget_token_layers"] == int(0.5 * greedy_reference(12, 12, 4, 4 * 48))
+    assert a["budget_token_layers"] == int(0.1875 * (8 * 64 / (4 * 48)) * greedy_reference(12, 12, 4, 4 * 48))
     full = [r for r in rows if r["stage"] == 1]
     raced = [r for r in full if r.get("raced")]
     done = [r for r in full if not r.get("raced")]

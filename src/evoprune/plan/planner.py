@@ -139,7 +139,8 @@ def _run(cfg, lm, sh, stages, train, every) -> dict:
                 "note": f"--method {cfg.method} asks an LLM for its candidates: not simulated"}
     acc: dict = {}
     space = PROBLEMS[cfg.space](cfg, lm).space
-    r = dry_run(cfg, space, _cost_fn(cfg, sh, stages, train, every, acc), n_tokens=n * t,
+    r = dry_run(cfg, space, _cost_fn(cfg, sh, stages, train, every, acc),
+                stage_tokens=tuple(m * t_ for m, t_ in stages),
                 inputs=_inputs(cfg, sh), setup=sum(setup.values()))
     f = per_token(lm)
     flops = sum(m * t_ * sh["n_layers"] * (block_flops(f, t_) + f["head"]) for m, t_ in stages)  # setup forwards

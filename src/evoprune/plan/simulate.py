@@ -39,7 +39,7 @@ def _loss(genome, key: str, stage) -> float:
     return 1.0 + sum(1.0 / (1.0 + 10.0 * u / n) for u in units) + 0.05 * noise
 
 
-def dry_run(cfg, space, cost, *, n_tokens: int, inputs: dict | None = None, setup: int = 0) -> dict:
+def dry_run(cfg, space, cost, *, stage_tokens: tuple[int, ...], inputs: dict | None = None, setup: int = 0) -> dict:
     """``{"evaluations", "token_layers", "per_stage", "budget", "capped"}`` of a dry run of ``cfg``'s
     method over ``space`` (see the module docstring). ``cost(stage, genome)``: token-layers of one
     evaluation (``stage`` ``None`` for one-stage methods); ``setup``: token-layers spent before the first
@@ -49,7 +49,7 @@ def dry_run(cfg, space, cost, *, n_tokens: int, inputs: dict | None = None, setu
     strategy = make_strategy(cfg.method, space, np.random.default_rng([cfg.seed, 2]),
                              **cfg.strategy_options(inputs or {}))
     given = cfg.budget.budget_token_layers
-    budget = given if given is not None else strategy.default_budget(n_tokens)
+    budget = given if given is not None else strategy.default_budget(stage_tokens)
     spent, evaluations, per_stage, stopped = setup, 0, {}, False
     while not strategy.done and not stopped and evaluations < MAX_EVALUATIONS:
         cands, fits = strategy.ask(), []

@@ -183,7 +183,7 @@ def _loop(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, reu
     """Ask, evaluate, log, tell until the strategy is done or the budget stops it; returns whether it stopped.
     ``parts``: batch losses of the complete evaluations so far (race references), extended here."""
     evaluators, given = problem.evaluators, cfg.budget.budget_token_layers
-    budget = given if given is not None else strategy.default_budget(evaluators[-1].calib.n_tokens)
+    budget = given if given is not None else strategy.default_budget(tuple(e.calib.n_tokens for e in evaluators))
     counters["budget_token_layers"] = budget
     races = bool(getattr(cfg.method_options, "race_margin", 0))
 

@@ -135,8 +135,9 @@ class Strategy:
         refs = getattr(candidate, "refs", ())
         return {"refs": refs, "rank": candidate.rank, "margin": candidate.margin} if refs else None
 
-    def default_budget(self, n_tokens: int) -> int | None:
-        """Token-layer budget of a run given none (``n_tokens``: calibration tokens); ``None``: unbounded."""
+    def default_budget(self, stage_tokens: tuple[int, ...]) -> int | None:
+        """Token-layer budget of a run given none (``stage_tokens``: the tokens of each fidelity stage's data
+        slice, the last = the whole calibration set); ``None``: unbounded."""
         return None
 
     def origin_of(self, genome) -> str | None:

@@ -9,7 +9,9 @@ Owns :class:`Request`, :class:`EvoConfig` and :class:`EvoStrategy`. A
   :class:`~evoprune.fitness.racing.Race`) and, without ``--budget-token-layers``, a token-layer
   budget of ``budget_share`` x :func:`greedy_reference` (a naive full-fidelity greedy pass to
   ``k``; a prefix-cached SLEB costs 0.58-0.64 of it on SmolLM2-135M, so the default 0.135 is
-  0.21-0.24 x SLEB). That budget never stops a run before its first full-fidelity ``k``-block candidate.
+  0.21-0.24 x SLEB), times ``max(1, 8 x`` the first stage's share of the tokens``)`` (the greedy seeding
+  runs on that stage: on 2 x 128 tokens its 64 tokens are 1/4 and the budget doubles, 0.34-0.45 x SLEB).
+  That budget never stops a run before its first full-fidelity ``k``-block candidate.
 - **Greedy seeding** (``greedy_seed``, multi-stage runs only): first a SLEB-like
   greedy pass on the cheapest (stage-0) slice: step ``j`` scores the patterns
   "blocks chosen so far + one more" at stage 0, re-scores the best
@@ -86,6 +88,7 @@ __all__ = ["EvoConfig", "EvoStrategy", "Request", "greedy_reference"]
 
 RACE_MARGIN = 0.05
 BUDGET_SHARE = 0.135
+STAGE0_SHARE = 8  # the stage-0 share (1/8) at which BUDGET_SHARE was calibrated (see default_budget)
 
 
 def greedy_reference(n_layers: int, n_droppable: int, k: int, n_tokens: int) -> int:
@@ -291,11 +294,15 @@ class EvoStrategy(StagedStrategy):
 
     # -- state -----------------------------------------------------------------------
 
-    def default_budget(self, n_tokens: int) -> int | None:
-        """``budget_share x greedy_reference(...)`` (``None`` when ``budget_share`` is 0)."""
-        sp = self.space
-        ref = greedy_reference(sp.n_layers, sp.n_droppable, sp.k, n_tokens)
-        return int(self.config.budget_share * ref) or None
+    def default_budget(self, stage_tokens: tuple[int, ...]) -> int | None:
+        """``budget_share x greedy_reference(...)`` over the whole set, scaled by ``max(1, 8 x stage-0 share)``
+        in multi-stage runs (``None`` when ``budget_share`` is 0). The greedy seeding runs on stage 0, so its
+        cost grows with that share: 1/8 (the auto first stage on >= 512 tokens) keeps the calibrated 0.135;
+        on 2 x 128 tokens the auto first stage (64 tokens) is 1/4 of the set and the budget doubles."""
+        sp, full = self.space, stage_tokens[-1]
+        ref = greedy_reference(sp.n_layers, sp.n_droppable, sp.k, full)
+        scale = max(1.0, STAGE0_SHARE * stage_tokens[0] / full) if len(stage_tokens) > 1 else 1.0
+        return int(self.config.budget_share * scale * ref) or None
 
     def _extra_state(self) -> dict:
         return {"greedy": self.greedy, "screen": self.screen, "shortlist": self.shortlist, **super()._extra_state()}

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from ...options import opt
 from ...spaces import RateVector, SearchError
 from ..base import Strategy, decode_fitness, encode_fitness
@@ -36,7 +38,28 @@ from ..registry import register
 from ..staged import AUTO, Request, stage_tokens_option
 from .oneshot import owl_rates
 
-__all__ = ["WidthEvoConfig", "WidthEvoStrategy"]
+__all__ = ["WidthEvoConfig", "WidthEvoStrategy", "probe_vector", "probe_rates"]
+
+PROBE_STRENGTHS = (0.05, 0.1, 0.15, 0.2)  # initial vectors beta + a x z from the probes (see probe_rates)
+
+
+def probe_vector(space, layer: int, up: float) -> RateVector:
+    """The sensitivity probe of ``layer``: its rate ``up`` above the target, the others lowered evenly
+    (projected, so the mean stays the target)."""
+    down = min(up, space.beta - space.lo)
+    r = [space.beta + down / max(1, space.n_layers - 1)] * space.n_layers
+    r[layer] = space.beta - down
+    return space.project(r)
+
+
+def probe_rates(space, losses, strength: float) -> RateVector:
+    """Rates from probe losses (one per layer, lower = the layer tolerates more pruning): ``beta + strength x z``
+    with ``z`` the layers' centred ranks in ``[-1, 1]`` (the least sensitive layer +1), projected."""
+    order = np.argsort(np.asarray(losses, dtype=np.float64), kind="stable")
+    n = len(order)
+    z = np.empty(n)
+    z[order] = np.linspace(-1.0, 1.0, n) if n > 1 else 0.0
+    return space.project(space.beta + strength * z)
 
 
 @dataclass(frozen=True)
@@ -55,7 +78,10 @@ class WidthEvoConfig:
     tokens_per_stage: tuple | str | None = opt(
         None, "fitness tokens of a screening stage for the children and of the whole set, e.g. 64,512 (auto: 1/8 "
               "of the set, >= 64 tokens, then the whole set; default: every child on the whole set)", kind="stages")
-    promote: int = opt(2, "children per generation scored on the whole set after the screening stage (the best there)")
+    promote: int = opt(2, "children per generation scored on the whole set after the screening stage (the best there; "
+                          ">= the children: no screening)")
+    probe: float = opt(0.0, "sensitivity probes before the initial population: one vector per layer with that layer "
+                            "this much above the target (the others below), scored on the first stage (0: off)")
 
     def __post_init__(self) -> None:
         for name in ("population", "generations"):
@@ -78,6 +104,8 @@ class WidthEvoConfig:
         object.__setattr__(self, "tokens_per_stage", tps)
         if not isinstance(self.promote, int) or isinstance(self.promote, bool) or self.promote < 1:
             raise SearchError(f"promote must be an integer >= 1, got {self.promote!r}")
+        if not (isinstance(self.probe, (int, float)) and 0 <= self.probe < 1):
+            raise SearchError(f"probe must be a number in [0, 1), got {self.probe!r}")
 
     @property
     def n_stages(self) -> int:
@@ -109,13 +137,21 @@ class WidthEvoStrategy(Strategy):
         self.last = self.config.n_stages - 1  # the whole-set stage
         self._low: dict[str, float] = {}  # key -> screening-stage fitness (staged runs)
         self._screening = False  # staged: the current round scores the children at stage 0
+        self._probing = False  # the current round scores the sensitivity probes (stage 0)
+        self._probes: list[float] | None = None  # probe loss per layer, once probed
 
     # -- operators (overridden by the LLM-driven subclass) ---------------------------
     def _initial(self, k: int) -> list[RateVector]:
         out = [self.space.uniform()]
         if self.config.scores is not None:
             out.append(owl_rates(self.space, self.config.scores, self.config.lam))
-        return self._fill(out, k, lambda: self.space.sample(self.rng), origin="init")
+        if self._probes is None:
+            return self._fill(out, k, lambda: self.space.sample(self.rng), origin="init")
+        probed = [probe_rates(self.space, self._probes, a) for a in PROBE_STRENGTHS]
+        turn = iter(range(10 ** 9))
+        # the rest: mutants of the probe vectors, in turn (random vectors mostly score far worse)
+        return self._fill(out + probed, k, lambda: self.space.mutate(probed[next(turn) % len(probed)], self.rng,
+                                                                     self.config.step), origin="init")
 
     def _tournament(self) -> RateVector:
         i, j = self.rng.integers(len(self.population), size=2)
@@ -194,6 +230,11 @@ class WidthEvoStrategy(Strategy):
             self._finish_round()
 
     def _finish_round(self) -> None:
+        if self._probing:  # the probes are scored: the initial population comes next, still generation 0
+            scores = self._low if self.last else self._memo
+            self._probes = [scores[k] for k in self._cohort]
+            self._probing, self._cohort = False, []
+            return
         if self._screening:  # the children are screened: the best go on to the whole set, same generation
             self._screening = False
             return
@@ -207,6 +248,12 @@ class WidthEvoStrategy(Strategy):
             order = sorted(range(len(self._cohort)), key=lambda i: (self._low[self._cohort[i]], i))
             self._cohort = [self._cohort[i] for i in order[: int(c.promote)]]
             return self._asked([self.space.from_key(k) for k in self._cohort], self.last)
+        if self.generation == 0 and c.probe and self._probes is None:
+            kids = [probe_vector(self.space, i, float(c.probe)) for i in range(self.space.n_layers)]
+            self._cohort = [g.key for g in kids]
+            self._origin = {g.key: "probe" for g in kids}
+            self._probing = True
+            return self._asked(kids, 0)
         if self.generation == 0:
             kids = self._initial(int(c.population))
         else:
@@ -216,7 +263,7 @@ class WidthEvoStrategy(Strategy):
             self._done = True
         self._cohort = [g.key for g in kids]
         self._origin = {g.key: self._origin[g.key] for g in kids}
-        self._screening = bool(self.last and self.generation > 0 and kids)
+        self._screening = bool(self.last and self.generation > 0 and kids and int(c.promote) < len(kids))
         return self._asked(kids, 0 if self._screening else self.last)
 
     def _advance(self) -> None:
@@ -236,7 +283,8 @@ class WidthEvoStrategy(Strategy):
 
     def _extra_state(self) -> dict:
         out = {"population": [g.key for g in self.population], "cohort": list(self._cohort),
-               "origin": dict(self._origin), "origin_stats": {k: dict(v) for k, v in self.origin_stats.items()}}
+               "origin": dict(self._origin), "origin_stats": {k: dict(v) for k, v in self.origin_stats.items()},
+               "probing": self._probing, "probes": None if self._probes is None else [encode_fitness(x) for x in self._probes]}
         if self.last:
             out.update(low={k: encode_fitness(v) for k, v in self._low.items()}, screening=self._screening,
                        requests=[[r.key, r.stage] for r in self._pending])
@@ -247,6 +295,8 @@ class WidthEvoStrategy(Strategy):
         self._cohort = list(d.get("cohort", []))
         self._origin = {str(k): str(v) for k, v in d.get("origin", {}).items()}
         self.origin_stats = {str(k): {kk: int(vv) for kk, vv in v.items()} for k, v in d.get("origin_stats", {}).items()}
+        self._probing = bool(d.get("probing", False))
+        self._probes = None if d.get("probes") is None else [decode_fitness(x) for x in d["probes"]]
         if self.last:
             self._low = {str(k): decode_fitness(v) for k, v in d["low"].items()}
             self._screening = bool(d["screening"])
