@@ -23,6 +23,14 @@ order) on the whole set (the last stage, raced as above); only those compete for
 Staged selection is not the default because on SmolLM2 (30%, 2 x 256 tokens, 3 seeds) it cost 0.51x
 the token-layers but reached a higher loss on every seed (docs/RESULTS.md, selection-cost).
 
+Sensitivity probes (``probe`` > 0, experimental, off by default): before the initial population, one
+vector per layer (:func:`probe_vector`: that layer ``probe`` below the target, the others raised evenly)
+is scored on the first stage; the initial population is then uniform, OWL, :func:`probe_rates` at each of
+:data:`PROBE_STRENGTHS` and mutants of those (instead of random vectors). On SmolLM2 (30%, 2 x 256 tokens)
+the probes find the one layer whose pruning is catastrophic (loss 4.64 / 5.34 vs the old defaults' 6.26 /
+7.33 at 0.44x the token-layers) but lose on the third seed (4.99 vs 4.74), so it is not the default
+(docs/RESULTS.md).
+
 Torch-free; randomness only from the given generator.
 """
 from __future__ import annotations
