@@ -36,6 +36,7 @@ __all__ = ["AUTO", "Request", "StagedOptions", "StagedStrategy", "SwapEvoOptions
 # ``tokens_per_stage="auto"``: two stages, a cheap first slice the runner derives from the calibration
 # set's shape (:func:`evoprune.runner.problems.common.stage_slices`) and the whole set
 AUTO = "auto"
+AUTO_SHARE = 8  # tokens_per_stage="auto": the first stage has 1/AUTO_SHARE of the calibration tokens (runner/problems)
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ whole calibration set (``T = n_samples * seqlen``). No ``tokens_per_stage``: one
 from __future__ import annotations
 
 from ...errors import UserError
+from ...search.staged import AUTO_SHARE
 
 __all__ = ["stage_slices", "stage_tokens", "check_stages", "auto_first_stage"]
 
-AUTO_SHARE = 8  # tokens_per_stage="auto": the first stage has 1/AUTO_SHARE of the calibration tokens,
-AUTO_MIN_TOKENS = 64  # but at least this many (or half the set)
+AUTO_MIN_TOKENS = 64  # tokens_per_stage="auto": the first stage has 1/AUTO_SHARE of the tokens, but at least this
+# many (or half the set)
 
 
 def stage_tokens(method_options) -> tuple[int, ...] | None:

@@ -82,13 +82,12 @@ import numpy as np
 from ...options import opt
 from ...spaces import DropPattern, SearchError
 from ..registry import register
-from ..staged import Request, StagedStrategy, SwapEvoOptions
+from ..staged import AUTO_SHARE, Request, StagedStrategy, SwapEvoOptions
 
 __all__ = ["EvoConfig", "EvoStrategy", "Request", "greedy_reference"]
 
 RACE_MARGIN = 0.05
 BUDGET_SHARE = 0.135
-STAGE0_SHARE = 8  # the stage-0 share (1/8) at which BUDGET_SHARE was calibrated (see default_budget)
 
 
 def greedy_reference(n_layers: int, n_droppable: int, k: int, n_tokens: int) -> int:
@@ -297,11 +296,12 @@ class EvoStrategy(StagedStrategy):
     def default_budget(self, stage_tokens: tuple[int, ...]) -> int | None:
         """``budget_share x greedy_reference(...)`` over the whole set, scaled by ``max(1, 8 x stage-0 share)``
         in multi-stage runs (``None`` when ``budget_share`` is 0). The greedy seeding runs on stage 0, so its
-        cost grows with that share: 1/8 (the auto first stage on >= 512 tokens) keeps the calibrated 0.135;
+        cost grows with that share: 1/AUTO_SHARE (the auto first stage on >= 512 tokens), where 0.135 was
+        calibrated, keeps it;
         on 2 x 128 tokens the auto first stage (64 tokens) is 1/4 of the set and the budget doubles."""
         sp, full = self.space, stage_tokens[-1]
         ref = greedy_reference(sp.n_layers, sp.n_droppable, sp.k, full)
-        scale = max(1.0, STAGE0_SHARE * stage_tokens[0] / full) if len(stage_tokens) > 1 else 1.0
+        scale = max(1.0, AUTO_SHARE * stage_tokens[0] / full) if len(stage_tokens) > 1 else 1.0
         return int(self.config.budget_share * scale * ref) or None
 
     def _extra_state(self) -> dict:

@@ -35,6 +35,7 @@ Torch-free; randomness only from the given generator.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,18 +52,19 @@ __all__ = ["WidthEvoConfig", "WidthEvoStrategy", "probe_vector", "probe_rates"]
 PROBE_STRENGTHS = (0.05, 0.1, 0.15, 0.2)  # initial vectors beta + a x z from the probes (see probe_rates)
 
 
-def probe_vector(space, layer: int, up: float) -> RateVector:
-    """The sensitivity probe of ``layer``: its rate ``up`` above the target, the others lowered evenly
-    (projected, so the mean stays the target)."""
-    down = min(up, space.beta - space.lo)
+def probe_vector(space, layer: int, down: float) -> RateVector:
+    """The sensitivity probe of ``layer``: its rate ``down`` below the target (at most to ``lo``), the others
+    raised evenly (projected, so the mean stays the target)."""
+    down = min(down, space.beta - space.lo)
     r = [space.beta + down / max(1, space.n_layers - 1)] * space.n_layers
     r[layer] = space.beta - down
     return space.project(r)
 
 
 def probe_rates(space, losses, strength: float) -> RateVector:
-    """Rates from probe losses (one per layer, lower = the layer tolerates more pruning): ``beta + strength x z``
-    with ``z`` the layers' centred ranks in ``[-1, 1]`` (the least sensitive layer +1), projected."""
+    """Rates from probe losses (one per layer; lower = protecting that layer helped more, so it is more
+    sensitive): ``beta + strength x z`` with ``z`` the layers' centred loss ranks in ``[-1, 1]`` (the lowest
+    probe loss -1, the highest +1), projected."""
     order = np.argsort(np.asarray(losses, dtype=np.float64), kind="stable")
     n = len(order)
     z = np.empty(n)
@@ -89,7 +91,7 @@ class WidthEvoConfig:
     promote: int = opt(2, "children per generation scored on the whole set after the screening stage (the best there; "
                           ">= the children: no screening)")
     probe: float = opt(0.0, "sensitivity probes before the initial population: one vector per layer with that layer "
-                            "this much above the target (the others below), scored on the first stage (0: off)")
+                            "this much below the target (the others above), scored on the first stage (0: off)")
 
     def __post_init__(self) -> None:
         for name in ("population", "generations"):
@@ -156,10 +158,10 @@ class WidthEvoStrategy(Strategy):
         if self._probes is None:
             return self._fill(out, k, lambda: self.space.sample(self.rng), origin="init")
         probed = [probe_rates(self.space, self._probes, a) for a in PROBE_STRENGTHS]
-        turn = iter(range(10 ** 9))
+        parents = itertools.cycle(probed)
         # the rest: mutants of the probe vectors, in turn (random vectors mostly score far worse)
-        return self._fill(out + probed, k, lambda: self.space.mutate(probed[next(turn) % len(probed)], self.rng,
-                                                                     self.config.step), origin="init")
+        return self._fill(out + probed, k, lambda: self.space.mutate(next(parents), self.rng, self.config.step),
+                          origin="init")
 
     def _tournament(self) -> RateVector:
         i, j = self.rng.integers(len(self.population), size=2)
