@@ -72,7 +72,8 @@ def main() -> None:
         tag = f"{int(round(s * 100))}"
         for label, name, kw in (
                 ("uniform", f"uniform_{tag}", dict(method="uniform")),
-                ("darwinlm one-shot", f"oneshot_{tag}", dict(**search, training_aware=False)),
+                # budget_evals 0: the same schedule as the training-aware run, not one-shot's default budget
+                ("darwinlm one-shot", f"oneshot_{tag}", dict(**search, training_aware=False, budget_evals=0.0)),
                 ("darwinlm training-aware", f"ta_{tag}",
                  dict(**search, training_aware=True, train_tokens_per_stage=args.train_tokens_per_stage,
                       train_lr=args.train_lr)),

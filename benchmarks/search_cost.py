@@ -19,6 +19,7 @@ reuses finished ones). Prints the markdown; ``--write`` also writes the
 ``--section`` section of docs/RESULTS.md.
 
     python benchmarks/search_cost.py --methods sleb,evo --timing --write
+    python benchmarks/search_cost.py --ks 6 --seeds 0 --timing-only --write   # only the wall-clock ratio
     python benchmarks/search_cost.py --methods sleb,evo --ks 6 --seeds 0,1 --nsamples 2 --seqlen 128 \
         --section search-cost-small --work bench_runs/search_cost_small --write
     python benchmarks/search_cost.py --seeds 0 --ks 2 --methods evo,sleb --nsamples 1 --seqlen 64  # smoke
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--heldout-seqlen", type=int, default=512)
     ap.add_argument("--heldout-windows", type=int, default=16)
     ap.add_argument("--timing", action="store_true", help="same-process wall ratio of SLEB and evo (first k, seed)")
+    ap.add_argument("--timing-only", action="store_true", help="only that timing (no table); its own section")
     ap.add_argument("--write", action="store_true", help="write the section of docs/RESULTS.md")
     args = ap.parse_args()
     work = Path(args.work)
@@ -112,6 +114,21 @@ def main() -> None:
     if args.survivors_per_stage:
         evo_kw["survivors_per_stage"] = args.survivors_per_stage
     common = dict(calib="wikitext2", sampling="random", nsamples=args.nsamples, seqlen=args.seqlen)
+    if args.timing_only:
+        t = timing(work, ks[0], seeds[0], common, evo_kw)
+        body = (f"### Wall clock: default evo vs SLEB, same process (SmolLM2-135M)\n\n"
+                f"Calibration: {args.nsamples} random windows x {args.seqlen} tokens of wikitext2 valid, k={ks[0]}, "
+                f"seed {seeds[0]}; both searches from scratch, one after the other, in one process with the same "
+                f"thread count, nothing else running. evo: default options, LRU {args.cache_mb:g} MiB.\n\n"
+                + md_table(["method", "wall s", "token-layers", "calib loss"],
+                           [[m, f"{t[m]['wall_s']:.0f}", f"{t[m]['token_layers']:.3g}", f"{t[m]['loss']:.4f}"]
+                            for m in ("sleb", "evo")])
+                + f"\n\nWall ratio evo / SLEB: {t['ratio']:.2f} (token-layer ratio "
+                  f"{t['evo']['token_layers'] / t['sleb']['token_layers']:.2f}).")
+        print(body)
+        if args.write:
+            write_section("search-cost-timing" if args.section == "search-cost" else args.section, body)
+        return
     results: dict[tuple, dict] = {}
     for seed in seeds:
         if "sleb" in methods:

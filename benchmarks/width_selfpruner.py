@@ -67,8 +67,10 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    # the paper's loop as measured (issue 13): every candidate on the whole set, no sensitivity rounds (width
+    # evo's defaults since issue 16 add both; self-pruner keeps them off)
     ga = dict(population=args.population, mutations=args.mutations, crossovers=args.crossovers,
-              generations=args.generations)
+              generations=args.generations, tokens_per_stage="none", probe=0.0)
     n_evals = args.population + args.generations * (args.mutations + args.crossovers)
 
     from evoprune import load_model

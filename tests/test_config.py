@@ -46,9 +46,11 @@ def test_defaults_are_the_strategies_and_the_best_method():
     assert cfg_is(search_config(_parse("--method", "evop", "--drop-count", "6")).method_options,
                   generations=100, population=20)
     assert cfg_is(search_config(_parse("--space", "levels", "--sparsity", "0.3")).method_options,
-                  offspring=8, survivors=(1,), tokens_per_stage=None, race_margin=0.05)
+                  offspring=8, survivors=(2, 1), tokens_per_stage="auto", race_margin=0.05, generations=None,
+                  budget_evals=35.0)
     assert cfg_is(search_config(_parse("--space", "width", "--sparsity", "0.3")).method_options,
-                  population=10, generations=5)
+                  population=4, mutations=8, crossovers=0, generations=5, probe=1.0, probe_rounds=4,
+                  tokens_per_stage="auto", promote=2)
 
 
 def cfg_is(options, **want) -> bool:

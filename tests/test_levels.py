@@ -337,3 +337,26 @@ def test_levels_config_parses_stage_lists():
                                                                    survivors_per_stage=None, training_aware=False)):
         with pytest.raises(UserError):
             SearchConfig.build(**{**kw, **bad})
+
+
+def test_darwinlm_length_one_shot_budget_training_aware_generations():
+    """One-shot darwinlm runs until a default budget of budget_evals whole-set evaluations (tokens x blocks);
+    training-aware runs (the runner's ``trains`` input) have none and stop after 10 generations; a given
+    ``--generations`` or ``budget_evals=0`` (what a run recorded before the option means) restores a count."""
+    from evoprune.runner.config import SearchConfig
+
+    space = _smol_space(0.3)
+    one = make_strategy("darwinlm", space, np.random.default_rng(0))
+    assert one.config.tokens_per_stage == "auto" and one.config.survivors == (2, 1)
+    assert one.default_budget((64, 512)) == 35 * 512 * 30 and one.max_generations > 1000
+    trained = make_strategy("darwinlm", space, np.random.default_rng(0), trains=True)
+    assert trained.default_budget((64, 512)) is None and trained.max_generations == 10
+    fixed = make_strategy("darwinlm", space, np.random.default_rng(0), generations=7, budget_evals=0)
+    assert fixed.default_budget((512,)) is None and fixed.max_generations == 7
+    with pytest.raises(SearchError):
+        make_strategy("darwinlm", space, np.random.default_rng(0), budget_evals=-1)
+    cfg = SearchConfig.build(space="levels", sparsity=0.3, training_aware=False)
+    assert "budget_evals" in cfg.to_dict()["method_options"] and "trains" not in cfg.to_dict()["method_options"]
+    old = {"evoprune_run": 2, **cfg.to_dict()}
+    del old["method_options"]["budget_evals"]  # a run record from before the option: no default budget
+    assert SearchConfig.from_dict(old).method_options.budget_evals == 0.0

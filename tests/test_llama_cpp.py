@@ -44,7 +44,7 @@ def test_llama_cpp_schema_makes_the_llm_contribute(llama_server, tiny_dirs, cali
     model = tiny_dirs["llama"]
     op = ["--operator-url", llama_server.url, "--operator-model", llama_server.model, "--operator-structured", "on"]
     _run(_width_args(model, calib_text, tmp_path / "sp", "self-pruner", op))
-    _run(_width_args(model, calib_text, tmp_path / "evo", "evo"))
+    _run(_width_args(model, calib_text, tmp_path / "evo", "evo", ["--probe", "0", "--tokens-per-stage", "none"]))
     res = json.loads((tmp_path / "sp" / "result.json").read_text())
     llm = res["llm"]
     assert llm["structured"] == "json_object" and llm["refused"] == 1  # json_schema refused once, then json_object

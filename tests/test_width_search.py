@@ -61,7 +61,7 @@ def _toy(n):
 def test_width_evo_beats_uniform_and_resumes_identically():
     space, f = WidthSpace(12, 0.3), _toy(12)
     s = make_strategy("evo", space, np.random.default_rng(0), population=8, mutations=4, crossovers=4, generations=12,
-                      tokens_per_stage=None)
+                      tokens_per_stage=None, probe=0.0)
     best = drive(s, f)
     assert s.n_evaluations == 8 + 12 * 8 and best[1] < 0.3 * f(space.uniform())
     a = make_strategy("evo", space, np.random.default_rng(5), population=6, generations=6, tokens_per_stage=None)
@@ -88,7 +88,7 @@ def test_width_evo_staged_selection():
         return f(r.pattern)
 
     s = make_strategy("evo", space, np.random.default_rng(0), population=6, mutations=3, crossovers=3, generations=5,
-                      tokens_per_stage="auto")
+                      tokens_per_stage="auto", probe=0.0)
     assert s.config.n_stages == 2 and s.config.promote == 2
     rounds = []
     while not s.done:
@@ -106,12 +106,12 @@ def test_width_evo_staged_selection():
     # resume between the screening and the whole-set stage, and mid-screening
     for cut in (2, 3):
         a = make_strategy("evo", space, np.random.default_rng(3), population=6, mutations=3, crossovers=3, generations=4,
-                          tokens_per_stage="auto")
+                          tokens_per_stage="auto", probe=0.0)
         for _ in range(cut):
             c = a.ask()
             a.tell(c[:1], [fit(c[0])]) if cut == 3 and _ == cut - 1 else a.tell(c, [fit(r) for r in c])
         b = make_strategy("evo", space, np.random.default_rng(99), population=6, mutations=3, crossovers=3,
-                          generations=4, tokens_per_stage="auto")
+                          generations=4, tokens_per_stage="auto", probe=0.0)
         b.load_state_dict(json.loads(json.dumps(a.state_dict())))
         assert [(r.key, r.stage) for r in a.ask()] == [(r.key, r.stage) for r in b.ask()]
         assert drive(a, fit) == drive(b, fit)
@@ -208,7 +208,8 @@ def test_width_runs_end_to_end(tiny_dirs, calib_text, tmp_path):
     assert uni["params_dense"] - uni["params"] == uni["prunable_params_total"] - uni["prunable_params_kept"]
     owl = run_search(SearchConfig.build(method="owl", **common), tmp_path / "o", progress=False)
     assert owl["evaluations"] == 1 and abs(np.mean(owl["rates"]) - 0.4) < 1e-4
-    evo = run_search(SearchConfig.build(method="evo", population=4, mutations=2, crossovers=2, generations=3, **common),
+    evo = run_search(SearchConfig.build(method="evo", population=4, mutations=2, crossovers=2, generations=3, probe=0.0,
+                                        tokens_per_stage="none", **common),
                      tmp_path / "e", progress=False)
     assert evo["evaluations"] == 4 + 3 * 4 and evo["calib_loss"] <= uni["calib_loss"]  # uniform is in generation 0
     rows = [json.loads(l) for l in (tmp_path / "e" / "history.jsonl").read_text().splitlines()]
@@ -295,7 +296,7 @@ def test_width_staged_run_exact_and_resumable(tiny_dirs, calib_text, tmp_path):
     whole-set scores equal an unstaged evaluation; kill -9 + resume gives the same history."""
     model = tiny_dirs["llama"]
     ref = tmp_path / "ref"
-    extra = ["--tokens-per-stage", "auto", "--generations", "4"]
+    extra = ["--tokens-per-stage", "auto", "--generations", "4", "--probe", "0", "--cache-mb", "0"]
     r = subprocess.run(_cmd(*_width_args(model, calib_text, ref, "evo", extra)), env=_env(), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -305,7 +306,8 @@ def test_width_staged_run_exact_and_resumable(tiny_dirs, calib_text, tmp_path):
     assert {x["tokens"] for x in rows if x["stage"] == 0} == {31} and {x["tokens"] for x in rows if x["stage"] == 1} == {62}
     assert [x["stage"] for x in rows if x["generation"] == 0] == [1] * 4
     assert a["calib_loss"] == min(x["loss"] for x in rows if x["stage"] == 1)
-    assert a["token_layers"] == rows[-1]["token_layers"] == 32 * 2 * 6 + 4 * 384 + 4 * (4 * 192 + 2 * 384)
+    # a promoted child continues from the window it was screened on: its whole-set score runs one window (192)
+    assert a["token_layers"] == rows[-1]["token_layers"] == 32 * 2 * 6 + 4 * 384 + 4 * (4 * 192 + 2 * 192)
     from evoprune import load_model
     from evoprune.data.calibration import CalibSet
     from evoprune.fitness.whole_model import WidthEvaluator

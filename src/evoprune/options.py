@@ -115,11 +115,13 @@ def parse_ints(text) -> tuple[int, ...]:
 
 
 def parse_stages(text):
-    """``"auto"`` stays ``"auto"``, ``"none"`` / ``"off"`` is ``None`` (one stage); anything else as :func:`parse_ints`."""
+    """``"auto"`` stays ``"auto"``, ``"none"`` / ``"off"`` become ``"none"`` (one stage: the config turns it into
+    ``None``; a parsed ``None`` would read as "not given" and leave a default of ``"auto"`` in place); anything
+    else as :func:`parse_ints`."""
     if isinstance(text, str) and text.strip().lower() == "auto":
         return "auto"
     if isinstance(text, str) and text.strip().lower() in ("none", "off"):
-        return None
+        return "none"
     return parse_ints(text)
 
 

@@ -39,7 +39,7 @@ cached states live (default: the model's; ``cpu`` beside a CUDA model: pinned, c
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -321,15 +321,18 @@ class NLLEvaluator:
 
     @torch.no_grad()
     def _run_from(self, dropped: tuple[int, ...], start: int, source: Callable[[int], torch.Tensor] | None,
-                  capture: list[int] = (), race=None) -> tuple[Evaluation, dict[int, list[torch.Tensor]]]:
+                  capture: list[int] = (), race=None, done: Sequence[float] = ()
+                  ) -> tuple[Evaluation, dict[int, list[torch.Tensor]]]:
         """Fitness with positions ``dropped`` removed, running only the kept positions ``>= start``.
 
         ``source(batch_index)`` gives the hidden state entering position ``start``
         under the pattern (the output of its kept positions ``< start``), ``[B, T,
         hidden]``; ``None`` only with ``start == 0`` (the embeddings feed position 0).
         ``capture``: positions that run (or ``n_units``, the final-norm input) whose
-        entering hidden states are returned per batch. ``race``: may stop after a batch.
-        """
+        entering hidden states are returned per batch (``None`` for batches not run).
+        ``race``: may stop after a batch (or before any). ``done``: loss totals of the
+        first batches, already scored: not run again, summed in the same order, not in
+        ``token_layers``."""
         lm, model, adapter = self.lm, self.lm.model, self.lm.adapter
         if source is None and start != 0:
             raise ValueError("a start position > 0 needs a hidden-state source")
@@ -345,8 +348,8 @@ class NLLEvaluator:
         else:
             target = blocks[run[0]]
             scope = adapter.dropped(model, DropPattern(self.n_layers, tuple(sorted(set(range(self.n_layers)) - set(run)))))
-        current = [0]
-        captured: dict[int, list[torch.Tensor]] = {j: [] for j in capture}
+        current, first = [0], len(done)
+        captured: dict[int, list[torch.Tensor]] = {j: [None] * first for j in capture}
 
         def feed(module, args, kwargs):
             # clone: a block that updated its input in place must not corrupt the cache; the copy goes to the
@@ -373,9 +376,10 @@ class NLLEvaluator:
         hooks = [(target, feed)] if source is not None else []
         hooks += [(site(j), grab(j)) for j in capture]
         device = model_device(model)
-        total, shape, parts = 0.0, [None], []
+        total, shape, parts = sum(done, 0.0), [None], list(done)  # sum: left to right, as the loop adds
+        stop = race is not None and 0 < first < len(self.batches) and race.stop(first, total)
         with scope, hooked(hooks, pre=True, with_kwargs=True):
-            for b, (s, e) in enumerate(self._bar(self.batches, "eval")):
+            for b, (s, e) in enumerate(self._bar(self.batches[first:] if not stop else [], "eval"), start=first):
                 current[0] = b
                 ids = self.calib.input_ids[s:e].to(device)
                 shape[0] = tuple(ids.shape)
@@ -385,13 +389,10 @@ class NLLEvaluator:
                 parts.append(part)
                 if race is not None and race.stop(b + 1, total):
                     break
-        if len(parts) < len(self.batches):
-            tokens = sum(self.batch_tokens[: len(parts)])
-            return Evaluation(loss=total / tokens, tokens=tokens, token_layers=self._cost(run, len(parts)),
-                              batch_losses=tuple(parts), complete=False), {}
-        ev = Evaluation(loss=total / self.tokens, tokens=self.tokens, token_layers=self._cost(run),
-                        batch_losses=tuple(parts))
-        return ev, captured
+        ran, tokens = self._cost(run, len(parts)) - self._cost(run, first), sum(self.batch_tokens[: len(parts)])
+        complete = len(parts) == len(self.batches)  # then tokens == self.tokens
+        return (Evaluation(loss=total / tokens, tokens=tokens, token_layers=ran, batch_losses=tuple(parts),
+                           complete=complete), captured if complete else {})
 
     def _bar(self, it, desc: str):
         from tqdm.auto import tqdm

@@ -15,7 +15,10 @@ Owns :class:`LevelEvaluator`. One evaluation of a :class:`~evoprune.genome.Level
 
 Cost: ``token_layers = n_tokens * n_layers`` for the fitness pass plus
 ``BACKWARD_FACTOR * train_tokens * n_layers`` for the training (every block runs,
-including one whose attention is fully pruned).
+including one whose attention is fully pruned). One-shot (no training), ``cache_mb``
+reuses the states of candidates with the same levels in the first blocks
+(:class:`~evoprune.fitness.block_prefix.BlockPrefix`, block key = the block's attention
+and MLP levels): the fitness pass then runs only the blocks from the first difference on.
 """
 from __future__ import annotations
 
@@ -40,8 +43,11 @@ class LevelEvaluator(WholeModelEvaluator):
 
     def __init__(self, applied: AppliedLevels, calib: CalibSet, *, train_windows: torch.Tensor | None = None,
                  train_cfg: BriefTrainConfig | None = None, train_seed: int = 0, batch_size: int = 1, metric: str = "nll",
-                 kl_topk: int | None = None) -> None:
-        super().__init__(applied.lm, calib, batch_size=batch_size, metric=metric, kl_topk=kl_topk)
+                 kl_topk: int | None = None, cache_mb: float = 0.0, cache_every: int | None = None,
+                 cache_device: str | None = None) -> None:
+        super().__init__(applied.lm, calib, batch_size=batch_size, metric=metric, kl_topk=kl_topk,
+                         cache_mb=0.0 if train_windows is not None else cache_mb, cache_every=cache_every,
+                         cache_device=cache_device)
         self.applied = applied
         self.train_windows = train_windows
         self.train_cfg = train_cfg or BriefTrainConfig()
@@ -66,14 +72,25 @@ class LevelEvaluator(WholeModelEvaluator):
     def plan(self, g):
         return self.applied.db.plan(g.attn, g.mlp, self.applied.spec)
 
-    def evaluate(self, g, race=None) -> Evaluation:
+    def block_keys(self, g) -> tuple | None:
+        """Per block, its attention and MLP levels (the database fixes the weights); ``None`` when training
+        (it changes every block)."""
+        return None if self.train_windows is not None else tuple(zip(g.attn, g.mlp))
+
+    def extends(self, other) -> int | None:
+        """As :meth:`WholeModelEvaluator.extends`; never when training (each stage trains on its own windows)."""
+        if self.train_windows is not None or getattr(other, "train_windows", None) is not None:
+            return None
+        return super().extends(other)
+
+    def evaluate(self, g, race=None, done=()) -> Evaluation:
         self.prepare()
         self.applied.apply(g.attn, g.mlp)
         with width_sliced(self.lm.model, self.plan(g), self.lm.adapter):
             if self.train_windows is not None:
                 self.last_train = brief_train(self.lm, self.train_windows, self.train_cfg, self.train_seed)
             with torch.no_grad():
-                return self._score(race)
+                return self._score(race, self.block_keys(g), done)
 
     def release(self) -> None:
         """Dense weights back, KL targets freed."""

@@ -74,6 +74,10 @@ class PrefixLRU:
                 return key, self._d[key]
         return None
 
+    def get(self, key: Key) -> Any:
+        """The value of an existing ``key`` (``None`` for a ghost), order unchanged."""
+        return self._d[key]
+
     def set(self, key: Key, value: Any) -> None:
         """Store tensors for an existing key (materializing a ghost) without touching the order."""
         if key in self._d:

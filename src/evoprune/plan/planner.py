@@ -46,7 +46,7 @@ def calib_shape(cfg) -> tuple[int, int]:
 
 
 def _shape(lm) -> dict:
-    from ..models.slicing import width_linears
+    from ..models.slicing import width_linears, width_spec
     from ..models.sublayers import sublayer_params
 
     cfg, model = lm.model.config, lm.model
@@ -60,7 +60,8 @@ def _shape(lm) -> dict:
             "intermediate": int(inter), "heads": int(cfg.num_attention_heads),
             "params": int(sum(p.numel() for p in model.parameters())), "dtype_bytes": p0.element_size(),
             "attn_params": attn, "mlp_params": mlp, "projection_params": int(proj),
-            "o_in": lin["o"].in_features, "down_in": lin["mlp_out"].in_features}
+            "o_in": lin["o"].in_features, "down_in": lin["mlp_out"].in_features,
+            "widths": width_spec(model, lm.adapter).layers}
 
 
 def _stages(cfg, n: int, t: int) -> list[tuple[int, int]]:
@@ -91,7 +92,9 @@ def _setup_token_layers(cfg, sh: dict, stages, n_tokens: int) -> dict:
 
 
 def _cost_fn(cfg, sh: dict, stages, train: list[int] | None, every: int, acc: dict):
-    """``cost(stage, genome)`` in token-layers as the space's evaluator counts it; sums into ``acc[stage]``."""
+    """``cost(stage, genome, done=0)`` in token-layers as the space's evaluator counts it (width / levels: with
+    the block-prefix LRU's bookkeeping and continuations from ``done`` leading batches); sums into
+    ``acc[stage]``."""
     from ..finetune.brief import BACKWARD_FACTOR
     from ..fitness.checkpoints import checkpoint
 
@@ -99,8 +102,10 @@ def _cost_fn(cfg, sh: dict, stages, train: list[int] | None, every: int, acc: di
     tokens = [m * t for m, t in stages]
     if cfg.space == "sublayers":
         w = [x for a, m in zip(sh["attn_params"], sh["mlp_params"]) for x in (a / (a + m), m / (a + m))]
+    prefixes = _prefixes(cfg, sh, stages, train) if cfg.space in ("width", "levels") else None
+    bs = cfg.calibration.batch_size
 
-    def cost(stage, g) -> int:
+    def cost(stage, g, done: int = 0) -> int:
         s = -1 if stage is None else stage
         n = tokens[s]
         if cfg.space == "layers":
@@ -111,15 +116,59 @@ def _cost_fn(cfg, sh: dict, stages, train: list[int] | None, every: int, acc: di
             start = checkpoint(min(units), 2 * N, every) if units else 2 * N
             tl = int(round(n * sum(w[u] for u in range(start, 2 * N) if u not in units)))
         else:
-            tl = n * N + (BACKWARD_FACTOR * train[s] * N if train else 0)
+            m, t = stages[s]
+            nb = -(-m // bs)
+            start, pre = 0, prefixes[s] if g is not None else None
+            if pre is not None:
+                keys = _block_keys(cfg, sh, g)
+                start = pre.lookup(keys, range(done, nb))[0]
+                pre.insert(keys, start, range(done, nb), None)
+            tl = (m - min(m, done * bs)) * t * (N - start) + (BACKWARD_FACTOR * train[s] * N if train else 0)
         acc[stage] = acc.get(stage, 0) + tl
         return tl
 
     return cost
 
 
-def _inputs(cfg, sh: dict) -> dict:
-    """Synthetic one-shot inputs (Block Influence / OWL ratios) for strategies that need ``scores``."""
+def _prefixes(cfg, sh: dict, stages, train) -> list:
+    """One block-prefix LRU per stage as :func:`~evoprune.fitness.whole_model.share_prefixes` gives them (the
+    stages that are leading batches of the last share its LRU); ``None`` entries without one."""
+    from ..fitness.block_prefix import BlockPrefix
+    from ..runner.problems.common import batch_prefix
+
+    mb = cfg.fitness.lru_mb(cfg.space, bool(train))
+    if not mb:
+        return [None] * len(stages)
+    last, bs = len(stages) - 1, cfg.calibration.batch_size
+    group = [last if s == last or batch_prefix(stages[s], stages[last], bs) is not None else s
+             for s in range(len(stages))]
+    out = {}
+    for g in sorted(set(group)):
+        members = [s for s in range(len(stages)) if group[s] == g]
+        m, t = stages[members[-1]]
+        out[g] = BlockPrefix(sh["n_layers"], mb * len(members) / len(stages) * 2 ** 20,
+                             m * t * sh["hidden"] * sh["dtype_bytes"])
+    return [out[group[s]] for s in range(len(stages))]
+
+
+def _block_keys(cfg, sh: dict, g) -> tuple:
+    """What each block computes under ``g``, as the evaluator keys it (width: groups and channels kept)."""
+    if cfg.space == "levels":
+        return tuple(zip(g.attn, g.mlp))
+    from ..prune.width_plan import allocate
+
+    out = []
+    for lw, r in zip(sh["widths"], g.rates):
+        dg, dc = allocate(lw, r)
+        out.append((lw.groups - dg, lw.channels - dc))
+    return tuple(out)
+
+
+def _inputs(cfg, sh: dict, train) -> dict:
+    """Synthetic one-shot inputs (Block Influence / OWL ratios) for strategies that need ``scores``; whether
+    candidates train, for strategies that may train (as :mod:`evoprune.runner.problems.levels` supplies)."""
+    if "training" in cfg.requirements:
+        return {"trains": bool(train)}
     if "scores" not in cfg.requirements:
         return {}
     N = sh["n_layers"] * (2 if cfg.space == "sublayers" else 1)  # one score per position of the space
@@ -139,9 +188,12 @@ def _run(cfg, lm, sh, stages, train, every) -> dict:
                 "note": f"--method {cfg.method} asks an LLM for its candidates: not simulated"}
     acc: dict = {}
     space = PROBLEMS[cfg.space](cfg, lm).space
+    from ..runner.problems.common import stage_links
+
+    links = stage_links(stages, cfg.calibration.batch_size) if cfg.space in ("width", "levels") and not train else {}
     r = dry_run(cfg, space, _cost_fn(cfg, sh, stages, train, every, acc),
                 stage_tokens=tuple(m * t_ for m, t_ in stages),
-                inputs=_inputs(cfg, sh), setup=sum(setup.values()))
+                inputs=_inputs(cfg, sh, train), setup=sum(setup.values()), links=links)
     f = per_token(lm)
     flops = sum(m * t_ * sh["n_layers"] * (block_flops(f, t_) + f["head"]) for m, t_ in stages)  # setup forwards
     for stage, tl in acc.items():
@@ -168,7 +220,7 @@ def _memory(cfg, sh: dict, stages, train, every: int | None) -> dict:
         k = cfg.fitness.kl_topk
         per = 4 * V if k is None or k >= V else 12 * k + 4
         out["KL targets"] = sum(mi * (ti - 1) * per for mi, ti in stages)
-    out["LRU"] = int(float(cfg.fitness.cache_mb) * 2 ** 20)
+    out["LRU"] = int(cfg.fitness.lru_mb(cfg.space, bool(train)) * 2 ** 20)
     B = min(bs, m)
     out["activations"] = B * t * (V * (b + 8) + (6 * H + 3 * sh["intermediate"]) * b)
     if cfg.fitness.fitness == "kl":  # the candidate's fp32 log-probabilities, the dense probabilities, the terms

@@ -39,18 +39,21 @@ def _loss(genome, key: str, stage) -> float:
     return 1.0 + sum(1.0 / (1.0 + 10.0 * u / n) for u in units) + 0.05 * noise
 
 
-def dry_run(cfg, space, cost, *, stage_tokens: tuple[int, ...], inputs: dict | None = None, setup: int = 0) -> dict:
+def dry_run(cfg, space, cost, *, stage_tokens: tuple[int, ...], inputs: dict | None = None, setup: int = 0,
+            links: dict | None = None) -> dict:
     """``{"evaluations", "token_layers", "per_stage", "budget", "capped"}`` of a dry run of ``cfg``'s
-    method over ``space`` (see the module docstring). ``cost(stage, genome)``: token-layers of one
-    evaluation (``stage`` ``None`` for one-stage methods); ``setup``: token-layers spent before the first
-    (counted against the budget, as the loop does); ``inputs``: the strategy's one-shot inputs."""
+    method over ``space`` (see the module docstring). ``cost(stage, genome, done)``: token-layers of one
+    evaluation (``stage`` ``None`` for one-stage methods; ``done``: leading batches it continues from, as
+    the loop's continuation does, from ``links`` = :func:`~evoprune.runner.problems.common.stage_links`);
+    ``setup``: token-layers spent before the first (counted against the budget, as the loop does);
+    ``inputs``: the strategy's one-shot inputs."""
     from ..search import make_strategy
 
     strategy = make_strategy(cfg.method, space, np.random.default_rng([cfg.seed, 2]),
                              **cfg.strategy_options(inputs or {}))
     given = cfg.budget.budget_token_layers
     budget = given if given is not None else strategy.default_budget(stage_tokens)
-    spent, evaluations, per_stage, stopped = setup, 0, {}, False
+    spent, evaluations, per_stage, stopped, scored = setup, 0, {}, False, set()
     while not strategy.done and not stopped and evaluations < MAX_EVALUATIONS:
         cands, fits = strategy.ask(), []
         for c in cands:
@@ -58,7 +61,9 @@ def dry_run(cfg, space, cost, *, stage_tokens: tuple[int, ...], inputs: dict | N
                 stopped = True
                 break
             stage = getattr(c, "stage", None)
-            spent += cost(stage, getattr(c, "pattern", c))
+            done = next((k for s, k in (links or {}).get(stage, ()) if (c.key, s) in scored), 0)
+            spent += cost(stage, getattr(c, "pattern", c), done)
+            scored.add((c.key, stage))
             evaluations += 1
             per_stage[stage] = per_stage.get(stage, 0) + 1
             fits.append(_loss(getattr(c, "pattern", c), c.key, stage))

@@ -126,12 +126,14 @@ class EvalWorker:
                 "device": self.device,
                 "setup_token_layers": sum(ev.setup_token_layers for ev in self.problem.evaluators)}
 
-    def evaluate(self, genome: Any, stage: int | None, race=None) -> tuple:
+    def evaluate(self, genome: Any, stage: int | None, race=None, done: tuple = ()) -> tuple:
         """``(loss, tokens, token_layers actually run, batch losses, complete)`` of ``genome`` on stage
-        ``stage`` (``None``: the only one), raced by ``race`` (a :class:`~evoprune.fitness.racing.Race`)."""
+        ``stage`` (``None``: the only one), raced by ``race`` (a :class:`~evoprune.fitness.racing.Race`),
+        continuing from the batch totals ``done`` of a lower stage (``()``: from the start)."""
         if self.delay:
             time.sleep(self.delay)
-        ev = self.problem.evaluators[-1 if stage is None else stage].evaluate(genome, race=race)
+        ev = self.problem.evaluators[-1 if stage is None else stage]
+        ev = ev.evaluate(genome, race=race, done=done) if done else ev.evaluate(genome, race=race)
         return ev.loss, ev.tokens, ev.token_layers, ev.batch_losses, ev.complete
 
 
@@ -267,7 +269,7 @@ class WorkerPool:
 
     # -- evaluation -----------------------------------------------------------------
     def imap(self, tasks: Sequence[tuple]) -> Iterator[tuple]:
-        """Evaluate ``(genome, stage, race)`` tasks; yield ``(loss, tokens, token_layers run, batch losses,
+        """Evaluate ``(genome, stage, race, done)`` tasks; yield ``(loss, tokens, token_layers run, batch losses,
         complete)`` in input order.
 
         Dispatches as workers free up (one task per worker at a time) and yields

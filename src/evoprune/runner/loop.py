@@ -157,11 +157,13 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
     if len(committed) < counters["evaluations"]:
         raise UserError(f"{run.path}: corrupted run (history shorter than the saved state)")
     run.rewrite_history(committed)
-    parts = {}
+    parts, links = {}, _links(problem.evaluators)
     for r in committed:  # the LRUs' bookkeeping and race references, as the uninterrupted run left them
-        _reused(problem.evaluators[r.get("stage", -1)], problem.space.from_key(r["pattern"]), r)
+        stage = r.get("stage")
+        _reused(problem.evaluators[-1 if stage is None else stage], problem.space.from_key(r["pattern"]), r,
+                _continued(r["pattern"], stage, links, parts))
         if not r.get("raced") and "batch_losses" in r:
-            parts[(r["pattern"], r.get("stage"))] = tuple(r["batch_losses"])
+            parts[(r["pattern"], stage)] = tuple(r["batch_losses"])
     prev_wall = (state or {}).get("wall_s", 0.0)
 
     def save_state() -> None:
@@ -186,6 +188,7 @@ def _loop(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, reu
     budget = given if given is not None else strategy.default_budget(tuple(e.calib.n_tokens for e in evaluators))
     counters["budget_token_layers"] = budget
     races = bool(getattr(cfg.method_options, "race_margin", 0))
+    links = _links(evaluators)
 
     def exhausted(extra: int = 0) -> bool:
         # a method's default budget never ends a run before its first full-fidelity candidate
@@ -202,7 +205,7 @@ def _loop(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, reu
             cands = strategy.ask()
             fits = []
             for c, stage, genome, loss, tokens, tl, batch_losses, complete in _scored(
-                    cands, evaluators, reuse, exhausted, parts, strategy.race_of, pool):
+                    cands, evaluators, reuse, exhausted, parts, strategy.race_of, pool, links):
                 counters["evaluations"] += 1
                 counters["token_layers"] += tl
                 row = {"eval": counters["evaluations"], "generation": counters["generation"], "pattern": c.key,
@@ -210,7 +213,7 @@ def _loop(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, reu
                        "token_layers": counters["token_layers"]}
                 if stage is not None:
                     row["stage"] = stage
-                if (races and len(batch_losses) > 1) or not complete:  # race references, also on resume
+                if (races and len(batch_losses) > 1) or links or not complete:  # race refs, continuations
                     row["batch_losses"] = list(batch_losses)
                 if not complete:
                     row["raced"] = True
@@ -283,13 +286,36 @@ def _race(spec: dict | None, stage, ev, parts: dict):
     return race if race is not None and race.active else None
 
 
-def _reused(ev, genome, r: dict) -> tuple:
+def _links(evaluators) -> dict[int, list[tuple[int, int]]]:
+    """Stage ``t`` -> ``[(s, k), ...]``: lower stages ``s`` (latest first) whose data are the first ``k`` batches
+    of stage ``t``'s (:meth:`~evoprune.fitness.whole_model.WholeModelEvaluator.extends`); only stages with one."""
+    out = {}
+    for t, ev in enumerate(evaluators):
+        ext = getattr(ev, "extends", None)
+        found = [(s, k) for s in range(t - 1, -1, -1) if ext is not None and (k := ext(evaluators[s])) is not None]
+        if found:
+            out[t] = found
+    return out
+
+
+def _continued(key: str, stage, links: dict, parts: dict) -> tuple:
+    """Batch totals a candidate at ``stage`` continues from: its complete evaluation at the latest linked lower
+    stage (see :func:`_links`); ``()`` when there is none."""
+    for s, k in links.get(stage, ()):
+        got = parts.get((key, s))
+        if got is not None and len(got) == k:
+            return got
+    return ()
+
+
+def _reused(ev, genome, r: dict, done: tuple = ()) -> tuple:
     raced = bool(r.get("raced"))
-    ev.replay(genome, len(r["batch_losses"]) if raced else None)
+    batches = len(r["batch_losses"]) if raced else None
+    ev.replay(genome, batches, len(done)) if done else ev.replay(genome, batches)
     return r["loss"], r["tokens"], r["eval_token_layers"], tuple(r.get("batch_losses", ())), not raced
 
 
-def _scored(cands, evaluators, reuse: dict, exhausted, parts: dict, race_of, pool=None):
+def _scored(cands, evaluators, reuse: dict, exhausted, parts: dict, race_of, pool=None, links=None):
     """``(candidate, stage, genome, loss, tokens, token_layers, batch losses, complete)`` of ``cands``, in order.
 
     Stops before the first candidate at which ``exhausted()`` (the budget is spent; the caller updates
@@ -302,7 +328,8 @@ def _scored(cands, evaluators, reuse: dict, exhausted, parts: dict, race_of, poo
     bound; a raced one's cost is only known once it ran); its results are replayed in order through
     the driver's evaluators (the LRU bookkeeping gives the sequential run's token-layers, hence the
     same budget stop), so the caller sees exactly what the sequential loop sees and nothing past the
-    stop is dispatched.
+    stop is dispatched. A candidate whose lower stage scored the first batches of its stage's data
+    continues from them (``links``, :func:`_continued`).
     """
     plan = []
     for c in cands:
@@ -312,15 +339,18 @@ def _scored(cands, evaluators, reuse: dict, exhausted, parts: dict, race_of, poo
         genome = getattr(c, "pattern", c)
         ev = evaluators[-1 if stage is None else stage]
         r = reuse.pop((c.key, stage), None)
+        done = _continued(c.key, stage, links or {}, parts)
         if pool is not None:
-            plan.append((c, stage, genome, ev, r, None if r is not None else _race(race_of(c), stage, ev, parts)))
+            race = None if r is not None else _race(race_of(c), stage, ev, parts)
+            plan.append((c, stage, genome, ev, r, race, done))
             continue
         if r is not None:
-            yield (c, stage, genome, *_reused(ev, genome, r))
+            yield (c, stage, genome, *_reused(ev, genome, r, done))
             continue
         if _EVAL_DELAY:
             time.sleep(_EVAL_DELAY)
-        e = ev.evaluate(genome, race=_race(race_of(c), stage, ev, parts))
+        race = _race(race_of(c), stage, ev, parts)
+        e = ev.evaluate(genome, race=race, done=done) if done else ev.evaluate(genome, race=race)
         yield c, stage, genome, e.loss, e.tokens, e.token_layers, e.batch_losses, e.complete
     i = 0
     while i < len(plan):
@@ -331,13 +361,14 @@ def _scored(cands, evaluators, reuse: dict, exhausted, parts: dict, race_of, poo
             i += 1
         if not wave:
             return
-        results = pool.imap([(genome, stage, race) for _, stage, genome, _, r, race in wave if r is None])
-        for c, stage, genome, ev, r, _ in wave:
+        results = pool.imap([(genome, stage, race, done) for _, stage, genome, _, r, race, done in wave if r is None])
+        for c, stage, genome, ev, r, _, done in wave:
             if r is not None:
-                yield (c, stage, genome, *_reused(ev, genome, r))
+                yield (c, stage, genome, *_reused(ev, genome, r, done))
                 continue
             loss, tokens, _, batch_losses, complete = next(results)
-            tl = ev.replay(genome, None if complete else len(batch_losses))
+            batches = None if complete else len(batch_losses)
+            tl = ev.replay(genome, batches, len(done)) if done else ev.replay(genome, batches)
             yield c, stage, genome, loss, tokens, tl, batch_losses, complete
 
 

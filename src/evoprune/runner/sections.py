@@ -23,6 +23,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 SAMPLINGS = ("random", "ccds")
 FITNESSES = ("nll", "kl")
 REPORT_TO = ("tensorboard", "wandb", "none")  # --report-to: Hugging Face Trainer's report_to names
+AUTO_CACHE_MB = 1024.0  # --cache-mb auto for width and levels: the block-prefix states of ~29 SmolLM2 candidates at
+# 512 tokens; a model whose entries are larger keeps fewer positions per candidate (fitness.block_prefix.auto_every)
 
 
 def _positive(section, *names: str) -> None:
@@ -100,7 +102,9 @@ class FitnessOptions:
     fitness: str = opt("nll", "nll (mean next-token NLL) | kl (KL to the dense model's next-token distribution)",
                        choices=FITNESSES)
     kl_topk: int | None = opt(None, "--fitness kl: keep only the dense model's top-K log-probs per token")
-    cache_mb: float = opt(0.0, "MiB for the shared-prefix hidden-state LRU (0: off)")
+    cache_mb: float | str = opt("auto", "MiB for the shared-prefix hidden-state LRU (0: off; auto: off for layers / "
+                                        f"sublayers, whose dense prefix cache does most of that work, {AUTO_CACHE_MB:g} "
+                                        "for width and one-shot levels)", kind="str", legacy=0.0)
     cache_every: str = opt("auto", "layers / sublayers: keep the dense state of every J-th position and recompute "
                                    "the rest (counted in token-layers); auto: 1 (every position) unless that does "
                                    "not fit the cache device, then the smallest J that does")
@@ -110,14 +114,31 @@ class FitnessOptions:
             raise UserError(f"unknown fitness {self.fitness!r} (choose from {', '.join(FITNESSES)})")
         if self.kl_topk is not None and (self.fitness != "kl" or int(self.kl_topk) < 1):
             raise UserError("--kl-topk needs --fitness kl and must be >= 1")
-        if not float(self.cache_mb) >= 0:
-            raise UserError(f"--cache-mb must be >= 0, got {self.cache_mb}")
+        mb = str(self.cache_mb).strip().lower()
+        if mb != "auto":
+            try:
+                mb = float(mb)
+            except ValueError:
+                mb = float("nan")
+            if not mb >= 0:
+                raise UserError(f"--cache-mb must be auto or a number >= 0, got {self.cache_mb!r}")
+        object.__setattr__(self, "cache_mb", mb)
         every = str(self.cache_every).strip().lower()
         if every != "auto":
             if not every.isdigit() or int(every) < 1:
                 raise UserError(f"--cache-every must be auto or an integer >= 1, got {self.cache_every!r}")
             every = int(every)
         object.__setattr__(self, "cache_every", every)
+
+
+    def lru_mb(self, space: str, trains: bool = False) -> float:
+        """MiB of the shared-prefix LRU for a run of ``space`` (``auto`` resolved; see ``--cache-mb``); a run that
+        trains its candidates (training-aware levels) has none: training changes every block."""
+        if trains:
+            return 0.0
+        if self.cache_mb != "auto":
+            return float(self.cache_mb)
+        return AUTO_CACHE_MB if space in ("width", "levels") else 0.0
 
 
 def _report_to(value) -> str:
@@ -141,8 +162,9 @@ class ExecutionOptions:
     device_map: str | None = opt(None, "load the model with from_pretrained(device_map=...), e.g. auto (default: auto "
                                        "when --gpus-per-worker > 1)")
     hessian_mb: float = opt(2048.0, "levels: MiB of float64 Hessians per level-database pass")
-    cache_device: str | None = opt(None, "layers / sublayers: device of the dense hidden-state cache (default: the "
-                                         "model's; cpu beside a CUDA model: pinned host memory)")
+    cache_device: str | None = opt(None, "device of the cached hidden states (layers / sublayers: the dense cache; "
+                                         "width / levels: the block-prefix LRU; default: the model's; cpu beside a "
+                                         "CUDA model: pinned host memory)")
     report_to: str = opt("none", "stream per-generation best calib loss, evaluations and token-layers beside the run "
                                  "directory: tensorboard (RUN/tensorboard) | wandb (RUN/wandb) | none, or a comma list",
                          kind="names")

@@ -63,6 +63,7 @@ class StagedOptions:
                                   "than this many nats per token still to score (0: off)")
 
     last_may_exceed: ClassVar[bool] = True  # may the parents kept (last survivors) outnumber the offspring?
+    open_generations: ClassVar[bool] = False  # may ``generations`` be None (the strategy's max_generations decides)?
 
     @classmethod
     def default_survivors(cls, n_stages: int) -> tuple[int, ...]:
@@ -78,6 +79,8 @@ class StagedOptions:
     def __post_init__(self) -> None:
         for name in ("generations", "offspring"):
             v = getattr(self, name)
+            if v is None and name == "generations" and self.open_generations:
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SearchError(f"{name} must be an integer >= 1, got {v!r}")
         tps = stage_tokens_option(self.tokens_per_stage)
@@ -133,11 +136,11 @@ class SwapEvoOptions(StagedOptions):
 
 
 def stage_tokens_option(tps):
-    """A validated ``tokens_per_stage`` value: ``None``, :data:`AUTO` or increasing integers >= 2
-    (``SearchError`` otherwise)."""
+    """A validated ``tokens_per_stage`` value: ``None`` (also from ``"none"`` / ``"off"``), :data:`AUTO` or
+    increasing integers >= 2 (``SearchError`` otherwise)."""
     if isinstance(tps, str) and tps.strip().lower() == AUTO:
         return AUTO
-    if tps is None:
+    if tps is None or (isinstance(tps, str) and tps.strip().lower() in ("none", "off")):
         return None
     tps = _ints("tokens_per_stage", tps)
     if any(b <= a for a, b in zip(tps, tps[1:])) or tps[0] < 2:
@@ -254,10 +257,15 @@ class StagedStrategy(Strategy):
                 seen.add(p.key)
                 pool.append(p)
         self.parents = self._ranked(pool, self.last)[: self.config.survivors[-1]]
-        if self.generation >= self.config.generations:
+        if self.generation >= self.max_generations:
             self._done = True
             return
         self._start(self._offspring())
+
+    @property
+    def max_generations(self) -> int:
+        """Generations after which the search ends (default: ``config.generations``)."""
+        return self.config.generations
 
     def _advance(self) -> None:  # pragma: no cover - ask/tell are overridden
         raise NotImplementedError

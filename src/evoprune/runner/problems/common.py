@@ -11,7 +11,7 @@ from __future__ import annotations
 from ...errors import UserError
 from ...search.staged import AUTO_SHARE
 
-__all__ = ["stage_slices", "stage_tokens", "check_stages", "auto_first_stage"]
+__all__ = ["stage_slices", "stage_tokens", "check_stages", "auto_first_stage", "batch_prefix", "stage_links"]
 
 AUTO_MIN_TOKENS = 64  # tokens_per_stage="auto": the first stage has 1/AUTO_SHARE of the tokens, but at least this
 # many (or half the set)
@@ -53,3 +53,32 @@ def stage_slices(tokens_per_stage, n_samples: int, seqlen: int) -> list[tuple[in
         m = min(n_samples, -(-t // seqlen))
         out.append((m, t // m))
     return out
+
+
+def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+
+def batch_prefix(part: tuple[int, int], whole: tuple[int, int], batch_size: int) -> int | None:
+    """How many leading batches of slice ``whole`` the slice ``part`` is (both ``(samples, tokens per
+    sample)`` of one calibration set, batched by ``batch_size``): the same whole windows, batched alike. A
+    candidate scored on ``part`` continues on ``whole`` from there
+    (:meth:`~evoprune.fitness.whole_model.WholeModelEvaluator.extends`, which checks the data too).
+    ``None`` when it is not such a prefix."""
+    (m, t), (n, u) = part, whole
+    if t != u or m >= n:
+        return None
+    a, b = _batches(m, batch_size), _batches(n, batch_size)
+    return len(a) if a == b[: len(a)] else None
+
+
+def stage_links(slices, batch_size: int) -> dict[int, list[tuple[int, int]]]:
+    """Stage ``t`` -> ``[(s, k), ...]``: the lower stages ``s`` (latest first) whose slice is the first ``k``
+    batches of stage ``t``'s (:func:`batch_prefix`); only stages that have one."""
+    out = {}
+    for t, whole in enumerate(slices):
+        found = [(s, k) for s in range(t - 1, -1, -1) if (k := batch_prefix(slices[s], whole, batch_size)) is not None]
+        if found:
+            out[t] = found
+    return out
+

@@ -5,7 +5,8 @@ calibration set and ladder; found again under ``$EVOPRUNE_CACHE/levels`` or ``--
 that builds it counts its token-layers), the :class:`~evoprune.spaces.LevelSpace`, and one
 :class:`~evoprune.fitness.levels.LevelEvaluator` per selection stage, each with its fitness slice and,
 when the strategy trains candidates (``"training"`` in its requirements, ``training_aware`` on), its
-training windows (disjoint from the calibration set).
+training windows (disjoint from the calibration set); one-shot, ``--cache-mb`` holds their block-prefix
+states (:func:`~evoprune.fitness.whole_model.share_prefixes`).
 """
 from __future__ import annotations
 
@@ -139,6 +140,7 @@ class LevelProblem:
 
     def prepare(self, calib, run, fresh: bool, needs: frozenset) -> tuple[int, dict]:
         from ...fitness.levels import LevelEvaluator
+        from ...fitness.whole_model import share_prefixes
         from ...prune.levels_db import AppliedLevels
 
         cfg = self.cfg
@@ -160,12 +162,15 @@ class LevelProblem:
             self.evaluators.append(LevelEvaluator(applied, part, train_windows=windows, train_cfg=cfg.training,
                                                   train_seed=cfg.seed,
                                                   batch_size=cfg.calibration.batch_size, metric=cfg.fitness.fitness,
-                                                  kl_topk=cfg.fitness.kl_topk))
+                                                  kl_topk=cfg.fitness.kl_topk,
+                                                  cache_device=cfg.execution.cache_device))
+        share_prefixes(self.evaluators, cfg.fitness.lru_mb(cfg.space, bool(train)))
         if fresh:
             for ev in self.evaluators:  # dense KL targets (nll: nothing), before any level is applied
                 ev.prepare()
                 spent += ev.setup_token_layers
-        return spent, {}
+        # a strategy that may train learns whether it does (darwinlm: its one-shot default budget)
+        return spent, ({"trains": bool(train)} if "training" in needs else {})
 
     def plan(self, g):
         return self.db.plan(g.attn, g.mlp, self.spec)

@@ -36,7 +36,7 @@ def _resolve(cfg, lm, evaluators, record: Path) -> int:
     n_units = evaluators[0].n_units
     free = free_bytes(device)
     if every == "auto":
-        every = choose_every(n_units, entries, free, int(float(cfg.fitness.cache_mb) * 2 ** 20))
+        every = choose_every(n_units, entries, free, int(cfg.fitness.lru_mb(cfg.space) * 2 ** 20))
         if every is None:
             raise UserError(f"the dense hidden-state caches do not fit on {device} even with one kept state in "
                             f"{n_units} (free: {free / 2 ** 30:.1f} GiB): use --cache-device cpu, fewer "
@@ -54,7 +54,7 @@ def prefix_evaluators(cfg, lm, calib, run, *, sublayers: bool) -> list:
     from ...fitness.evaluator import NLLEvaluator
 
     slices = stage_slices(stage_tokens(cfg.method_options), calib.n_samples, calib.seqlen)
-    mb = float(cfg.fitness.cache_mb) / len(slices)
+    mb = cfg.fitness.lru_mb(cfg.space) / len(slices)
     whole = (calib.n_samples, calib.seqlen)
 
     def build(every: int) -> list:

@@ -3,7 +3,8 @@
 Owns :class:`WidthOptions` and :class:`WidthProblem`: the :class:`~evoprune.spaces.WidthSpace`, the
 structure importance (Wanda-sp or magnitude, from one dense forward of the whole calibration set;
 ``RUN/importance.pt``, counted once per run), one :class:`~evoprune.fitness.whole_model.WidthEvaluator` per
-selection stage (its data slice, :func:`~evoprune.runner.problems.common.stage_slices`), and the OWL outlier ratios as
+selection stage (its data slice, :func:`~evoprune.runner.problems.common.stage_slices`; ``--cache-mb`` for
+their block-prefix states, :func:`~evoprune.fitness.whole_model.share_prefixes`), and the OWL outlier ratios as
 one-shot ``scores`` for strategies that need them. ``result.json`` adds ``rates``, ``importance``,
 ``params`` (of the pruned model), ``params_dense``, ``prunable_params_kept`` / ``_total`` (the decoder
 blocks' attention and MLP projections the rates apply to) and ``param_sparsity``.
@@ -67,7 +68,7 @@ class WidthProblem:
         self.importance = None
 
     def prepare(self, calib, run, fresh: bool, needs: frozenset) -> tuple[int, dict]:
-        from ...fitness.whole_model import WidthEvaluator
+        from ...fitness.whole_model import WidthEvaluator, share_prefixes
         from ...prune.importance import WidthImportance, compute_importance
 
         cfg, o = self.cfg, self.cfg.space_options
@@ -84,7 +85,9 @@ class WidthProblem:
         slices = stage_slices(stage_tokens(cfg.method_options), calib.n_samples, calib.seqlen)
         whole = (calib.n_samples, calib.seqlen)
         self.evaluators = [WidthEvaluator(self.lm, calib if (m, t) == whole else calib.slice(m, t), self.importance,
-                                          batch_size=cfg.calibration.batch_size) for m, t in slices]
+                                          batch_size=cfg.calibration.batch_size,
+                                          cache_device=cfg.execution.cache_device) for m, t in slices]
+        share_prefixes(self.evaluators, cfg.fitness.lru_mb(cfg.space))
         inputs = {"scores": [float(x) for x in self.importance.outlier_ratio]} if "scores" in needs else {}
         return spent, inputs
 

@@ -19,10 +19,17 @@ candidates are :class:`~evoprune.spaces.LevelVector`\\ s of a
   selection each stage fine-tunes the candidate briefly before scoring it, on
   more tokens stage by stage (:mod:`evoprune.fitness.levels`). ``survivors[-1]``
   (default 1, the paper's single parent) candidates become the parents, with
-  the old parents competing (``elitism``, default on). ``tokens_per_stage="auto"``:
-  1/8 of the calibration tokens, then all of them, survivors ``(2, 1)``; not the
-  default: on SmolLM2-135M (30%, one-shot, 2 x 256 tokens, 3 seeds) it cost 0.38x
-  the single stage's token-layers but reached a lower loss on 1 seed of 3
+  the old parents competing (``elitism``, default on). ``tokens_per_stage="auto"``
+  (the default): 1/8 of the calibration tokens (>= 64), then all of them,
+  survivors ``(2, 1)``;
+- length: training-aware runs end after ``generations`` (default 10); one-shot runs
+  without ``--budget-token-layers`` get a budget of ``budget_evals`` (default 35)
+  whole-set evaluations of the dense model (``budget_evals x tokens x blocks``
+  token-layers; a level database the run builds counts against it) and run until
+  it is spent (or ``generations``, when given). On SmolLM2-135M (30%, one-shot,
+  2 x 256 tokens, seeds 0-2) these defaults, with the evaluators' block-prefix
+  cache, reached a lower calibration loss than the old ones (one whole-set stage,
+  10 generations, no cache) on all three seeds at <= 0.5x their token-layers
   (``benchmarks/selection_cost.py``);
 - racing (``race_margin``): on the last stage a child is stopped once its
   partial loss is clearly worse than every parent's on the same batches
@@ -32,13 +39,14 @@ Torch-free; randomness only from the given generator.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ...options import opt
 from ...spaces import SearchError
 from ..registry import register
-from ..staged import StagedOptions, StagedStrategy
+from ..staged import AUTO, StagedOptions, StagedStrategy
 
 __all__ = ["DarwinLMConfig", "DarwinLMStrategy"]
 
@@ -48,16 +56,21 @@ class DarwinLMConfig(StagedOptions):
     """Options of ``darwinlm``; validated on construction (``SearchError``). Survivors default to one
     per stage (the paper's single parent); every survivor count is at most ``offspring``."""
 
-    generations: int = opt(10, "generations (the uniform start counts as one)")
+    generations: int | None = opt(None, "generations (the uniform start counts as one; default: training-aware 10, "
+                                        "one-shot until the budget)")
     offspring: int = opt(8, "candidates per generation")
     max_flips: int = opt(3, "most level switches per mutation")
+    budget_evals: float = opt(35.0, "one-shot runs without --budget-token-layers: budget = this many whole-set "
+                                    "evaluations of the dense model (0: none)", legacy=0.0)
+    trains: bool = field(default=False, metadata={"cli": False})  # runner input: training-aware selection?
     tokens_per_stage: tuple | str | None = opt(
-        None, "fitness tokens per selection stage, e.g. 512,2048 (the last = the whole calibration set; auto: "
+        AUTO, "fitness tokens per selection stage, e.g. 512,2048 (the last = the whole calibration set; auto: "
               "1/8 of the set, >= 64 tokens, then the whole set)", aliases=("fitness_tokens_per_stage",), kind="stages")
     race_margin: float = opt(0.05, "racing: stop a last-stage child once it trails every parent by more than this "
                                    "many nats per token still to score (0: off)", legacy=0.0)
 
     last_may_exceed: ClassVar[bool] = False
+    open_generations: ClassVar[bool] = True
 
     @classmethod
     def default_survivors(cls, n_stages: int) -> tuple[int, ...]:
@@ -68,6 +81,10 @@ class DarwinLMConfig(StagedOptions):
         super().__post_init__()
         if not isinstance(self.max_flips, int) or isinstance(self.max_flips, bool) or self.max_flips < 1:
             raise SearchError(f"max_flips must be an integer >= 1, got {self.max_flips!r}")
+        if not (isinstance(self.budget_evals, (int, float)) and 0 <= self.budget_evals < math.inf):
+            raise SearchError(f"budget_evals must be a number >= 0, got {self.budget_evals!r}")
+        object.__setattr__(self, "budget_evals", float(self.budget_evals))
+        object.__setattr__(self, "trains", bool(self.trains))
 
 
 @register("darwinlm", space="levels", default=True)
@@ -76,7 +93,22 @@ class DarwinLMStrategy(StagedStrategy):
 
     config_cls = DarwinLMConfig
     needs = frozenset({"training"})
+    inputs = ("trains",)
     config: DarwinLMConfig
+
+    @property
+    def max_generations(self) -> int:
+        g = self.config.generations
+        if g is not None:
+            return g
+        # one-shot with a default budget: the budget ends the run (the cap only guards a budget-less loop)
+        return 10 if self.config.trains or not self.config.budget_evals else 10**6
+
+    def default_budget(self, stage_tokens: tuple[int, ...]) -> int | None:
+        """One-shot: ``budget_evals`` x whole-set tokens x blocks; training-aware or ``budget_evals`` 0: none."""
+        if self.config.trains or not self.config.budget_evals:
+            return None
+        return int(self.config.budget_evals * stage_tokens[-1] * self.space.n_layers)
 
     def __init__(self, space, rng, **options) -> None:
         super().__init__(space, rng, **options)

@@ -1,44 +1,40 @@
-"""``evo`` over rate vectors (``--space width``): the population loop of Self-Pruner's Algorithm 1, no LLM.
+"""``evo`` over rate vectors (``--space width``): sensitivity rounds, then the population loop of
+Self-Pruner's Algorithm 1, no LLM.
 
 Owns :class:`WidthEvoConfig` and :class:`WidthEvoStrategy` (the (K + M + S) population loop; ``self-pruner``
 subclasses it and replaces the operators). Every candidate is a :class:`~evoprune.spaces.RateVector`
 feasible in a :class:`~evoprune.spaces.WidthSpace` (mean rate = the target sparsity).
 
-Generation 0 is the initial population of ``population`` (K) vectors: uniform, OWL's vector when
-``scores`` are given, the rest :meth:`WidthSpace.sample`. Each later generation makes ``mutations`` (M)
-children by :meth:`WidthSpace.mutate` of a binary-tournament parent and ``crossovers`` (S) children by
-:meth:`WidthSpace.crossover` of two tournament parents; children already scored or repeated are redrawn
-(at most ``50 * (M + S)`` draws). The next population is the best K of parents and children (ties:
-parents first). ``generations`` (N) counts offspring generations; evaluations = K + N (M + S).
-Racing (``race_margin`` > 0): a child is scored batch by batch and stopped once its partial loss is
-clearly worse than every population member's on the same batches (it could not enter the population;
-it is told ``+inf``), see :class:`~evoprune.fitness.racing.Race`.
+Sensitivity rounds (``probe`` > 0, ``probe_rounds`` of them; :mod:`.sensitivity`): starting from the uniform
+vector, each round scores the current vector and one *probe* per layer (that layer's rate lowered by
+``probe``, a measurement, never a result) on the first stage; when the best probe beats the current vector
+by more than ``probe_gain`` nats per token, its layer keeps the lowered rate, the layers not moved yet take
+the difference, and the next round starts from there; otherwise the rounds end. On SmolLM2-135M (30%,
+2 x 256 tokens) four rounds alone reach a lower loss than the old defaults on every seed at 0.2x their
+token-layers (docs/RESULTS.md, selection-cost).
 
-Staged selection (``tokens_per_stage``, e.g. ``"auto"``: a first slice of 1/8 of the calibration
-tokens, then the whole set; issue 16): the initial population is scored on the whole set; each later
-generation's children are first scored on the cheap slice (stage 0, asked as
+Generation 0 is the initial population of ``population`` (K) vectors: after sensitivity rounds, their last
+vector and its mutants; without them, uniform, OWL's vector when ``scores`` are given, the rest
+:meth:`WidthSpace.sample`. Each later generation makes ``mutations`` (M) children by :meth:`WidthSpace.mutate`
+of a binary-tournament parent and ``crossovers`` (S) children by :meth:`WidthSpace.crossover` of two
+tournament parents; children already scored or repeated are redrawn (at most ``50 * (M + S)`` draws). The
+next population is the best K of parents and children (ties: parents first). ``generations`` (N) counts
+offspring generations. Racing (``race_margin`` > 0): a child is scored batch by batch and stopped once its
+partial loss is clearly worse than every population member's on the same batches (it could not enter the
+population; it is told ``+inf``), see :class:`~evoprune.fitness.racing.Race`.
+
+Staged selection (``tokens_per_stage``, e.g. ``"auto"``: a first slice of 1/8 of the calibration tokens,
+then the whole set; issue 16): the probes are scored on the first slice; the initial population on the
+whole set; each later generation's children first on the first slice (stage 0, asked as
 :class:`~evoprune.search.staged.Request` objects) and only the best ``promote`` of them (ties: proposal
 order) on the whole set (the last stage, raced as above); only those compete for the population.
-``tokens_per_stage=None`` (the default): one stage, every child on the whole set (Algorithm 1's loop).
-Staged selection is not the default because on SmolLM2 (30%, 2 x 256 tokens, 3 seeds) it cost 0.51x
-the token-layers but reached a higher loss on every seed (docs/RESULTS.md, selection-cost).
-
-Sensitivity probes (``probe`` > 0, experimental, off by default): before the initial population, one
-vector per layer (:func:`probe_vector`: that layer ``probe`` below the target, the others raised evenly)
-is scored on the first stage; the initial population is then uniform, OWL, :func:`probe_rates` at each of
-:data:`PROBE_STRENGTHS` and mutants of those (instead of random vectors). On SmolLM2 (30%, 2 x 256 tokens)
-the probes find the one layer whose pruning is catastrophic (loss 4.64 / 5.34 vs the old defaults' 6.26 /
-7.33 at 0.44x the token-layers) but lose on the third seed (4.99 vs 4.74), so it is not the default
-(docs/RESULTS.md).
+``tokens_per_stage=None``: one stage, every candidate (probes included) on the whole set.
 
 Torch-free; randomness only from the given generator.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
-
-import numpy as np
 
 from ...options import opt
 from ...spaces import RateVector, SearchError
@@ -46,39 +42,18 @@ from ..base import Strategy, decode_fitness, encode_fitness
 from ..registry import register
 from ..staged import AUTO, Request, stage_tokens_option
 from .oneshot import owl_rates
+from .sensitivity import commit, probe_of
 
-__all__ = ["WidthEvoConfig", "WidthEvoStrategy", "probe_vector", "probe_rates"]
-
-PROBE_STRENGTHS = (0.05, 0.1, 0.15, 0.2)  # initial vectors beta + a x z from the probes (see probe_rates)
-
-
-def probe_vector(space, layer: int, down: float) -> RateVector:
-    """The sensitivity probe of ``layer``: its rate ``down`` below the target (at most to ``lo``), the others
-    raised evenly (projected, so the mean stays the target)."""
-    down = min(down, space.beta - space.lo)
-    r = [space.beta + down / max(1, space.n_layers - 1)] * space.n_layers
-    r[layer] = space.beta - down
-    return space.project(r)
-
-
-def probe_rates(space, losses, strength: float) -> RateVector:
-    """Rates from probe losses (one per layer; lower = protecting that layer helped more, so it is more
-    sensitive): ``beta + strength x z`` with ``z`` the layers' centred loss ranks in ``[-1, 1]`` (the lowest
-    probe loss -1, the highest +1), projected."""
-    order = np.argsort(np.asarray(losses, dtype=np.float64), kind="stable")
-    n = len(order)
-    z = np.empty(n)
-    z[order] = np.linspace(-1.0, 1.0, n) if n > 1 else 0.0
-    return space.project(space.beta + strength * z)
+__all__ = ["WidthEvoConfig", "WidthEvoStrategy"]
 
 
 @dataclass(frozen=True)
 class WidthEvoConfig:
     """K, M, S, N of Self-Pruner's Algorithm 1 (defaults scaled for CPU-sized models), mutation step."""
 
-    population: int = opt(10, "population size K")
-    mutations: int = opt(4, "mutants per generation M")
-    crossovers: int = opt(4, "crossover children per generation S")
+    population: int = opt(4, "population size K")
+    mutations: int = opt(8, "mutants per generation M")
+    crossovers: int = opt(0, "crossover children per generation S")
     generations: int = opt(5, "offspring generations N")
     step: float = opt(0.05, "largest rate moved between two layers per mutation")
     scores: tuple | None = opt(None, "OWL outlier ratio per layer (supplied by the runner)", cli=False)
@@ -86,12 +61,16 @@ class WidthEvoConfig:
     race_margin: float = opt(0.05, "racing: stop a child once it trails every population member by more than this "
                                    "many nats per token still to score (0: off)", legacy=0.0)
     tokens_per_stage: tuple | str | None = opt(
-        None, "fitness tokens of a screening stage for the children and of the whole set, e.g. 64,512 (auto: 1/8 "
-              "of the set, >= 64 tokens, then the whole set; default: every child on the whole set)", kind="stages")
+        "auto", "fitness tokens of a screening stage for the probes and children and of the whole set, e.g. 64,512 "
+                "(auto: 1/8 of the set, >= 64 tokens, then the whole set; none: everything on the whole set)",
+        kind="stages", legacy=None)
     promote: int = opt(2, "children per generation scored on the whole set after the screening stage (the best there; "
                           ">= the children: no screening)")
-    probe: float = opt(0.0, "sensitivity probes before the initial population: one vector per layer with that layer "
-                            "this much below the target (the others above), scored on the first stage (0: off)")
+    probe: float = opt(1.0, "sensitivity rounds: how far a probe lowers one layer's rate (capped at the rate: 1 keeps "
+                            "that layer whole; 0: no rounds)", legacy=0.0)
+    probe_rounds: int = opt(4, "sensitivity rounds at most (each probes every layer not moved yet and moves the best)")
+    probe_gain: float = opt(0.05, "a round moves a layer only when its probe beats the current vector by more than this "
+                                  "many nats per token")
 
     def __post_init__(self) -> None:
         for name in ("population", "generations"):
@@ -114,8 +93,12 @@ class WidthEvoConfig:
         object.__setattr__(self, "tokens_per_stage", tps)
         if not isinstance(self.promote, int) or isinstance(self.promote, bool) or self.promote < 1:
             raise SearchError(f"promote must be an integer >= 1, got {self.promote!r}")
-        if not (isinstance(self.probe, (int, float)) and 0 <= self.probe < 1):
-            raise SearchError(f"probe must be a number in [0, 1), got {self.probe!r}")
+        if not (isinstance(self.probe, (int, float)) and 0 <= self.probe <= 1):
+            raise SearchError(f"probe must be a number in [0, 1], got {self.probe!r}")
+        if not isinstance(self.probe_rounds, int) or isinstance(self.probe_rounds, bool) or self.probe_rounds < 1:
+            raise SearchError(f"probe_rounds must be an integer >= 1, got {self.probe_rounds!r}")
+        if not (isinstance(self.probe_gain, (int, float)) and 0 <= self.probe_gain < float("inf")):
+            raise SearchError(f"probe_gain must be a number >= 0, got {self.probe_gain!r}")
 
     @property
     def n_stages(self) -> int:
@@ -147,21 +130,21 @@ class WidthEvoStrategy(Strategy):
         self.last = self.config.n_stages - 1  # the whole-set stage
         self._low: dict[str, float] = {}  # key -> screening-stage fitness (staged runs)
         self._screening = False  # staged: the current round scores the children at stage 0
-        self._probing = False  # the current round scores the sensitivity probes (stage 0)
-        self._probes: list[float] | None = None  # probe loss per layer, once probed
+        # sensitivity rounds: the current vector, the layers moved so far, rounds done, and whether they are over
+        self._base: RateVector | None = None
+        self._moved: list[int] = []
+        self._rounds = 0
+        self._probing = bool(self.config.probe)
 
     # -- operators (overridden by the LLM-driven subclass) ---------------------------
     def _initial(self, k: int) -> list[RateVector]:
+        if self._base is not None:  # after sensitivity rounds: their vector and its mutants
+            base = self._base
+            return self._fill([base], k, lambda: self.space.mutate(base, self.rng, self.config.step), origin="init")
         out = [self.space.uniform()]
         if self.config.scores is not None:
             out.append(owl_rates(self.space, self.config.scores, self.config.lam))
-        if self._probes is None:
-            return self._fill(out, k, lambda: self.space.sample(self.rng), origin="init")
-        probed = [probe_rates(self.space, self._probes, a) for a in PROBE_STRENGTHS]
-        parents = itertools.cycle(probed)
-        # the rest: mutants of the probe vectors, in turn (random vectors mostly score far worse)
-        return self._fill(out + probed, k, lambda: self.space.mutate(next(parents), self.rng, self.config.step),
-                          origin="init")
+        return self._fill(out, k, lambda: self.space.sample(self.rng), origin="init")
 
     def _tournament(self) -> RateVector:
         i, j = self.rng.integers(len(self.population), size=2)
@@ -224,7 +207,9 @@ class WidthEvoStrategy(Strategy):
 
     # -- staged selection (see the module docstring) ------------------------------------
     def _scored(self, key: str) -> bool:
-        return key in self._memo or key in self._low
+        """Already scored where it would be asked: the whole set (the initial population, whose first member
+        may be the sensitivity rounds' vector, scored on the first stage), or any stage (a child)."""
+        return key in self._memo or (self.generation > 0 and key in self._low)
 
     def _asked(self, kids: list, stage: int) -> list:
         """``kids`` as the runner gets them: genomes in a one-stage run, else :class:`Request` objects."""
@@ -240,15 +225,49 @@ class WidthEvoStrategy(Strategy):
             self._finish_round()
 
     def _finish_round(self) -> None:
-        if self._probing:  # the probes are scored: the initial population comes next, still generation 0
-            scores = self._low if self.last else self._memo
-            self._probes = [scores[k] for k in self._cohort]
-            self._probing, self._cohort = False, []
+        if self._probing:  # a sensitivity round is scored; still generation 0
+            self._end_round()
             return
         if self._screening:  # the children are screened: the best go on to the whole set, same generation
             self._screening = False
             return
         super()._finish_round()
+
+    def _fit(self, key: str, stage: int) -> float:
+        return self._memo[key] if stage == self.last else self._low[key]
+
+    def _end_round(self) -> None:
+        """Move the layer whose probe helped most (see the module docstring), or end the rounds."""
+        base, probes = self._cohort[0], self._cohort[1:]
+        self._rounds += 1
+        self._cohort = []
+        gains = [(self._fit(k, 0) - self._fit(base, 0), i) for i, k in enumerate(probes)]
+        if not gains or min(gains)[0] >= -float(self.config.probe_gain):
+            self._probing = False
+            return
+        _, j = min(gains)
+        probe = self.space.from_key(probes[j])
+        layer = next(i for i, (a, b) in enumerate(zip(probe.rates, self._base.rates)) if a != b)
+        try:
+            self._base = commit(self.space, probe, layer, self._moved)
+        except SearchError:  # nothing left to take the difference: stop moving layers
+            self._probing = False
+            return
+        self._moved.append(layer)
+        self._probing = self._rounds < int(self.config.probe_rounds)
+
+    def _round(self) -> list:
+        """The current vector and its probes, on the first stage."""
+        if self._base is None:
+            self._base = self.space.uniform()
+        d = float(self.config.probe)
+        probes = [p for i in range(self.space.n_layers) if i not in self._moved
+                  and (p := probe_of(self.space, self._base, i, d)) is not None]
+        kids = [self._base] + probes
+        self._cohort = [g.key for g in kids]
+        self._origin = {self._base.key: "init", **{g.key: "probe" for g in probes}}
+        # a vector scored at stage 0 before (a repeat) needs no request: it is filtered by the caller
+        return self._asked(kids, 0)
 
     # -- Strategy hooks ----------------------------------------------------------------
     def _propose(self) -> list:
@@ -258,14 +277,13 @@ class WidthEvoStrategy(Strategy):
             order = sorted(range(len(self._cohort)), key=lambda i: (self._low[self._cohort[i]], i))
             self._cohort = [self._cohort[i] for i in order[: int(c.promote)]]
             return self._asked([self.space.from_key(k) for k in self._cohort], self.last)
-        if self.generation == 0 and c.probe and self._probes is None:
-            kids = [probe_vector(self.space, i, float(c.probe)) for i in range(self.space.n_layers)]
-            self._cohort = [g.key for g in kids]
-            self._origin = {g.key: "probe" for g in kids}
-            self._probing = True
-            return self._asked(kids, 0)
+        if self._probing:
+            return self._round()
         if self.generation == 0:
-            kids = self._initial(int(c.population))
+            if self._base is not None and self._base.key in self._memo and not self.population:
+                # one stage: the rounds scored their vector on the whole set already; it joins the population
+                self.population = [self._base]
+            kids = self._initial(int(c.population) - len(self.population))
         else:
             seen = {g.key for g in self.population}
             kids = self._mutants(int(c.mutations), seen) + self._crossovers(int(c.crossovers), seen)
@@ -294,7 +312,8 @@ class WidthEvoStrategy(Strategy):
     def _extra_state(self) -> dict:
         out = {"population": [g.key for g in self.population], "cohort": list(self._cohort),
                "origin": dict(self._origin), "origin_stats": {k: dict(v) for k, v in self.origin_stats.items()},
-               "probing": self._probing, "probes": None if self._probes is None else [encode_fitness(x) for x in self._probes]}
+               "probing": self._probing, "base": None if self._base is None else self._base.key,
+               "moved": list(self._moved), "rounds": self._rounds}
         if self.last:
             out.update(low={k: encode_fitness(v) for k, v in self._low.items()}, screening=self._screening,
                        requests=[[r.key, r.stage] for r in self._pending])
@@ -306,7 +325,9 @@ class WidthEvoStrategy(Strategy):
         self._origin = {str(k): str(v) for k, v in d.get("origin", {}).items()}
         self.origin_stats = {str(k): {kk: int(vv) for kk, vv in v.items()} for k, v in d.get("origin_stats", {}).items()}
         self._probing = bool(d.get("probing", False))
-        self._probes = None if d.get("probes") is None else [decode_fitness(x) for x in d["probes"]]
+        self._base = None if d.get("base") is None else self.space.from_key(d["base"])
+        self._moved = [int(i) for i in d.get("moved", [])]
+        self._rounds = int(d.get("rounds", 0))
         if self.last:
             self._low = {str(k): decode_fitness(v) for k, v in d["low"].items()}
             self._screening = bool(d["screening"])

@@ -64,6 +64,15 @@ def fallback_note(llm: dict) -> str | None:
 
 @dataclass(frozen=True)
 class SelfPrunerConfig(WidthEvoConfig):
+    # the paper's loop (K + N (M + S), every child on the whole set, the LLM's initial population), not evo's
+    # sensitivity rounds and screening; both stay available as options
+    population: int = opt(10, "population size K")
+    mutations: int = opt(4, "mutants per generation M")
+    crossovers: int = opt(4, "crossover children per generation S")
+    tokens_per_stage: tuple | str | None = opt(
+        None, "fitness tokens of a screening stage for the children and of the whole set, e.g. 64,512 (auto: 1/8 "
+              "of the set, >= 64 tokens, then the whole set; default: every child on the whole set)", kind="stages")
+    probe: float = opt(0.0, "sensitivity rounds before the population (see evo; 0: none, the LLM writes it)")
     llm_init: bool = opt(True, "the LLM writes the initial population (off: the paper's ablation, evo's init)")
     llm_mutation: bool = opt(True, "the LLM does mutation (off: evo's)")
     llm_crossover: bool = opt(True, "the LLM does crossover (off: evo's)")
