@@ -219,7 +219,10 @@ class WidthEvaluator(WholeModelEvaluator):
 
     def block_keys(self, rates) -> tuple:
         """Per block, the attention groups and MLP channels kept (the importance fixes which)."""
-        plan = self.plan(rates)
+        return self._keys(self.plan(rates))
+
+    @staticmethod
+    def _keys(plan: WidthPlan) -> tuple:
         return tuple(zip(map(len, plan.kept_groups), map(len, plan.kept_channels)))
 
     def evaluate(self, rates: Sequence[float], race=None, done: Sequence[float] = ()) -> Evaluation:
@@ -227,9 +230,8 @@ class WidthEvaluator(WholeModelEvaluator):
         continuing from the batch totals ``done`` (see :meth:`extends`)."""
         plan = self.plan(rates)
         self._nll.prepare()  # dense targets must come from the unmasked model
-        keys = tuple(zip(map(len, plan.kept_groups), map(len, plan.kept_channels)))
         with width_masked(self.lm.model, plan, self.lm.adapter):
-            return self._score(race, keys, done)
+            return self._score(race, self._keys(plan), done)
 
 
 def share_prefixes(evaluators: Sequence[WholeModelEvaluator], cache_mb: float, cache_every: int | None = None) -> None:
