@@ -11,7 +11,7 @@ import pytest
 
 from evoprune import DropPattern, load_model
 from evoprune.fitness import NLLEvaluator
-from evoprune.fitness.checkpoints import HEADROOM, checkpoint, checkpoints, choose_every
+from evoprune.fitness.checkpoints import HEADROOM, checkpoint, checkpoints, choose_every, fit_caches
 from evoprune.spaces import SublayerPattern
 from tests.conftest import FAMILIES, random_calib
 
@@ -79,20 +79,47 @@ def _cmd(*args):
     return [sys.executable, "-m", "evoprune.cli", *args]
 
 
+def test_fit_caches_and_recorded_lru(tmp_path):
+    """A flexible LRU (--cache-mb auto) takes at most its cap of what the dense caches leave; a fixed one is
+    counted first; a run's record fixes both, and a record without an LRU (written before the layer spaces
+    had one by default) keeps none under auto."""
+    from evoprune.runner.config import SearchConfig
+    from evoprune.runner.problems.prefix import _resolve
+
+    assert fit_caches(6, [100], 1000, 10 ** 6, flexible=True) == (1, 100)  # 800 - 7 x 100
+    assert fit_caches(6, [100], 1000, 50, flexible=True) == (1, 50)
+    assert fit_caches(6, [100], 1000, 200) == (2, 200)  # 7 x 100 + 200 > 800; 4 x 100 + 200 fits
+    assert fit_caches(6, [100], 1000, 10 ** 6, every=3, flexible=True) == (3, 500)
+    assert fit_caches(6, [100], 1000, 10 ** 6, every=1, flexible=True) == (1, 100)
+    assert fit_caches(6, [60, 40], 700, 10 ** 6, every=1, flexible=True) == (1, 0)  # none left
+    assert fit_caches(6, [100], 100, 0, flexible=True) is None
+    record = tmp_path / "cache.json"
+    record.write_text(json.dumps({"cache_every": 2}))
+    auto = SearchConfig.build(model="m", method="sleb", drop_count=2)
+    fixed = SearchConfig.build(model="m", method="sleb", drop_count=2, cache_mb=256)
+    assert _resolve(auto, None, [], record) == (2, 0.0) and _resolve(fixed, None, [], record) == (2, 256.0)
+    record.write_text(json.dumps({"cache_every": 1, "lru_mb": 12.5}))
+    assert _resolve(auto, None, [], record) == (1, 12.5)
+
+
 def test_auto_cache_every_from_free_memory(tiny_dirs, calib_text, tmp_path):
     """With too little memory for the full cache, auto picks the smallest J that fits, records it, and the
-    run's losses equal a full-cache run's while its token-layers are the recomputed ones more."""
+    run's losses equal a full-cache run's while its token-layers are the recomputed ones more. The default
+    LRU (``--cache-mb auto``) takes at most 1024 MiB of what the dense caches leave: same losses, fewer
+    token-layers, recorded for resume."""
     base = ["search", "--model", str(tiny_dirs["llama"]), "--method", "sleb", "--drop-count", "2", "--calib",
             f"text:{calib_text}", "--sampling", "random", "--nsamples", "3", "--seqlen", "32", "--seed", "1"]
     env = {**os.environ, "EVOPRUNE_NO_PROGRESS": "1"}
-    full, sparse = tmp_path / "full", tmp_path / "sparse"
-    subprocess.run(_cmd(*base, "--out", str(full)), env=env, check=True, capture_output=True, timeout=300)
+    full, sparse, auto = tmp_path / "full", tmp_path / "sparse", tmp_path / "auto"
+    subprocess.run(_cmd(*base, "--cache-mb", "0", "--out", str(full)), env=env, check=True, capture_output=True,
+                   timeout=300)
     entry = json.loads((full / "cache.json").read_text())["entry_bytes"][0]
     assert json.loads((full / "cache.json").read_text())["cache_every"] == 1
+    assert json.loads((full / "cache.json").read_text())["lru_mb"] == 0
     # room for 4 states (every 2: 0, 2, 4, final) but not 7
     mb = 4.5 * entry / HEADROOM / 2 ** 20
-    r = subprocess.run(_cmd(*base, "--out", str(sparse)), env={**env, "EVOPRUNE_CACHE_MEMORY_MB": str(mb)},
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_cmd(*base, "--cache-mb", "0", "--out", str(sparse)),
+                       env={**env, "EVOPRUNE_CACHE_MEMORY_MB": str(mb)}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads((sparse / "cache.json").read_text())["cache_every"] == 2
     rows_f = [json.loads(line) for line in (full / "history.jsonl").read_text().splitlines()]
@@ -103,6 +130,18 @@ def test_auto_cache_every_from_free_memory(tiny_dirs, calib_text, tmp_path):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"])
         f = a["dropped"][0]
         assert b["eval_token_layers"] - a["eval_token_layers"] == n_tok * (f - checkpoint(f, N, 2))
+    # the default LRU: room for the 7 dense states and 20.5 entries -> every 1, an LRU of 20.5 entries
+    r = subprocess.run(_cmd(*base, "--out", str(auto)),
+                       env={**env, "EVOPRUNE_CACHE_MEMORY_MB": str(27.5 * entry / HEADROOM / 2 ** 20)},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((auto / "cache.json").read_text())
+    assert rec["cache_every"] == 1 and abs(rec["lru_mb"] * 2 ** 20 - 20.5 * entry) <= 1
+    rows_a = [json.loads(line) for line in (auto / "history.jsonl").read_text().splitlines()]
+    assert [r["dropped"] for r in rows_a] == [r["dropped"] for r in rows_f]
+    assert all(abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"]) for a, b in zip(rows_f, rows_a))
+    assert all(b["eval_token_layers"] <= a["eval_token_layers"] for a, b in zip(rows_f, rows_a))
+    assert rows_a[-1]["token_layers"] < rows_f[-1]["token_layers"]
     # nothing fits: one clear line, exit 2
     r = subprocess.run(_cmd(*base, "--out", str(tmp_path / "none")), env={**env, "EVOPRUNE_CACHE_MEMORY_MB": "0.0001"},
                        capture_output=True, text=True, timeout=300)

@@ -9,7 +9,7 @@ the final-norm input (``n_units``); a candidate whose first dropped position is 
 """
 from __future__ import annotations
 
-__all__ = ["checkpoints", "checkpoint", "keep_states", "free_bytes", "choose_every", "HEADROOM"]
+__all__ = ["checkpoints", "checkpoint", "keep_states", "free_bytes", "choose_every", "fit_caches", "HEADROOM"]
 
 
 def checkpoints(n_units: int, every: int) -> tuple[int, ...]:
@@ -78,3 +78,19 @@ def choose_every(n_units: int, entry_bytes: list[int], free: int, fixed: int = 0
         if len(checkpoints(n_units, every)) * sum(entry_bytes) + fixed <= HEADROOM * free:
             return every
     return None
+
+
+def fit_caches(n_units: int, entry_bytes: list[int], free: int, lru_bytes: int, *, every: int | str = "auto",
+               flexible: bool = False) -> tuple[int, int] | None:
+    """``(every, lru_bytes)`` of a run's caches on a device with ``free`` bytes: ``every`` as given, or
+    (``"auto"``) :func:`choose_every`'s; a ``flexible`` LRU (``--cache-mb auto``) yields to the dense
+    caches and takes at most ``lru_bytes`` of what they leave of ``HEADROOM x free`` (possibly 0), a fixed
+    one is counted before choosing ``every``. ``None`` when ``every`` is ``"auto"`` and nothing fits."""
+    if every == "auto":
+        every = choose_every(n_units, entry_bytes, free, 0 if flexible else lru_bytes)
+        if every is None:
+            return None
+    if flexible:
+        left = HEADROOM * free - len(checkpoints(n_units, every)) * sum(entry_bytes)
+        lru_bytes = int(max(0, min(lru_bytes, left)))
+    return int(every), int(lru_bytes)

@@ -8,7 +8,8 @@ Owns :func:`make_plan`. Given a :class:`~evoprune.runner.config.SearchConfig` an
   dtype size`` (:mod:`evoprune.fitness.checkpoints`; ``--cache-every auto`` resolved as the run resolves
   it against the free memory of a GPU, :func:`~evoprune.fitness.checkpoints.choose_every`); the KL
   targets of ``--fitness kl`` (``predicted tokens x (4 x vocab)``, top-k: ``12 K + 4``); the LRU
-  (``--cache-mb``); the training state of training-aware levels (projection copies, their gradients and
+  (``--cache-mb``; ``auto`` for the layer spaces: at most its default of what the dense caches leave,
+  :func:`~evoprune.fitness.checkpoints.fit_caches`); the training state of training-aware levels (projection copies, their gradients and
   AdamW moments for ``full``; the LoRA factors for ``lora``) and an estimate of the transient
   activations of one batch (logits in the model dtype plus two fp32 copies for the NLL, three more for KL,
   and one block's working set ``B x T x (6 hidden + 3 intermediate)``; training adds every block's saved
@@ -91,12 +92,14 @@ def _setup_token_layers(cfg, sh: dict, stages, n_tokens: int) -> dict:
     return out
 
 
-def _cost_fn(cfg, sh: dict, stages, train: list[int] | None, every: int, acc: dict):
-    """``cost(stage, genome, done=0)`` in token-layers as the space's evaluator counts it (width / levels: with
-    the block-prefix LRU's bookkeeping and continuations from ``done`` leading batches); sums into
-    ``acc[stage]``."""
+def _cost_fn(cfg, sh: dict, stages, train: list[int] | None, every: int, acc: dict, lru_bytes: int | None = None):
+    """``cost(stage, genome, done=0)`` in token-layers as the space's evaluator counts it, with the LRU's
+    bookkeeping (layers / sublayers: a :class:`~evoprune.fitness.prefix_lru.PrefixLRU` of ``lru_bytes``
+    split evenly by stage, ``None``: ``--cache-mb``'s; width / levels: the block-prefix LRU and
+    continuations from ``done`` leading batches); sums into ``acc[stage]``."""
     from ..finetune.brief import BACKWARD_FACTOR
     from ..fitness.checkpoints import checkpoint
+    from ..fitness.prefix_lru import PrefixLRU
 
     N = sh["n_layers"]
     tokens = [m * t for m, t in stages]
@@ -104,17 +107,23 @@ def _cost_fn(cfg, sh: dict, stages, train: list[int] | None, every: int, acc: di
         w = [x for a, m in zip(sh["attn_params"], sh["mlp_params"]) for x in (a / (a + m), m / (a + m))]
     prefixes = _prefixes(cfg, sh, stages, train) if cfg.space in ("width", "levels") else None
     bs = cfg.calibration.batch_size
+    if cfg.space in ("layers", "sublayers"):
+        mb = cfg.fitness.lru_mb(cfg.space) * 2 ** 20 if lru_bytes is None else lru_bytes
+        lrus = [PrefixLRU(mb / len(stages), n * sh["hidden"] * sh["dtype_bytes"]) if mb else None for n in tokens]
 
     def cost(stage, g, done: int = 0) -> int:
         s = -1 if stage is None else stage
         n = tokens[s]
-        if cfg.space == "layers":
-            d = g.dropped
-            tl = 0 if not d else n * (N - checkpoint(d[0], N, every) - len(d))
-        elif cfg.space == "sublayers":
-            units = set(g.units)
-            start = checkpoint(min(units), 2 * N, every) if units else 2 * N
-            tl = int(round(n * sum(w[u] for u in range(start, 2 * N) if u not in units)))
+        if cfg.space in ("layers", "sublayers"):  # as NLLEvaluator._plan / replay: LRU entry, else checkpoint
+            n_units = N * (2 if cfg.space == "sublayers" else 1)
+            d = tuple(g.dropped) if cfg.space == "layers" else tuple(g.units)
+            hit = lrus[s].lookup(n_units, d) if lrus[s] is not None else None
+            first = d[0] if d else n_units
+            start, lru_from = (hit[0][0], hit[0][0]) if hit is not None else (checkpoint(first, n_units, every), first)
+            if lrus[s] is not None:
+                lrus[s].insert_run([u for u in range(lru_from, n_units) if u not in d], d, None)
+            run = [u for u in range(start, n_units) if u not in d]
+            tl = n * len(run) if cfg.space == "layers" else int(round(n * sum(w[u] for u in run)))
         else:
             m, t = stages[s]
             nb = -(-m // bs)
@@ -175,7 +184,7 @@ def _inputs(cfg, sh: dict, train) -> dict:
     return {"scores": [0.1 + 0.8 * ((7 * i) % N) / N for i in range(N)]}
 
 
-def _run(cfg, lm, sh, stages, train, every) -> dict:
+def _run(cfg, lm, sh, stages, train, every, lru: int | None = None) -> dict:
     """Dry run of ``cfg``'s method: evaluations, token-layers (setup included), FLOPs."""
     from ..runner.problems import PROBLEMS
     from .flops import block_flops, per_token
@@ -191,7 +200,7 @@ def _run(cfg, lm, sh, stages, train, every) -> dict:
     from ..runner.problems.common import stage_links
 
     links = stage_links(stages, cfg.calibration.batch_size) if cfg.space in ("width", "levels") and not train else {}
-    r = dry_run(cfg, space, _cost_fn(cfg, sh, stages, train, every, acc),
+    r = dry_run(cfg, space, _cost_fn(cfg, sh, stages, train, every, acc, lru),
                 stage_tokens=tuple(m * t_ for m, t_ in stages),
                 inputs=_inputs(cfg, sh, train), setup=sum(setup.values()), links=links)
     f = per_token(lm)
@@ -237,7 +246,7 @@ def _memory(cfg, sh: dict, stages, train, every: int | None) -> dict:
 
 def _placement(cfg, sh, stages, train, gpu_memory: float, gpus: int, n_units: int) -> dict:
     """The fewest GPUs per worker that hold one worker, its ``cache_every``, and the workers ``gpus`` give."""
-    from ..fitness.checkpoints import choose_every
+    from ..fitness.checkpoints import fit_caches
 
     layer_space = cfg.space in ("layers", "sublayers")
     on_cpu = cfg.execution.cache_device == "cpu"
@@ -247,14 +256,14 @@ def _placement(cfg, sh, stages, train, gpu_memory: float, gpus: int, n_units: in
         if g > max(1, gpus):
             break
         cap = g * gpu_memory
-        every = 1
+        every, lru = 1, fixed["LRU"]
         if layer_space and not on_cpu:
-            want = cfg.fitness.cache_every
-            every = want if want != "auto" else choose_every(n_units, entries, int(cap - fixed["weights"]),
-                                                             fixed["LRU"])
-            if every is None:
+            fit = fit_caches(n_units, entries, int(cap - fixed["weights"]), fixed["LRU"],
+                             every=cfg.fitness.cache_every, flexible=cfg.fitness.cache_mb == "auto")
+            if fit is None:
                 continue
-        mem = _memory(cfg, sh, stages, train, every)
+            every, lru = fit
+        mem = {**_memory(cfg, sh, stages, train, every), "LRU": lru}
         on_gpu = sum(v for k, v in mem.items() if not k.startswith("dense cache,") and not (on_cpu and k == "dense caches"))
         if on_gpu <= cap:
             workers = int(gpus // g) if g >= 1 else int(gpus * 2)
@@ -279,10 +288,10 @@ def make_plan(cfg, lm, *, tflops: float, gpus: int, gpu_memory_gib: float = 80.0
     train = train_tokens(cfg, n, t) if cfg.space == "levels" else None
     n_units = sh["n_layers"] * (2 if cfg.space == "sublayers" else 1)
     place = _placement(cfg, sh, stages, train, gpu_memory_gib * GIB, gpus, n_units)
-    every = place["cache_every"] or 1
-    per_candidate = {str(s): _cost_fn(cfg, sh, stages, train, every, {})(s if len(stages) > 1 else None,
+    every, lru = place["cache_every"] or 1, place["memory"]["LRU"]
+    per_candidate = {str(s): _cost_fn(cfg, sh, stages, train, every, {}, lru)(s if len(stages) > 1 else None,
                                                                           _worst(cfg, lm)) for s in range(len(stages))}
-    run = _run(cfg, lm, sh, stages, train, every)
+    run = _run(cfg, lm, sh, stages, train, every, lru)
     from .flops import block_flops, per_token
 
     f = per_token(lm)
@@ -294,7 +303,7 @@ def make_plan(cfg, lm, *, tflops: float, gpus: int, gpu_memory_gib: float = 80.0
            "placement": place, "token_layers": {"per_candidate_max": per_candidate, "run": run},
            "flops_per_candidate_max": flops_candidate}
     if cfg.space == "layers" and cfg.method != "sleb":
-        out["sleb"] = _run(_as_sleb(cfg), lm, sh, [(n, t)], None, every)
+        out["sleb"] = _run(_as_sleb(cfg), lm, sh, [(n, t)], None, every, lru)
     eff = max(1, place["gpus_computing"]) * tflops * 1e12 * mfu
     out["time"] = {"tflops": tflops, "mfu": mfu, "gpus": gpus,
                    "run_s": run.get("flops", math.nan) / eff,

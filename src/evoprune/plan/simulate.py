@@ -9,7 +9,7 @@ measured on real models, so the searches drop late blocks and their candidates a
 are) plus a small pseudo-random term; elsewhere it is pseudo-random. So
 
 - for a method whose choices do not depend on the losses (``random``, ``exhaustive``, ``uniform``,
-  one-shot orders), the evaluation count and token-layers are the run's exactly (without ``--cache-mb``);
+  one-shot orders), the evaluation count and token-layers are the run's exactly (LRU bookkeeping included);
 - for an adaptive one (``sleb``, ``evo``, ``darwinlm``) they are those of the same method on a landscape
   without structure: the evaluation count of a fixed schedule (SLEB's greedy steps) is exact, costs that
   depend on which blocks a candidate drops are a sample, and a budget-bound run stops within one

@@ -23,8 +23,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 SAMPLINGS = ("random", "ccds")
 FITNESSES = ("nll", "kl")
 REPORT_TO = ("tensorboard", "wandb", "none")  # --report-to: Hugging Face Trainer's report_to names
-AUTO_CACHE_MB = 1024.0  # --cache-mb auto for width and levels: the block-prefix states of ~29 SmolLM2 candidates at
-# 512 tokens; a model whose entries are larger keeps fewer positions per candidate (fitness.block_prefix.auto_every)
+AUTO_CACHE_MB = 1024.0  # --cache-mb auto. Width / levels: the block-prefix states of ~29 SmolLM2 candidates at
+# 512 tokens; a model whose entries are larger keeps fewer positions per candidate (fitness.block_prefix.auto_every).
+# Layers: k=6 of 30, 4 x 512 tokens, seed 0, evo at its default budget: 4.6535 with it vs 4.7009 without (176 vs 123
+# evaluations; docs/RESULTS.md, search-cost-16)
 
 
 def _positive(section, *names: str) -> None:
@@ -102,9 +104,9 @@ class FitnessOptions:
     fitness: str = opt("nll", "nll (mean next-token NLL) | kl (KL to the dense model's next-token distribution)",
                        choices=FITNESSES)
     kl_topk: int | None = opt(None, "--fitness kl: keep only the dense model's top-K log-probs per token")
-    cache_mb: float | str = opt("auto", "MiB for the shared-prefix hidden-state LRU (0: off; auto: off for layers / "
-                                        f"sublayers, whose dense prefix cache does most of that work, {AUTO_CACHE_MB:g} "
-                                        "for width and one-shot levels)", kind="str", legacy=0.0)
+    cache_mb: float | str = opt("auto", "MiB for the shared-prefix hidden-state LRU (0: off; auto: "
+                                        f"{AUTO_CACHE_MB:g}, layers / sublayers: at most that of the memory the dense "
+                                        "prefix caches leave; off for training-aware levels)", kind="str", legacy=0.0)
     cache_every: str = opt("auto", "layers / sublayers: keep the dense state of every J-th position and recompute "
                                    "the rest (counted in token-layers); auto: 1 (every position) unless that does "
                                    "not fit the cache device, then the smallest J that does")
@@ -132,13 +134,14 @@ class FitnessOptions:
 
 
     def lru_mb(self, space: str, trains: bool = False) -> float:
-        """MiB of the shared-prefix LRU for a run of ``space`` (``auto`` resolved; see ``--cache-mb``); a run that
-        trains its candidates (training-aware levels) has none: training changes every block."""
+        """MiB of the shared-prefix LRU for a run of ``space`` (``auto``: :data:`AUTO_CACHE_MB`, which the layer
+        spaces cap by the memory their dense caches leave when the run starts, :mod:`.problems.prefix`); a run
+        that trains its candidates (training-aware levels) has none: training changes every block."""
         if trains:
             return 0.0
         if self.cache_mb != "auto":
             return float(self.cache_mb)
-        return AUTO_CACHE_MB if space in ("width", "levels") else 0.0
+        return AUTO_CACHE_MB
 
 
 def _report_to(value) -> str:
