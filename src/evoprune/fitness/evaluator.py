@@ -60,6 +60,11 @@ __all__ = ["Evaluation", "NLLEvaluator", "METRICS"]
 METRICS = ("nll", "kl")
 
 
+
+def _no_continuation(done) -> None:
+    if done:
+        raise ValueError("NLLEvaluator does not continue from a lower stage's batches (done must be empty)")
+
 class NLLEvaluator:
     """Fitness (mean next-token NLL, or KL to the dense model) of ``lm`` with a pattern dropped, on ``calib``.
 
@@ -255,7 +260,7 @@ class NLLEvaluator:
         if self.lru is not None:
             self.lru.insert_run(self._run_units(dropped, start), dropped, states)
 
-    def replay(self, pattern, batches: int | None = None) -> int:
+    def replay(self, pattern, batches: int | None = None, done: int = 0) -> int:
         """Apply :meth:`evaluate`'s cache bookkeeping for ``pattern`` without computing anything.
 
         Returns the ``token_layers`` that :meth:`evaluate` would report for
@@ -265,6 +270,7 @@ class NLLEvaluator:
         order gives the sequential run's token-layers. ``batches``: the batches a
         raced evaluation scored before it stopped (``None``: it completed).
         """
+        _no_continuation(done)
         dropped = self._units(pattern)
         start, lru_from, _ = self._plan(dropped)
         if batches is None or batches >= len(self.batches):
@@ -285,11 +291,13 @@ class NLLEvaluator:
             for key in self.lru.keys():
                 self.lru.set(key, None)
 
-    def evaluate(self, pattern, race=None) -> Evaluation:
+    def evaluate(self, pattern, race=None, done=()) -> Evaluation:
         """Score ``pattern`` (validated against the model; :class:`UserError` if it does not fit).
 
         ``race``: a :class:`~evoprune.fitness.racing.Race` that may stop it after a batch (then the
-        result is partial, ``complete=False``, and nothing enters the LRU)."""
+        result is partial, ``complete=False``, and nothing enters the LRU). ``done``: the whole-model
+        evaluators' continuation argument, always empty here (the layer spaces' stages are not linked)."""
+        _no_continuation(done)
         dropped = self._units(pattern)
         self.prepare()
         start, lru_from, hit = self._plan(dropped)

@@ -133,7 +133,7 @@ class EvalWorker:
         if self.delay:
             time.sleep(self.delay)
         ev = self.problem.evaluators[-1 if stage is None else stage]
-        ev = ev.evaluate(genome, race=race, done=done) if done else ev.evaluate(genome, race=race)
+        ev = ev.evaluate(genome, race=race, done=done)
         return ev.loss, ev.tokens, ev.token_layers, ev.batch_losses, ev.complete
 
 

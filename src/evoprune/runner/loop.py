@@ -311,7 +311,7 @@ def _continued(key: str, stage, links: dict, parts: dict) -> tuple:
 def _reused(ev, genome, r: dict, done: tuple = ()) -> tuple:
     raced = bool(r.get("raced"))
     batches = len(r["batch_losses"]) if raced else None
-    ev.replay(genome, batches, len(done)) if done else ev.replay(genome, batches)
+    ev.replay(genome, batches, len(done))
     return r["loss"], r["tokens"], r["eval_token_layers"], tuple(r.get("batch_losses", ())), not raced
 
 
@@ -350,7 +350,7 @@ def _scored(cands, evaluators, reuse: dict, exhausted, parts: dict, race_of, poo
         if _EVAL_DELAY:
             time.sleep(_EVAL_DELAY)
         race = _race(race_of(c), stage, ev, parts)
-        e = ev.evaluate(genome, race=race, done=done) if done else ev.evaluate(genome, race=race)
+        e = ev.evaluate(genome, race=race, done=done)
         yield c, stage, genome, e.loss, e.tokens, e.token_layers, e.batch_losses, e.complete
     i = 0
     while i < len(plan):
@@ -368,7 +368,7 @@ def _scored(cands, evaluators, reuse: dict, exhausted, parts: dict, race_of, poo
                 continue
             loss, tokens, _, batch_losses, complete = next(results)
             batches = None if complete else len(batch_losses)
-            tl = ev.replay(genome, batches, len(done)) if done else ev.replay(genome, batches)
+            tl = ev.replay(genome, batches, len(done))
             yield c, stage, genome, loss, tokens, tl, batch_losses, complete
 
 
