@@ -58,12 +58,8 @@ from .prefix_lru import PrefixLRU
 __all__ = ["Evaluation", "NLLEvaluator", "METRICS"]
 
 METRICS = ("nll", "kl")
+_NO_DONE = "NLLEvaluator does not continue from a lower stage's batches (done must be empty)"
 
-
-
-def _no_continuation(done) -> None:
-    if done:
-        raise ValueError("NLLEvaluator does not continue from a lower stage's batches (done must be empty)")
 
 class NLLEvaluator:
     """Fitness (mean next-token NLL, or KL to the dense model) of ``lm`` with a pattern dropped, on ``calib``.
@@ -92,10 +88,9 @@ class NLLEvaluator:
     Prefix cache memory: :attr:`cache_bytes` (SmolLM2-135M, 4 x 512 fp32 tokens: 146 MB; a 7B model,
     5 x 2048 tokens: 5.5 GB); ``cache_every``/``cache_device`` (or ``prefix_cache=False``) if it does not fit.
 
-    The model is used in place (zero-copy drops, hooks) and always restored;
-    don't run it concurrently from elsewhere while an evaluation is in progress.
-    ``n_evaluations`` and ``spent_token_layers`` (setup + all evaluations) are
-    running totals.
+    The model is used in place (zero-copy drops, hooks) and always restored; don't run it concurrently from
+    elsewhere while an evaluation is in progress. ``n_evaluations`` and ``spent_token_layers`` (setup + all
+    evaluations) are running totals.
     """
 
     def __init__(self, lm: LoadedModel, calib: CalibSet, *, batch_size: int = 1, prefix_cache: bool = True,
@@ -261,16 +256,13 @@ class NLLEvaluator:
             self.lru.insert_run(self._run_units(dropped, start), dropped, states)
 
     def replay(self, pattern, batches: int | None = None, done: int = 0) -> int:
-        """Apply :meth:`evaluate`'s cache bookkeeping for ``pattern`` without computing anything.
-
-        Returns the ``token_layers`` that :meth:`evaluate` would report for
-        ``pattern`` at this point (the LRU bookkeeping does not depend on the
-        tensors). Used on resume and by a driver whose workers evaluate
-        (:mod:`evoprune.distributed`): replaying candidates in the sequential
-        order gives the sequential run's token-layers. ``batches``: the batches a
-        raced evaluation scored before it stopped (``None``: it completed).
-        """
-        _no_continuation(done)
+        """Apply :meth:`evaluate`'s cache bookkeeping for ``pattern`` without computing anything; returns the
+        ``token_layers`` :meth:`evaluate` would report now (the bookkeeping does not depend on the tensors).
+        Used on resume and by a driver whose workers evaluate (:mod:`evoprune.distributed`): replaying in the
+        sequential order gives the sequential run's token-layers. ``batches``: the batches a raced evaluation
+        scored before it stopped (``None``: it completed); ``done``: as :meth:`evaluate`'s, always 0 here."""
+        if done:  # the layer spaces' stages are never linked
+            raise ValueError(_NO_DONE)
         dropped = self._units(pattern)
         start, lru_from, _ = self._plan(dropped)
         if batches is None or batches >= len(self.batches):
@@ -294,10 +286,10 @@ class NLLEvaluator:
     def evaluate(self, pattern, race=None, done=()) -> Evaluation:
         """Score ``pattern`` (validated against the model; :class:`UserError` if it does not fit).
 
-        ``race``: a :class:`~evoprune.fitness.racing.Race` that may stop it after a batch (then the
-        result is partial, ``complete=False``, and nothing enters the LRU). ``done``: the whole-model
-        evaluators' continuation argument, always empty here (the layer spaces' stages are not linked)."""
-        _no_continuation(done)
+        ``race``: a :class:`~evoprune.fitness.racing.Race` that may stop it after a batch (then the result is
+        partial, ``complete=False``, nothing enters the LRU). ``done``: the continuation argument, empty here."""
+        if done:  # the layer spaces' stages are never linked
+            raise ValueError(_NO_DONE)
         dropped = self._units(pattern)
         self.prepare()
         start, lru_from, hit = self._plan(dropped)
