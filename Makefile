@@ -30,9 +30,14 @@ $(STAMP): $(CORE)
 	$(PIP) $(C) -e '.[all,test]'
 	touch $(STAMP)
 
-# a separate step: the demo does not need llama.cpp, so a fresh `make demo` skips its build
+# a separate step: the demo does not need llama.cpp, so a fresh `make demo` skips its build.
+# A portable CPU build (GGML_NATIVE=OFF: AVX2, no AVX-512/AMX kernels): built natively on a CPU with AMX, llama.cpp
+# 0.3.36 dies at the first token of SmolLM2's q4_1 GGUF (its AMX weight repack). CMAKE_ARGS=... builds otherwise
+# (e.g. -DGGML_CUDA=on); --no-cache-dir keeps pip from reusing a wheel built with other flags.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 $(LLAMA_STAMP): $(STAMP)
-	if [ "$(LLAMA_CPP)" != 0 ]; then CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) $(C) -e '.[llamacpp]' && touch $(LLAMA_STAMP); fi
+	if [ "$(LLAMA_CPP)" != 0 ]; then CMAKE_ARGS="$${CMAKE_ARGS:-$(LLAMA_CMAKE_ARGS)}" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PIP) --no-cache-dir $(C) -e '.[llamacpp]' && touch $(LLAMA_STAMP); fi
 
 demo: $(CORE)
 	EVOPRUNE_NO_PROGRESS=$${EVOPRUNE_NO_PROGRESS:-} $(VENV)/bin/evoprune demo --out demo_out

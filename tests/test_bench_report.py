@@ -157,7 +157,7 @@ def test_bench_run_dir_and_drop(runs, tiny_dirs, evo):
 
 
 def test_bench_errors(tiny_dirs, tmp_path, evo):
-    rc, _, out, err = evo("bench", tiny_dirs["llama"], "--repeats", 1)
+    rc, _, out, err = evo("bench", tiny_dirs["llama"], "--repeats", 1, "--seqlen", 32)
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and "give --base" in err
     rc, _, _, err = evo("bench", tiny_dirs["llama"], "--base", tiny_dirs["llama"], "--repeats", 0)
@@ -221,9 +221,13 @@ def test_report_in_progress_and_errors(runs, tmp_path, evo):
     assert rc == 0 and js["finished"] is False
     hist = [r for r in _history(part) if len(r["dropped"]) == 2]
     assert js["calib_loss"] == min(r["loss"] for r in hist)
-    assert "in progress" in (part / "report.md").read_text()
-    rc, _, _, err = evo("compare", runs["sleb"], part, "--out", tmp_path / "c")
-    assert rc == 2 and "no result.json" in err and err.count("\n") == 1
+    assert f"unfinished, interrupted (continue with: evoprune resume {part})" in (part / "report.md").read_text()
+    # compare shows an unfinished run's best so far, marked, and says so
+    rc, js, _, err = evo("compare", runs["sleb"], part, "--out", tmp_path / "c")
+    assert rc == 0 and f"run {part} is unfinished, interrupted" in err
+    row = next(r for r in js["rows"] if r["run"] == str(part))
+    assert row["name"] == "part (unfinished)" and row["calib_loss"] == min(r["loss"] for r in hist)
+    assert row["evaluations"] == len(_history(part)) and "(unfinished)" in (tmp_path / "c" / "compare.md").read_text()
     rc, _, _, err = evo("report", tmp_path)
     assert rc == 2 and "not an evoprune run" in err
 

@@ -48,11 +48,11 @@ def test_info_and_ppl_json(tiny_dirs, text_file):
     (["ppl", "--model", "/no/such/dir/", "--dataset", "wikitext2"], "not found"),
     (["ppl", "--model", "{tiny}", "--dataset", "text:/no/such.txt"], "not found"),
     (["ppl", "--model", "{tiny}", "--dataset", "nosuchsource"], "unknown data source"),
-    (["ppl", "--model", "{tiny}", "--dataset", "text:{text}", "--drop", "6"], "out of range"),
-    (["ppl", "--model", "{tiny}", "--dataset", "text:{text}", "--drop", "2,2"], "repeated"),
-    (["ppl", "--model", "{tiny}", "--dataset", "text:{text}", "--drop", "0,1,2,3,4,5"], "every layer"),
-    (["ppl", "--model", "{tiny}", "--dataset", "text:{text}", "--seqlen", "100000"], "longer than the text"),
-    (["ppl", "--model", "{tiny}", "--dataset", "text:{text}", "--drop", "a,b"], "integers"),
+    (["ppl", "--model", "{tiny}", "--dataset", "text:{text}", "--drop", "6", "--seqlen", "32"], "out of range"),
+    (["ppl", "--model", "{tiny}", "--dataset", "text:{text}", "--drop", "2,2", "--seqlen", "32"], "repeated"),
+    (["ppl", "--model", "{tiny}", "--dataset", "text:{text}", "--drop", "0,1,2,3,4,5", "--seqlen", "32"], "every layer"),
+    (["ppl", "--model", "{tiny}", "--dataset", "text:{text}", "--seqlen", "100000"], "longer than the context"),
+    (["ppl", "--model", "{tiny}", "--dataset", "text:{text}", "--drop", "a,b", "--seqlen", "32"], "integers"),
 ])
 def test_bad_input_one_line_exit_2(tiny_dirs, text_file, args, needle):
     args = [a.format(tiny=tiny_dirs["llama"], text=text_file) for a in args]

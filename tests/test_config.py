@@ -180,7 +180,7 @@ def test_reading_failures_are_one_line(tmp_path, tiny_dirs, calib_text):
         (["info", "--model", str(trunc)], "cannot read model file"),
         (["export", "--model", tiny, "--drop", "1", "--out", str(afile)], "exists and is not a directory"),
         (["search", "--model", tiny, "--drop-count", "1", "--calib", f"text:{calib_text}", "--sampling", "random",
-          "--nsamples", "2", "--seqlen", "24", "--out", str(afile)], "not an evoprune run directory"),
+          "--nsamples", "2", "--seqlen", "24", "--out", str(afile)], "exists and is not a directory"),
         (["finetune", tiny, "--data", f"text:{calib_text}", "--steps", "1", "--out", str(afile)],
          "exists and is not a directory"),
         (["search", "--drop-count", "1", "--config", str(tmp_path / "no-such.yaml"), "--out", str(tmp_path / "r")],

@@ -41,16 +41,30 @@ def _no_wall(d: dict) -> dict:
     return {k: v for k, v in d.items() if k != "wall_s"}
 
 
+def _same(a, b) -> bool:
+    """Equal, floats to 1e-6 relative: the fixtures were recorded on another CPU, whose float32 kernels (AVX2 vs
+    AVX-512 code paths) round sums differently in the last bits; patterns, counts and token-layers are exact."""
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and a == pytest.approx(b, rel=1e-6)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def test_v1_layer_run_resumes_exports_reports(tmp_path):
     run = _copy("evo_killed", tmp_path)
     res = _run("resume", str(run))
     expected = json.loads((FIXTURES / "evo_expected_result.json").read_text())
-    assert _no_wall(res) == _no_wall(expected)
-    assert (run / "history.jsonl").read_text() == (FIXTURES / "evo_expected_history.jsonl").read_text()
+    assert _same(_no_wall(res), _no_wall(expected)), (res, expected)
+    rows = [(run / "history.jsonl").read_text(), (FIXTURES / "evo_expected_history.jsonl").read_text()]
+    got, want = ([json.loads(x) for x in text.splitlines()] for text in rows)
+    assert _same(got, want)
     rec = _run("export", str(run), "--out", str(tmp_path / "exp"))
     assert rec["dropped_layers"] == [13, 14, 15] and rec["n_layers"] == 27 and rec["max_abs_diff"] <= 1e-5
     rep = _run("report", str(run))
-    assert rep["dropped_layers"] == [13, 14, 15] and rep["calib_loss"] == expected["calib_loss"]
+    assert rep["dropped_layers"] == [13, 14, 15] and rep["calib_loss"] == res["calib_loss"]
     assert (run / "report.md").is_file() and (run / "fitness.png").is_file()
 
 

@@ -85,7 +85,7 @@ def test_greedy_and_budget_stop(tiny_dirs, calib_text, tmp_path):
 
 def test_sublayer_bad_input_is_one_line(tiny_dirs, calib_text, tmp_path):
     base = ["search", "--model", str(tiny_dirs["llama"]), "--space", "sublayers", "--calib", f"text:{calib_text}",
-            "--out", str(tmp_path / "x")]
+            "--sampling", "random", "--nsamples", "2", "--seqlen", "32", "--out", str(tmp_path / "x")]
     for extra, msg in [(["--sparsity", "0.999"], "no sub-layer pattern removes 99.9%"),
                        (["--sparsity", "1.5"], "--sparsity must be in (0, 1)"),
                        (["--drop-count", "12"], "cannot drop 12 sub-layers"),

@@ -8,21 +8,60 @@ file) into a :class:`UserError`: wrap the access in ``with user_input("model fil
 error of the file's contents (a truncated GGUF's ``struct.error``, bad JSON, a corrupt tensor file)
 comes out as one line naming the thing and the path. Anything else that escapes is a bug and keeps
 its traceback.
+
+Two more ways a command ends without a traceback: :class:`Interrupted` (SIGINT or SIGTERM; the CLI exits
+with 128 + the signal's number) and :class:`WriteFailed` (a full disk or another failed write while a run
+was being written; exit 1). Both may carry ``resume``: the command that continues the run.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 import struct
 import zlib
 from contextlib import contextmanager
 from typing import Iterator
 
-__all__ = ["UserError", "user_input", "describe_os_error"]
+__all__ = ["UserError", "Interrupted", "WriteFailed", "user_input", "describe_os_error", "is_write_failure"]
 
 
 class UserError(Exception):
     """Bad input from the user: a missing path, an unsupported model, an invalid value."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The process was asked to stop (SIGINT: Ctrl-C; SIGTERM: what Slurm, Kubernetes and systemd send first).
+    A ``KeyboardInterrupt``, so every ``finally`` and ``except KeyboardInterrupt`` treats both signals alike.
+    ``resume``: the command that continues what was stopped (``None``: nothing to continue)."""
+
+    def __init__(self, signum: int = signal.SIGINT, resume: str | None = None) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.resume = int(signum), resume
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class WriteFailed(Exception):
+    """A write that a run needed failed (a full disk, a quota, a read-only or failing device); what was written
+    before stays consistent, so ``resume`` (the command that continues the run) works once the cause is gone."""
+
+    def __init__(self, message: str, resume: str | None = None) -> None:
+        super().__init__(message)
+        self.resume = resume
+
+
+# errnos that mean "the machine could not store this", not "the user named a wrong path"
+_WRITE_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EIO")
+                          if hasattr(errno, n))
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a failed write of the kind a full disk causes (ENOSPC, EDQUOT, EFBIG, EROFS, EIO)."""
+    return isinstance(e, OSError) and e.errno in _WRITE_ERRNOS
 
 
 # errors that mean "the file's contents are not what they should be" (not a bug in evoprune)

@@ -5,7 +5,9 @@ directory, flush + fsync, then ``os.replace``: a process killed at any instant l
 file or the new one), :func:`atomic_dir` (the same for a directory: exports, model caches, level
 databases) and the JSON-lines pair :func:`append_jsonl` / :func:`read_jsonl`. An append
 that a kill interrupts leaves a *torn* last line (no newline, or not JSON); :func:`read_jsonl` drops
-it, optionally cutting it off the file so that the next append starts on a fresh line.
+it, optionally cutting it off the file so that the next append starts on a fresh line. An append or a
+whole-file write that fails (a full disk, a quota) leaves the file as it was and raises the ``OSError`` with
+the file's name (a failed ``write`` alone does not carry one).
 """
 from __future__ import annotations
 
@@ -17,7 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
-__all__ = ["atomic_open", "atomic_write_json", "atomic_dir", "append_jsonl", "read_jsonl"]
+__all__ = ["atomic_open", "atomic_write_json", "atomic_write_text", "atomic_dir", "append_jsonl", "read_jsonl"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -27,8 +35,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise ValueError(f"atomic_open writes whole files; mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make every written file private
     try:
-        with os.fdopen(fd, mode) as f:
+        with _naming(path), os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -46,6 +55,7 @@ def atomic_dir(dest: str | os.PathLike, done: Callable[[Path], bool] | None = No
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if done is None or not done(dest):
@@ -61,6 +71,12 @@ def atomic_dir(dest: str | os.PathLike, done: Callable[[Path], bool] | None = No
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_open(path, "wb") as f:
+        f.write(text.encode("utf-8"))
+
+
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as (indented) JSON to ``path`` atomically."""
     with atomic_open(path) as f:
@@ -68,14 +84,40 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
         f.write("\n")
 
 
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Give an ``OSError`` raised inside the block ``path`` as its file name when it has none."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), os.fspath(path)) from e
+        raise
+
+
 def append_jsonl(path: str | os.PathLike, row: dict, *, fsync: bool = True) -> None:
-    """Append ``row`` as one JSON line (UTF-8); ``fsync``: on disk before returning (a record that must survive)."""
+    """Append ``row`` as one JSON line (UTF-8); ``fsync``: on disk before returning (a record that must survive).
+    A write that fails part-way is cut off again (truncating needs no space), so the file never keeps a torn line."""
     line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
-    with open(path, "ab") as f:
-        f.write(line)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
+    path = Path(path)
+    with _naming(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(line)
+                while view:  # unbuffered: nothing is left in a buffer to be flushed later
+                    view = view[os.write(fd, view):]
+                if fsync:
+                    os.fsync(fd)
+            except BaseException:  # a full disk, or an interrupt between partial writes
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass  # read_jsonl still drops a torn last line
+                raise
+        finally:
+            os.close(fd)
 
 
 def read_jsonl(path: str | os.PathLike, *, cut_torn_tail: bool = False) -> list[dict]:

@@ -15,31 +15,46 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_model_options, load, progress, quiet_transformers
+from .common import add_model_options, at_least, load, preflight, progress, quiet_transformers
+
+
+def _config(args, method: str):
+    from ..runner.config import SearchConfig
+
+    return SearchConfig.build(method=method, model=args.model, sparsity=0.2, calib="wikitext2", sampling="random",
+                              nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=0, device=args.device,
+                              dtype=args.dtype)
 
 
 def _search(args, out: Path, method: str):
-    from ..runner.config import SearchConfig
     from ..runner.loop import run_search
 
-    cfg = SearchConfig.build(method=method, model=args.model, sparsity=0.2, calib="wikitext2", sampling="random",
-                             nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=0, device=args.device,
-                             dtype=args.dtype)
-    return run_search(cfg, out, progress=progress())
+    return run_search(_config(args, method), out, progress=progress())
 
 
 def cmd_demo(args) -> int:
+    """Check every argument, then run the tour with ``--out`` locked (one demo per directory at a time)."""
+    from ..locking import writer_lock
+
+    at_least(args, 2, "seqlen", "calib_seqlen")
+    at_least(args, 1, "max_windows", "nsamples")
+    _config(args, "evo")  # --nsamples, --calib-seqlen, --model, --dtype as the search checks them
+    preflight(args.model, args.device, {f"--seqlen {args.seqlen}": args.seqlen,
+                                        f"--calib-seqlen {args.calib_seqlen}": args.calib_seqlen})
+    with writer_lock(args.out, "--out directory"):
+        return _demo(args)
+
+
+def _demo(args) -> int:
     from ..data.sources import get_text
-    from ..errors import user_input
     from ..evaluate.perplexity import perplexity, tokenize_text
     from ..export import export_dropped
+    from ..files import atomic_write_json
     from ..report.tables import text_table
 
     quiet_transformers()
     t0 = time.time()
     out = Path(args.out)
-    with user_input("--out directory", out):
-        out.mkdir(parents=True, exist_ok=True)
     print(f"[demo] evo (the default layer search, default options): drop 20% of the blocks of {args.model}; "
           f"calibration {args.nsamples} random windows x {args.calib_seqlen} tokens of wikitext2 valid -> "
           f"{out / 'run'}", file=sys.stderr)
@@ -76,7 +91,7 @@ def cmd_demo(args) -> int:
           f"reloaded with AutoModelForCausalLM: max |logit diff| = {rec['max_abs_diff']:.1e}")
     summary = {"model": args.model, "search": res, "baseline": runs.get("shortgpt"), "ppl": results, "export": rec,
                "wall_s": round(time.time() - t0, 1)}
-    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / "demo.json", summary)
     print(json.dumps({"demo": str(out / "demo.json"), "dropped_layers": drop,
                       "wikitext2_ppl": {k: round(v["ppl"], 2) for k, v in results["wikitext2"].items()},
                       "wall_s": summary["wall_s"]}))

@@ -9,7 +9,7 @@ import os
 import sys
 
 from ..errors import UserError
-from .common import add_model_options, check_out_file, drop_arg, emit, load
+from .common import add_model_options, at_least, check_out_file, drop_arg, emit, load, preflight
 
 __all__ = ["add_parsers", "zeroshot_table", "bench_table"]
 
@@ -36,11 +36,10 @@ def cmd_eval(args) -> int:
         import datasets
 
         datasets.disable_progress_bars()
-    if args.limit is not None and args.limit < 1:
-        raise UserError("--limit must be >= 1")
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be >= 1")
+    at_least(args, 1, "limit", "batch_size")
+    at_least(args, 0, "num_fewshot")
     check_out_file(args.out)
+    preflight(args.model, args.device, drop=drop)
     built = build_tasks(args.tasks, stock=args.stock_tasks, num_fewshot=args.num_fewshot)  # data errors first
     lm = load(args.model, args.device, args.dtype)
     dropped = list(lm.dropped)
@@ -112,12 +111,15 @@ def cmd_bench(args) -> int:
     from ..evaluate.bench import bench, speedups
 
     drop = drop_arg(args.drop)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device available")
-    for name in ("batch", "seqlen", "decode_tokens", "prompt_tokens", "repeats"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    at_least(args, 1, "batch", "seqlen", "decode_tokens", "prompt_tokens", "repeats")
     check_out_file(args.out)
+    if args.base is not None:
+        if not args.base.strip():
+            raise UserError("--base must not be empty")
+        preflight(args.base, args.device)
+    generated = args.prompt_tokens + args.decode_tokens
+    preflight(args.model, args.device, {f"--seqlen {args.seqlen}": args.seqlen,
+                                        f"--prompt-tokens + --decode-tokens ({generated})": generated}, drop=drop)
     dense, pruned, base, dropped, how = _bench_models(args, drop)
     shape = dict(batch=args.batch, seqlen=args.seqlen, decode_tokens=args.decode_tokens,
                  prompt_tokens=args.prompt_tokens)

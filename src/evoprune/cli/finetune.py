@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..version import __version__
-from .common import add_model_options, drop_arg, emit, load, progress
+from .common import add_model_options, drop_arg, emit, load, preflight, progress
 from .options import add_options
 
 __all__ = ["add_parsers", "FINETUNE_FORMAT"]
@@ -34,16 +34,29 @@ def _lora_config(args):
 
 
 def cmd_finetune(args) -> int:
-    """Validate, load, train, merge, export, record."""
-    from ..export import check_out_dir, save_pruned
+    """Validate, load, train, merge, export, record (the --out directory locked throughout)."""
+    from ..export import check_out_dir
+    from ..finetune.lora import check_targets
+    from ..finetune.options import check_train_source
+    from ..locking import writer_lock
+
+    cfg = _lora_config(args)  # argument errors first, then data, then the (slow) model load
+    drop = drop_arg(args.drop)
+    out = check_out_dir(args.out, args.overwrite)
+    check_train_source(args.data)
+    facts = preflight(args.model, args.device, {f"--seqlen {cfg.seqlen}": cfg.seqlen}, drop=drop)
+    check_targets(facts.projections if facts else None, cfg.target)
+    with writer_lock(out, "--out directory"):
+        return _finetune(args, cfg, drop, out)
+
+
+def _finetune(args, cfg, drop, out) -> int:
+    from ..export import save_pruned
     from ..files import atomic_write_json
     from ..finetune.data import train_documents
     from ..finetune.lora import finetune_lora
     from ..models.slicing import is_width_pruned
 
-    cfg = _lora_config(args)  # argument errors first, then data, then the (slow) model load
-    drop = drop_arg(args.drop)
-    out = check_out_dir(args.out, args.overwrite)
     docs = train_documents(args.data)
     lm = load(args.model, args.device, args.dtype)
     if drop:

@@ -10,7 +10,7 @@ import sys
 
 from ..errors import UserError
 from ..runner.sections import ModelOptions
-from .common import add_model_options, drop_arg, emit, load, progress
+from .common import add_model_options, at_least, drop_arg, emit, load, preflight, progress
 
 __all__ = ["add_parsers"]
 
@@ -44,12 +44,18 @@ def _cell(v) -> str:
 
 
 def cmd_ppl(args) -> int:
-    from ..data.sources import get_text
+    from ..data.sources import check_source, get_text
     from ..evaluate.perplexity import perplexity, tokenize_text, windows
 
     drop = drop_arg(args.drop)
+    at_least(args, 2, "seqlen")
+    at_least(args, 1, "max_windows", "batch_size")
+    check_source(args.dataset, what="--dataset")
+    preflight(args.model, args.device, {f"--seqlen {args.seqlen}": args.seqlen}, drop=drop)
     text = get_text(args.dataset, "eval")  # data errors before the (slow) model load
     lm = load(args.model, args.device, args.dtype)
+    if drop and lm.dropped:
+        raise UserError(f"--drop cannot be combined with a run directory ({args.model} already drops {list(lm.dropped)})")
     pattern = lm.adapter.pattern(lm.model, drop)
     ids = tokenize_text(lm.tokenizer, text)
     windows(ids, args.seqlen, args.max_windows)  # validate before compute
@@ -59,24 +65,39 @@ def cmd_ppl(args) -> int:
     print(f"{args.dataset}: ppl {res.ppl:.4f} over {res.tokens} predicted tokens ({res.windows} x {res.seqlen})",
           file=sys.stderr)
     emit({"model": args.model, "dataset": args.dataset, "ppl": res.ppl, "nll": res.nll, "tokens": res.tokens,
-          "windows": res.windows, "seqlen": res.seqlen, "dropped_layers": list(pattern.dropped)})
+          "windows": res.windows, "seqlen": res.seqlen, "dropped_layers": list(lm.dropped or pattern.dropped)})
     return 0
 
 
 def cmd_export(args) -> int:
-    from ..export import check_out_dir, export_dropped, export_sublayers, export_width
-    from ..runner.pruned import is_sublayer_result, is_width_result, run_base_model, width_plan
-    from ..runner.rundir import RunDir, is_run_dir
+    from ..export import check_out_dir
+    from ..locking import writer_lock
 
     drop = drop_arg(args.drop)
+    if args.run is not None:
+        if not args.run.strip():
+            raise UserError("the run to export must not be empty (a run directory, or leave it out for --model)")
+    preflight(args.run or args.model, args.device, drop=drop)
     check_out_dir(args.out, args.overwrite)
-    res = (RunDir(args.run).read_result() or {}) if args.run and is_run_dir(args.run) else {}
+    with writer_lock(args.out, "--out directory"):
+        return _export(args, drop)
+
+
+def _export(args, drop) -> int:
+    from ..export import export_dropped, export_sublayers, export_width
+    from ..runner.pruned import is_sublayer_result, is_width_result, run_base_model, run_result, width_plan
+    from ..runner.rundir import RunDir, is_run_dir
+
+    res = (run_result(RunDir(args.run)) or {}) if args.run and is_run_dir(args.run) else {}
+    extra = {"run": str(args.run)} if args.run else {}
+    if "unfinished" in res:  # the best candidate so far of a run in progress or interrupted
+        extra["unfinished"] = {"status": res["unfinished"], "evaluations": res["evaluations"]}
     if is_sublayer_result(res):
         if drop:
             raise UserError("--drop does not apply to a sub-layer run")
         lm = load(run_base_model(RunDir(args.run)), args.device, args.dtype)  # the dense base
         rec = export_sublayers(lm, res["dropped_attention"], res["dropped_mlp"], args.out, overwrite=args.overwrite,
-                               extra={"run": str(args.run)})
+                               extra=extra)
         fmt = "plain HF" if "num_kv_groups" not in rec else "loads with trust_remote_code=True"
         print(f"exported sub-layer-pruned model ({rec['params']:,} params) to {args.out} (reload check: max "
               f"|dlogit| = {rec['max_abs_diff']:.2e}; {fmt})", file=sys.stderr)
@@ -84,15 +105,15 @@ def cmd_export(args) -> int:
         if drop:
             raise UserError("--drop does not apply to a width-pruning run")
         lm = load(run_base_model(RunDir(args.run)), args.device, args.dtype)  # the dense base: export slices it
-        rec = export_width(lm, width_plan(args.run, lm), args.out, overwrite=args.overwrite,
-                           extra={"run": str(args.run)})
+        rec = export_width(lm, width_plan(args.run, lm), args.out, overwrite=args.overwrite, extra=extra)
         print(f"exported width-pruned model ({rec['params']:,} of {rec['params_dense']:,} params) to {args.out} "
               f"(reload check: max |dlogit| = {rec['max_abs_diff']:.2e}; loads with trust_remote_code=True)",
               file=sys.stderr)
     else:
         lm = load(args.run or args.model, args.device, args.dtype)
         lm.adapter.pattern(lm.model, drop)
-        rec = export_dropped(lm, drop, args.out, overwrite=args.overwrite)
+        rec = export_dropped(lm, drop, args.out, overwrite=args.overwrite,
+                             extra={k: v for k, v in extra.items() if k != "run"} or None)
         print(f"exported {rec['n_layers']}-layer model to {args.out} (reload check: max |dlogit| = "
               f"{rec['max_abs_diff']:.2e})", file=sys.stderr)
     emit(rec)

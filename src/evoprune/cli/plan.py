@@ -9,6 +9,9 @@ Offline and in seconds: the model is built on the ``meta`` device.
 from __future__ import annotations
 
 import argparse
+import math
+
+from ..errors import UserError
 
 from .common import emit, quiet_transformers, read_recipe
 from .options import add_search_options, given
@@ -55,15 +58,33 @@ def _table(p: dict) -> str:
     return text_table(["", ""], rows, title=title)
 
 
+def _check_machine(args) -> None:
+    """The machine flags, before anything is built: finite, positive, --mfu a fraction."""
+    for name in ("tflops", "gpu_memory"):
+        v = getattr(args, name)
+        if not (math.isfinite(v) and v > 0):
+            raise UserError(f"--{name.replace('_', '-')} must be a number > 0, got {v}")
+    if args.gpus < 1:
+        raise UserError(f"--gpus must be >= 1, got {args.gpus}")
+    if not 0 < args.mfu <= 1:
+        raise UserError(f"--mfu must be in (0, 1], got {args.mfu}")
+    if args.model_config is not None and not args.model_config.strip():
+        raise UserError("--model-config must not be empty")
+
+
 def cmd_plan(args) -> int:
+    from ..models.preflight import check_window, config_facts
     from ..plan import make_plan, meta_model, resolve_config
     from ..runner.config import SearchConfig
 
     quiet_transformers()
-    recipe = read_recipe(args.config) if getattr(args, "config", None) else {}
+    _check_machine(args)
+    recipe = read_recipe(args.config) if getattr(args, "config", None) is not None else {}
     flags = given(args, skip=_PLAN_ONLY)
     cfg = SearchConfig.from_dict(recipe, overrides=flags)
     config, source = resolve_config(args.model_config or cfg.model.model)
+    seqlen = cfg.calibration.seqlen
+    check_window(config_facts(config), seqlen, f"--seqlen {seqlen}", args.model_config or cfg.model.model)
     lm = meta_model(config, cfg.model.dtype, name=args.model_config or cfg.model.model)
     p = make_plan(cfg, lm, tflops=args.tflops, gpus=args.gpus, gpu_memory_gib=args.gpu_memory, mfu=args.mfu)
     p["model"]["config"] = source

@@ -27,9 +27,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from ..locking import writer_lock
     from ..report import compare_runs
+    from ..runner.rundir import RunDir
 
-    res = compare_runs(args.runs, args.out, args.ppl_json)
+    for run in args.runs:  # every run readable before --out is touched
+        RunDir(run).read_config()
+    with writer_lock(args.out, "--out directory"):
+        res = compare_runs(args.runs, args.out, args.ppl_json)
     print(res.pop("table_markdown"))
     print(f"wrote {res['figure']} and {res['table']}", file=sys.stderr)
     emit(res)

@@ -63,18 +63,22 @@ def search_config(args: argparse.Namespace):
     from ..runner.rundir import RunDir
 
     flags = given(args, skip=_CLI_ONLY)
-    if getattr(args, "budget_from", None):
+    if getattr(args, "budget_from", None) is not None:
+        if not args.budget_from.strip():
+            raise UserError("--budget-from must not be empty")
         res = RunDir(args.budget_from).read_result()
         if res is None:
             raise UserError(f"--budget-from {args.budget_from}: run has no result.json")
         flags["budget"] = int(res["evaluations"])
-    recipe = read_recipe(args.config) if getattr(args, "config", None) else {}
+    recipe = read_recipe(args.config) if getattr(args, "config", None) is not None else {}
     return SearchConfig.from_dict(recipe, overrides=flags)
 
 
 def cmd_search(args) -> int:
     from ..runner.loop import run_search
 
+    if not args.out.strip():
+        raise UserError("--out must not be empty")
     quiet_transformers()
     emit(_noted(run_search(search_config(args), args.out, progress=progress())))
     return 0

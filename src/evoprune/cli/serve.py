@@ -3,11 +3,12 @@
 Owns the command (``add_parsers``). In the foreground until Ctrl-C: llama.cpp's server on the model's
 ``.gguf`` file (``--backend llama.cpp``, the default: it enforces the operator's JSON schema), or
 ``transformers serve`` on its de-quantized HF directory (``--backend transformers``: plain text only). It
-prints the base URL and the model name to pass as ``--operator-url`` / ``--operator-model``.
+prints the base URL and the model name to pass as ``--operator-url`` / ``--operator-model``. The
+address (``--host``, ``--port``; 0: any free port) and ``--threads`` are checked before anything is
+loaded; a server that fails to start is one line (its last log line) naming its full log.
 """
 from __future__ import annotations
 
-import signal
 import sys
 import time
 
@@ -18,8 +19,15 @@ __all__ = ["add_parsers"]
 
 def cmd_operator_server(args) -> int:
     from ..models.loading import gguf_file, hf_dir_of_gguf
-    from ..search.llm.server import start_llama_cpp_server, start_local_server
+    from ..search.llm.server import check_listen, free_port, start_llama_cpp_server, start_local_server
 
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    check_listen(args.host, args.port)
+    if args.port == 0:
+        args.port = free_port(args.host)
+    if not args.model.strip():
+        raise UserError("--model must not be empty")
     if args.backend == "llama.cpp":
         gguf = gguf_file(args.model)
         if gguf is None:
@@ -28,7 +36,6 @@ def cmd_operator_server(args) -> int:
     else:
         model_dir = hf_dir_of_gguf(args.model) if gguf_file(args.model) is not None else args.model
         ctx = start_local_server(model_dir, args.port, host=args.host)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a plain kill also stops the server (finally below)
     with ctx as srv:
         print(f"{srv.backend} {srv.version or ''} serving {args.model} at {srv.url}\n"
               f"  search with: --operator-url {srv.url} --operator-model {srv.model}\n"
@@ -36,7 +43,7 @@ def cmd_operator_server(args) -> int:
         try:
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a plain kill): the server stops on leaving the block
             print("stopping", file=sys.stderr)
     return 0
 
@@ -51,6 +58,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", default="smollm2-135m", help="built-in alias or .gguf file (transformers: also a local "
                    "HF directory) (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port; 0: any free port (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp CPU threads (default: its own choice)")
     p.set_defaults(func=cmd_operator_server)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
-__all__ = ["get_text", "get_documents", "data_dir", "SOURCES"]
+__all__ = ["get_text", "get_documents", "check_source", "data_dir", "SOURCES"]
 
 SOURCES = ("wikitext2", "c4", "text:PATH", "jsonl:PATH[:field]")
 _C4_FILE = "c4/c4_validation_2k.json.gz"
@@ -96,6 +96,35 @@ def _file(path: str) -> Path:
     return p
 
 
+def _jsonl_path(rest: str) -> tuple[str, str]:
+    """``PATH[:field]`` -> ``(PATH, field)``; a path that itself holds a colon wins when it exists."""
+    if ":" in rest and not Path(rest).expanduser().is_file():
+        path, field = rest.rsplit(":", 1)
+        return path, field or "text"
+    return rest, "text"
+
+
+def check_source(name: str, *, files: bool = True, what: str = "data source") -> None:
+    """Refuse, without reading it, a source ``name`` that :func:`get_documents` would refuse: an unknown kind, an
+    empty path, and (``files``) a ``text:``/``jsonl:`` file that does not exist or is a directory."""
+    name = str(name)
+    if name in ("wikitext2", "c4"):
+        return
+    for prefix in ("text:", "jsonl:"):
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            path = _jsonl_path(rest)[0] if prefix == "jsonl:" else rest
+            if not path.strip():
+                raise UserError(f"{what} {name!r} names no file (e.g. {prefix}corpus.txt)")
+            p = Path(path).expanduser()
+            if files and p.is_dir():
+                raise UserError(f"{what} {name!r}: {path} is a directory; a file was expected")
+            if files and not p.is_file():
+                raise UserError(f"{what} {name}: data file not found: {path}")
+            return
+    raise UserError(f"unknown data source {name!r} for {what} (choose from {', '.join(SOURCES)})")
+
+
 def get_documents(name: str, role: str = "eval") -> list[str]:
     """The documents of source ``name`` for ``role`` (see the module table)."""
     _check_role(role)
@@ -106,10 +135,7 @@ def get_documents(name: str, role: str = "eval") -> list[str]:
     if name.startswith("text:"):
         return [_file(name[5:]).read_text(encoding="utf-8")]
     if name.startswith("jsonl:"):
-        rest = name[6:]
-        field = "text"
-        if ":" in rest and not Path(rest).expanduser().is_file():
-            rest, field = rest.rsplit(":", 1)
+        rest, field = _jsonl_path(name[6:])
         docs = []
         with open(_file(rest), encoding="utf-8") as f:
             for n, line in enumerate(f, 1):

@@ -29,7 +29,9 @@ class ExportError(RuntimeError):
 
 def check_out_dir(out: str | Path, overwrite: bool = False) -> Path:
     """Validate an output directory before any work; :class:`UserError` if it is a file or holds files."""
-    out = Path(out)
+    if not str(out).strip():
+        raise UserError("--out must not be empty")
+    out = Path(out).expanduser()
     with user_input("--out directory", out):
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} exists and is not a directory")

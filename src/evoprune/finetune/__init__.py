@@ -13,7 +13,7 @@ __all__ = ["LoRAConfig", "BriefTrainConfig", "TrainingOptions", "finetune_lora",
 
 _WHERE = {"LoRAConfig": "options", "BriefTrainConfig": "options", "TrainingOptions": "options",
           "finetune_lora": "lora", "default_targets": "lora", "brief_train": "brief", "train_documents": "data",
-          "alpaca_documents": "data", "pack_windows": "data", "TRAIN_SOURCES": "data"}
+          "alpaca_documents": "data", "pack_windows": "data", "TRAIN_SOURCES": "options"}
 
 
 def __getattr__(name):

@@ -36,11 +36,11 @@ from typing import Sequence
 import torch
 
 from ..errors import UserError
+from .options import TRAIN_SOURCES, check_train_source
 
 __all__ = ["TRAIN_SOURCES", "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "alpaca_text", "alpaca_documents",
            "train_documents", "pack_windows"]
 
-TRAIN_SOURCES = ("wikitext2", "c4", "alpaca:PATH", "jsonl:PATH[:field]", "text:PATH")
 
 # Stanford Alpaca (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT); the response follows the prompt directly.
 ALPACA_PROMPT = (
@@ -110,6 +110,7 @@ def train_documents(spec: str) -> list[str]:
     from ..data.sources import get_documents, get_text
 
     spec = str(spec)
+    check_train_source(spec)
     if spec == "wikitext2":
         docs = [get_text("wikitext2", "calib")]  # rows are lines, not documents: keep the text whole
     elif spec == "c4" or spec.startswith(("text:", "jsonl:")):

@@ -43,13 +43,23 @@ from ..models.base import family
 from .loop import train_steps
 from .options import LoRAConfig
 
-__all__ = ["LoRAConfig", "finetune_lora", "default_targets", "resolve_targets"]
+__all__ = ["LoRAConfig", "finetune_lora", "default_targets", "resolve_targets", "check_targets"]
 
 
 def default_targets(adapter) -> tuple[str, ...]:
     """The family's attention and MLP projection names (last path component), in block order."""
-    paths = (adapter.q, adapter.k, adapter.v, adapter.o, *adapter.mlp_in, adapter.mlp_out)
-    return tuple(p.rsplit(".", 1)[-1] for p in paths)
+    return adapter.projection_names()
+
+
+def check_targets(projections: Sequence[str] | None, target: Sequence[str] | None) -> None:
+    """Before the model loads: refuse ``target`` names that are none of the family's block ``projections``
+    (:attr:`~evoprune.models.preflight.ModelFacts.projections`; ``None``: family unknown, nothing to check)."""
+    if target is None or projections is None:
+        return
+    missing = [n for n in target if n not in projections]
+    if missing:
+        raise UserError(f"LoRA --target {', '.join(missing)} matches no projection of this model's blocks "
+                        f"(it has {', '.join(projections)})")
 
 
 def resolve_targets(lm, target: Sequence[str] | None = None) -> list[str]:

@@ -9,17 +9,39 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
 from ..options import opt, parse_ints
 
-__all__ = ["LoRAConfig", "BriefTrainConfig", "TrainingOptions", "SCHEDULES", "TRAIN_MODES"]
+__all__ = ["LoRAConfig", "BriefTrainConfig", "TrainingOptions", "SCHEDULES", "TRAIN_MODES", "TRAIN_SOURCES",
+           "check_train_source"]
 
 SCHEDULES = ("linear", "constant")
 TRAIN_MODES = ("lora", "full")
 _DEFAULT_LR = {"lora": 5e-4, "full": 5e-5}
+TRAIN_SOURCES = ("wikitext2", "c4", "alpaca:PATH", "jsonl:PATH[:field]", "text:PATH")
+
+
+def check_train_source(spec: str, *, files: bool = True, what: str = "--data") -> None:
+    """Refuse, without reading it, a training-data spec :func:`~evoprune.finetune.data.train_documents` would refuse: an unknown kind,
+    and (``files``) a file that does not exist."""
+    from ..data.sources import check_source  # torch-free
+
+    spec = str(spec)
+    if spec.startswith("alpaca:"):
+        path = spec[len("alpaca:"):]
+        if not path.strip():
+            raise UserError(f"{what} {spec!r} names no file (e.g. alpaca:alpaca_data.json)")
+        if files and not Path(path).expanduser().is_file():
+            raise UserError(f"{what} {spec}: data file not found: {path}")
+        return
+    if spec in ("wikitext2", "c4") or spec.startswith(("text:", "jsonl:")):
+        check_source(spec, files=files, what=what)
+        return
+    raise UserError(f"unknown training data {spec!r} for {what} (choose from {', '.join(TRAIN_SOURCES)})")
 
 
 @dataclass(frozen=True)
@@ -111,10 +133,11 @@ class BriefTrainConfig:
             raise UserError(f"unknown training mode {self.mode!r} (choose from {', '.join(TRAIN_MODES)})")
         lr = _DEFAULT_LR[self.mode] if self.lr is None else float(self.lr)
         if not (math.isfinite(lr) and lr > 0):
-            raise UserError(f"training lr must be > 0, got {self.lr}")
+            raise UserError(f"--train-lr must be > 0, got {self.lr}")
         object.__setattr__(self, "lr", lr)
-        if int(self.rank) < 1 or int(self.batch_size) < 1:
-            raise UserError("training rank and batch size must be >= 1")
+        for name in ("rank", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"--train-{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -142,3 +165,5 @@ class TrainingOptions(BriefTrainConfig):
             if not self.training_aware:
                 raise UserError("--train-tokens-per-stage needs --training-aware on")
             object.__setattr__(self, "tokens_per_stage", ttp)
+        if self.data is not None:
+            check_train_source(self.data, files=False, what="--train-data")

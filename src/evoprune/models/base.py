@@ -153,6 +153,11 @@ class Adapter:
         """Query heads sharing one key/value head (1 for multi-head attention)."""
         return int(config.num_attention_heads) // self.n_kv_heads(config)
 
+    def projection_names(self) -> tuple[str, ...]:
+        """The attention and MLP projections of a block, by their last path component, in block order."""
+        paths = (self.q, self.k, self.v, self.o, *self.mlp_in, self.mlp_out)
+        return tuple(p.rsplit(".", 1)[-1] for p in paths)
+
     def width_layout(self) -> dict:
         """Attribute paths for width pruning as JSON-able data (stored in width-pruned exports' config)."""
         return {"blocks": self.blocks, "attn": self.attn, "q": self.q, "k": self.k, "v": self.v, "o": self.o,

@@ -36,7 +36,7 @@ from ..files import atomic_dir
 from .base import Adapter, adapter_for_type, hf_classes
 
 __all__ = ["LoadedModel", "load_pretrained", "reload_export", "resolve_alias", "gguf_file", "hf_dir_of_gguf",
-           "cache_dir", "DEFAULT_MODEL"]
+           "converted_dir", "check_spec", "cache_dir", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2-135m"
 _ALIASES = {
@@ -194,6 +194,12 @@ def gguf_file(spec: str) -> Path | None:
     return gguf
 
 
+def converted_dir(gguf: Path, spec: str) -> Path | None:
+    """The de-quantized HF directory of the ``.gguf`` file behind ``spec`` when it was converted already; else ``None``."""
+    cached = _gguf_cache_path(gguf, spec.lower() if resolve_alias(spec) else None)
+    return cached if _is_cached(cached) else None
+
+
 def hf_dir_of_gguf(spec: str, progress: bool = True) -> Path:
     """The plain HF directory (fp32 safetensors) a GGUF spec is de-quantized into, converting it on first use."""
     gguf = gguf_file(spec)
@@ -204,6 +210,24 @@ def hf_dir_of_gguf(spec: str, progress: bool = True) -> Path:
         with user_input("model file", gguf):
             _gguf_to_cache(gguf, cached, progress)
     return cached
+
+
+def check_spec(spec: str) -> None:
+    """Refuse, without reading any weights, a spec that names nothing :func:`load_pretrained` can load: a missing
+    ``.gguf`` or path, a directory without ``config.json``, a plain file. A hub id is left to the hub."""
+    spec = str(spec)
+    if gguf_file(spec) is not None:
+        return
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UserError(f"{spec} is a directory without config.json (not a model or run directory)")
+        return
+    if p.is_file():
+        raise UserError(f"model {spec} is a file, not a model directory, .gguf file or run directory")
+    # hub ids look like "name" or "org/name"; anything else was meant as a local path
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or p.suffix in (".safetensors", ".bin", ".pt"):
+        raise UserError(f"model path not found: {spec}")
 
 
 def load_pretrained(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -218,6 +242,7 @@ def load_pretrained(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.flo
     an unknown id offline, or an architecture without an adapter.
     """
     spec = str(spec)
+    check_spec(spec)
     gguf = gguf_file(spec)
     p = Path(spec).expanduser()
     if gguf is not None:
@@ -225,14 +250,8 @@ def load_pretrained(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.flo
         model, tok, adapter = _load_hf(str(cached), dtype, device, local=True, device_map=device_map)
         return LoadedModel(model, tok, adapter, name=spec, base=spec, path=str(cached))
     if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise UserError(f"{spec} is a directory without config.json (not a model or run directory)")
         with user_input("model directory", p):
             model, tok, adapter = _load_hf(str(p), dtype, device, local=True, device_map=device_map)
         return LoadedModel(model, tok, adapter, name=spec, base=spec, path=str(p))
-    # hub ids look like "name" or "org/name"; anything else was meant as a local path
-    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1
-    if looks_like_path or p.suffix in (".safetensors", ".bin", ".pt"):
-        raise UserError(f"model path not found: {spec}")
     model, tok, adapter = _load_hf(spec, dtype, device, local=False, device_map=device_map)
     return LoadedModel(model, tok, adapter, name=spec, base=spec, path=None)

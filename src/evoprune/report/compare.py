@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import atomic_write_text
 from .plots import plot_compare
 from .runs import eval_metrics, is_acc, load_run, read_eval_files
 from .tables import fmt, fmt_layers, md_table
@@ -23,6 +25,10 @@ __all__ = ["compare_runs"]
 def _ppl_map(path) -> dict:
     if path is None:
         return {}
+    if not str(path).strip():
+        raise UserError("--ppl-json must not be empty")
+    if Path(path).is_dir():
+        raise UserError(f"--ppl-json {path} is a directory; give a JSON file")
     try:
         obj = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -57,18 +63,34 @@ def _sha1(path: Path) -> str | None:
         return None
 
 
-def compare_runs(runs: list[str], out, ppl_json=None) -> dict:
-    """One figure (``compare.png``) and one table (``compare.md``) over finished runs; returns the rows."""
-    if not runs:
-        raise UserError("compare needs at least one run directory")
-    mapping = _ppl_map(ppl_json)
+def _so_far(run: dict) -> dict:
+    """The result fields ``compare`` shows, of an unfinished run: its best candidate so far and its counters."""
+    cfg, best, hist = run["config"], run["best"] or {}, run["history"]
+    c = cfg.get("calibration") or {}
+    k, n = run["k"], run["n"]
+    sparsity = (cfg.get("budget") or {}).get("sparsity")
+    loss = best.get("loss")
+    samples = c.get("nsamples") if c.get("sampling") == "random" else \
+        (c.get("clusters") or 0) * (c.get("samples_per_cluster") or 0)
+    return {"method": cfg.get("method"), "model": (cfg.get("model") or {}).get("model"),
+            "sparsity": sparsity if sparsity is not None else (k / n if k and n else None), "k": k, "n_layers": n,
+            "dropped_layers": best.get("dropped"), "calib_loss": loss,
+            "calib_ppl": math.exp(loss) if loss is not None and math.isfinite(loss) else None,
+            "evaluations": len(hist), "token_layers": hist[-1].get("token_layers") if hist else 0, "wall_s": None,
+            "calib": {"source": c.get("calib") if not c.get("calib_from") else f"run:{c.get('calib_from')}",
+                      "samples": samples, "seqlen": c.get("seqlen")}}
+
+
+def _rows(runs: list[str], mapping: dict) -> tuple[list[dict], set]:
+    """One table row per run (an unfinished run: its best so far), and the ``--ppl-json`` keys they used."""
     used = set()
     rows = []
     for arg in runs:
         run = load_run(arg)
+        res = run["result"] if run["finished"] else _so_far(run)
         if not run["finished"]:
-            raise UserError(f"{run['path']}: run has no result.json yet (finish it with: evoprune resume {arg})")
-        res = run["result"]
+            print(f"note: run {arg} is unfinished, {run['status']}: showing its best candidate so far",
+                  file=sys.stderr)
         metrics = read_eval_files(run["path"])
         key = _lookup(mapping, arg, run["path"])
         if key is not None:
@@ -77,7 +99,8 @@ def compare_runs(runs: list[str], out, ppl_json=None) -> dict:
         calib = res.get("calib") or {}
         space = run["config"].get("space", "layers")
         method = res.get("method") if space == "layers" else f"{space} {res.get('method')}"
-        rows.append({"run": str(arg), "name": run["path"].name, "method": method, "model": res.get("model"),
+        rows.append({"run": str(arg), "name": run["path"].name + ("" if run["finished"] else " (unfinished)"),
+                     "status": run["status"], "method": method, "model": res.get("model"),
                      "sparsity": res.get("sparsity"), "k": res.get("k"), "n_layers": res.get("n_layers"),
                      "dropped_layers": res.get("dropped_layers"), "calib_loss": res.get("calib_loss"),
                      "calib_ppl": res.get("calib_ppl"), "evaluations": res.get("evaluations"),
@@ -85,6 +108,16 @@ def compare_runs(runs: list[str], out, ppl_json=None) -> dict:
                      "calib": f"{calib.get('source')} {calib.get('samples')}x{calib.get('seqlen')}",
                      "calib_sha1": _sha1(run["path"] / "calib.pt"),
                      "metrics": metrics})
+    return rows, used
+
+
+def compare_runs(runs: list[str], out, ppl_json=None) -> dict:
+    """One figure (``compare.png``) and one table (``compare.md``) over runs; an unfinished run (in progress or
+    interrupted) shows its best candidate so far, marked, and is named on stderr. Returns the rows."""
+    if not runs:
+        raise UserError("compare needs at least one run directory")
+    mapping = _ppl_map(ppl_json)
+    rows, used = _rows(runs, mapping)
     dense = None
     for key in mapping:
         if key not in used and key.lower() == "dense":
@@ -114,7 +147,8 @@ def compare_runs(runs: list[str], out, ppl_json=None) -> dict:
         table.append(["dense", "", "0%", "0", "-", "-", "-",
                       *[fmt(dense.get(m), ".4f" if is_acc(m) else ".2f") for m in metric_names], "", "", "", ""])
     for r in rows:
-        table.append([str(r["method"]), str(r["model"]), fmt(100 * r["sparsity"], ".1f") + "%",
+        table.append([str(r["method"]), str(r["model"]),
+                      "-" if r["sparsity"] is None else fmt(100 * r["sparsity"], ".1f") + "%",
                       f"{r['k']} / {r['n_layers']}", fmt_layers(r["dropped_layers"]), fmt(r["calib_loss"], ".4f"),
                       fmt(r["calib_ppl"], ".2f"),
                       *[fmt(r["metrics"].get(m), ".4f" if is_acc(m) else ".2f") for m in metric_names],
@@ -125,8 +159,11 @@ def compare_runs(runs: list[str], out, ppl_json=None) -> dict:
     note = ("" if len(calibs) <= 1 else
             "\n\nNote: the runs use different calibration sets (their calib.pt files differ), so their calibration "
             "losses are not directly comparable.")
+    if any(r["name"].endswith(" (unfinished)") for r in rows):
+        note += ("\n\nA run marked (unfinished) is still in progress or was interrupted: its row is its best "
+                 "candidate so far.")
     table_md = md_table(head, table)
-    md.write_text(f"# evoprune compare: {', '.join(methods)}\n\n![compare]({png.name})\n\n"
+    atomic_write_text(md, f"# evoprune compare: {', '.join(methods)}\n\n![compare]({png.name})\n\n"
                   + table_md
                   + "\n\ncalib loss: mean token NLL on each run's calibration set (lower is better); ppl columns: "
                     "held-out perplexity; acc columns: zero-shot accuracy."

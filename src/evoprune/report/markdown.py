@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, user_input
+from ..files import atomic_write_text
 from .plots import TOP_N, plot_fitness, plot_origin, plot_pattern
 from .runs import is_feasible, load_run, read_eval_files, top_candidates
 from .tables import finite, fmt, fmt_layers, fmt_wall, md_table
@@ -30,7 +31,7 @@ def _summary_rows(run: dict) -> list[list[str]]:
     tl = res.get("token_layers", hist[-1]["token_layers"] if hist else None)
     dense_tl = res.get("dense_token_layers_per_eval")
     rows = [
-        ["status", "finished" if run["finished"] else f"in progress ({len(hist)} evaluations so far)"],
+        ["status", "finished" if run["finished"] else f"unfinished, {run['status']}: {len(hist)} evaluations so far"],
         ["method", str(cfg["method"])],
         ["model", str(cfg["model"]["model"])],
         *([["space", f"{cfg['space']}: mean rate {cfg['budget']['sparsity']} over {n} blocks"],
@@ -88,8 +89,11 @@ def write_report(path, out_dir=None) -> dict:
     run = load_run(path)
     if not run["history"]:
         raise UserError(f"{run['path']}: no evaluations in history.jsonl yet; nothing to report")
-    out = Path(out_dir) if out_dir is not None else run["path"]
-    out.mkdir(parents=True, exist_ok=True)
+    if out_dir is not None and not str(out_dir).strip():
+        raise UserError("--out must not be empty")
+    out = Path(out_dir).expanduser() if out_dir is not None else run["path"]
+    with user_input("--out directory", out):
+        out.mkdir(parents=True, exist_ok=True)
     fit_png, pat_png, md = out / "fitness.png", out / "pattern.png", out / "report.md"
     plot_fitness(run, fit_png)
     plot_pattern(run, pat_png)
@@ -144,7 +148,7 @@ def write_report(path, out_dir=None) -> dict:
     if evals:
         parts += ["## Held-out evaluations", "", "From `eval_*.json` in the run directory.", "",
                   md_table(["metric", "value"], [[kk, f"{v:.4f}"] for kk, v in evals.items()]), ""]
-    md.write_text("\n".join(parts))
+    atomic_write_text(md, "\n".join(parts))
     plots = [str(fit_png), str(pat_png)] + ([str(org_png)] if has_origin else [])
     return {"run": str(run["path"]), "report": str(md), "plots": plots,
             "finished": run["finished"], "dropped_layers": sorted(best.get("dropped", ())), "rates": best.get("rates"),

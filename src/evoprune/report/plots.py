@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import atomic_open
 from .runs import is_acc, is_feasible, top_candidates
 from .tables import finite, fmt_layers, scored
 
@@ -25,6 +26,12 @@ def mpl():
     except ImportError:
         raise UserError("plots need matplotlib: pip install 'evoprune[eval]' (or matplotlib)") from None
     return Figure
+
+
+def _save(fig, path: Path) -> None:
+    """The figure as a PNG at ``path``, written atomically (a reader never sees half a file)."""
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
 
 
 def plot_fitness(run: dict, path: Path) -> None:
@@ -96,8 +103,8 @@ def plot_fitness(run: dict, path: Path) -> None:
     name = run["path"].name
     what = (f"{k} of {2 * run['n']} sub-layers" if run.get("sublayers") else f"drop {k} of {run['n']} blocks")
     fig.suptitle(f"{name}: {method}, {run['config']['model']['model']}, {what}"
-                 + ("" if run["finished"] else " (in progress)"))
-    fig.savefig(path, dpi=110)
+                 + ("" if run["finished"] else " (unfinished)"))
+    _save(fig, path)
 
 
 # LLM children in warm colours, the fallback (non-LLM) operators' in cool ones
@@ -134,7 +141,7 @@ def plot_origin(run: dict, path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     ax.set_title(f"{run['path'].name}: {run['config']['method']}, candidates by origin")
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     return True
 
 
@@ -157,7 +164,7 @@ def plot_pattern(run: dict, path: Path) -> None:
         ax.set_ylim(0, max(1.0, max(rates)))
         ax.grid(axis="y", alpha=0.3)
         ax.set_title(f"{run['path'].name}: per-block pruning rates of the best candidate")
-        fig.savefig(path, dpi=110)
+        _save(fig, path)
         return
     dropped = set(best.get("dropped", ()))
     k = run["k"] or len(dropped)
@@ -190,7 +197,7 @@ def plot_pattern(run: dict, path: Path) -> None:
     ax2.set_xlabel("block index")
     ax2.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{run['path'].name}: {run['config']['method']}, k={k}", fontsize=11)
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
 
 
 def plot_sublayers(run: dict, path: Path) -> None:
@@ -231,7 +238,7 @@ def plot_sublayers(run: dict, path: Path) -> None:
     ax2.legend(fontsize=8)
     ax2.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{run['path'].name}: {run['config']['method']}, sub-layers", fontsize=11)
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
 
 
 def plot_compare(rows: list[dict], metrics: list[str], dense: dict | None, path: Path) -> None:
@@ -246,9 +253,9 @@ def plot_compare(rows: list[dict], metrics: list[str], dense: dict | None, path:
     markers, styles = "osD^v<>ph", ["-", "--", "-.", ":"]
     for ax, metric in zip(axes, panels):
         for i, m in enumerate(methods):
-            pts = sorted((r["sparsity"], r["calib_loss"] if metric == "calib loss" else r["metrics"].get(metric))
-                         for r in rows if str(r["method"]) == m)
-            pts = [(100 * s, v) for s, v in pts if finite(s) and finite(v)]
+            pts = [(r["sparsity"], r["calib_loss"] if metric == "calib loss" else r["metrics"].get(metric))
+                   for r in rows if str(r["method"]) == m]
+            pts = sorted((100 * s, v) for s, v in pts if finite(s) and finite(v))
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i % 10}", marker=markers[i % len(markers)],
                         ls=styles[i % len(styles)], ms=7 - (i % 3), alpha=0.9, label=m)
@@ -263,4 +270,4 @@ def plot_compare(rows: list[dict], metrics: list[str], dense: dict | None, path:
         ax.legend(fontsize=8)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    fig.savefig(path, dpi=110)
+    _save(fig, path)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..runner.config import SearchConfig
+from ..runner.pruned import run_result
 from ..runner.rundir import RunDir
 from .tables import finite, scored
 
@@ -27,7 +28,9 @@ def _n_from_history(hist: list[dict]) -> int | None:
 
 
 def load_run(path) -> dict:
-    """Config, result (``None`` while running), history and derived ``n``/``k``/best of one run directory.
+    """Config, result (``None`` while running), history and derived ``n``/``k``/best of one run directory, and its
+    ``status`` (:meth:`~evoprune.runner.rundir.RunDir.status`: finished, in progress with the writer's pid, or
+    interrupted).
 
     ``config`` is the run's configuration in the current record format (a flat record of an earlier
     version is converted), ``round_name`` what its method's generations are (e.g. SLEB's steps),
@@ -37,6 +40,7 @@ def load_run(path) -> dict:
     search = SearchConfig.from_dict(run.read_config())
     cfg = search.to_dict()
     res = run.read_result()
+    src = res if res is not None else run_result(run)  # unfinished: the best candidate of its last saved state
     hist = run.read_history()
     n = (res or {}).get("n_layers") or _n_from_history(hist)
     k = (res or {}).get("k")
@@ -44,9 +48,10 @@ def load_run(path) -> dict:
     sub = search.space == "sublayers"
     if sub:
         best = None
-        if res is not None:
-            best = {"dropped": list(res.get("dropped_layers", ())), "loss": res.get("calib_loss"), "rates": None,
-                    "attention": list(res["dropped_attention"]), "mlp": list(res["dropped_mlp"])}
+        if src is not None:
+            both = sorted(set(src["dropped_attention"]) & set(src["dropped_mlp"]))
+            best = {"dropped": list(src.get("dropped_layers", both)), "loss": src.get("calib_loss"), "rates": None,
+                    "attention": list(src["dropped_attention"]), "mlp": list(src["dropped_mlp"])}
         else:
             feasible = [r for r in hist if scored(r) and r.get("feasible", True)]
             if feasible:
@@ -54,7 +59,7 @@ def load_run(path) -> dict:
                 best = {"dropped": sorted(set(b["dropped_attention"]) & set(b["dropped_mlp"])), "loss": b["loss"],
                         "rates": None, "attention": b["dropped_attention"], "mlp": b["dropped_mlp"]}
         return {"path": run.path, "config": cfg, "result": res, "history": hist, "n": n, "k": k, "best": best,
-                "finished": res is not None, "width": False, "sublayers": True,
+                "finished": res is not None, "status": run.status(), "width": False, "sublayers": True,
                 "round_name": search.strategy_cls.round_name}
     if width:
         n = n or next((len(r["rates"]) for r in hist if r.get("rates")), None)
@@ -62,23 +67,23 @@ def load_run(path) -> dict:
         k = search.budget.k(n)
     feasible = [r for r in hist if scored(r) and (k is None or len(r.get("dropped", ())) == k)]
     if width:
-        if res is not None:
-            best = {"dropped": [], "loss": res.get("calib_loss"), "rates": res.get("rates")}
+        if src is not None:
+            best = {"dropped": [], "loss": src.get("calib_loss"), "rates": src.get("rates")}
         elif feasible:
             b = min(feasible, key=lambda r: r["loss"])
             best = {"dropped": [], "loss": b["loss"], "rates": b.get("rates")}
         else:
             best = None
-    elif res is not None:
-        best = {"dropped": list(res.get("dropped_layers", ())), "loss": res.get("calib_loss"),
-                "rates": res.get("rates")}
+    elif src is not None:
+        best = {"dropped": list(src.get("dropped_layers", ())), "loss": src.get("calib_loss"),
+                "rates": src.get("rates")}
     elif feasible:
         b = min(feasible, key=lambda r: r["loss"])
         best = {"dropped": list(b["dropped"]), "loss": b["loss"], "rates": None}
     else:
         best = None
     return {"path": run.path, "config": cfg, "result": res, "history": hist, "n": n, "k": k, "best": best,
-            "finished": res is not None, "width": width, "sublayers": False,
+            "finished": res is not None, "status": run.status(), "width": width, "sublayers": False,
             "round_name": search.strategy_cls.round_name}
 
 

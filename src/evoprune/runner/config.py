@@ -85,6 +85,20 @@ def _construct(cls, values: dict, where: str):
         return cls(**values)
     except TypeError as e:  # a missing required field or an unknown keyword
         raise UserError(f"{where}: {e}") from None
+    except (UserError, SearchError) as e:
+        raise UserError(_flagged(str(e), cls)) from None
+
+
+def _flagged(message: str, cls) -> str:
+    """``message`` with the option field it begins with (also after a ``"LLM operator: "``-like prefix) named as
+    the user gives it, e.g. ``timeout_s must be > 0`` -> ``--operator-timeout-s must be > 0``."""
+    head, sep, rest = message.partition(": ")
+    for o in options_of(cls):
+        flag = "--" + o.flag.replace("_", "-")
+        for prefix, text in (("", message), (head + sep, rest) if sep else ("", "")):
+            if o.cli and text.startswith(o.field + " "):
+                return prefix + flag + text[len(o.field):]
+    return message
 
 
 @dataclass(frozen=True)
@@ -188,10 +202,7 @@ class SearchConfig:
             given = values.get(name) or {}
             if name == "budget" and not given:
                 continue  # SearchConfig says what is missing
-            try:
-                built[name] = _construct(section_cls, given, f"{name} options of --method {method}")
-            except SearchError as e:
-                raise UserError(str(e)) from None
+            built[name] = _construct(section_cls, given, f"{name} options of --method {method}")
         return cls(space=space, method=method, seed=seed, **built)
 
     @classmethod
@@ -208,6 +219,9 @@ class SearchConfig:
         overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
         d = {k: v for k, v in d.items() if k != "evoprune_run"}
         top = {k: d[k] for k in _TOP if k in d} | {k: overrides[k] for k in _TOP if k in overrides}
+        for k in ("space", "method"):
+            if k in top and not str(top[k]).strip():
+                raise UserError(f"--{k} must not be empty")
         space = top.get("space", "layers")
         if space not in SPACE_KINDS:
             raise UserError(f"unknown search space {space!r} (choose from {', '.join(SPACE_KINDS)})")

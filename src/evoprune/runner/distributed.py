@@ -47,7 +47,9 @@ bundled alias, a path on a shared filesystem, or a hub id); the run directory
 need not be shared: the driver ships ``calib.pt`` and the problem's
 ``setup_files`` (``importance.pt`` for width runs) to every actor, which
 copies them into a private scratch directory for ``problem.prepare`` and
-deletes it once its evaluators are built.
+deletes it once its evaluators are built. Workers never write the run directory (they are not given
+its path); the driver, which holds its writer lock, writes every file there
+(``tests/test_run_safety.py`` checks a worker's writes).
 
 Large models: an actor can hold a model split over several GPUs with
 ``--gpus-per-worker G`` (Ray gives it G GPUs and sets ``CUDA_VISIBLE_DEVICES``):

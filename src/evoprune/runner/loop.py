@@ -36,6 +36,12 @@ parallel by Ray actors (:mod:`evoprune.runner.distributed`) and consumed in cand
 replays each candidate through its own evaluators' bookkeeping first, so token-layers, the budget's
 stopping point, ``history.jsonl`` and ``result.json`` are those of the sequential run.
 
+One writer (:mod:`evoprune.runner.opening`): the run directory is locked for the whole call, so a
+second ``search`` or ``resume`` of the same directory is refused with the holder's pid. A stop from
+outside (SIGINT, SIGTERM: :class:`~evoprune.errors.Interrupted`) or a failed write (a full disk:
+:class:`~evoprune.errors.WriteFailed`) leaves the directory resumable and carries the command that
+continues it (``evoprune resume RUN``); resuming ends as the undisturbed run would have.
+
 ``--report-to`` (:mod:`evoprune.runner.reporting`): after every state save, the generation counter, the
 best full-fidelity loss so far, the evaluations and the token-layers are streamed to TensorBoard / wandb;
 the run directory stays the source of truth.
@@ -51,48 +57,18 @@ from pathlib import Path
 import numpy as np
 
 from ..environment import stack
-from ..errors import UserError, user_input
+from ..errors import UserError
 from .calibration import build_calib
-from .config import EXECUTION_SECTION, SearchConfig
+from .config import SearchConfig
 from .display import Display
 from .reporting import generation_metrics, reporters
-from .rundir import RunDir, is_run_dir
+from .opening import open_run, opened, preflight
+from .rundir import RunDir
 
 __all__ = ["run_search"]
 
 # testing knob: seconds to sleep before each evaluation, so kill-and-resume tests can hit mid-run points
 _EVAL_DELAY = float(os.environ.get("EVOPRUNE_EVAL_DELAY_S", "0") or 0)
-
-
-def _open_run(cfg: SearchConfig, out, resume: bool) -> tuple[RunDir, bool, dict | None]:
-    """The run directory, whether this is a resume, and its finished result (if any)."""
-    run = RunDir(out)
-    with user_input("--out directory", run.path):
-        exists = run.path.exists() and (not run.path.is_dir() or any(run.path.iterdir()))
-    if exists:
-        if not is_run_dir(run.path):
-            raise UserError(f"--out {run.path} exists and is not an evoprune run directory")
-        old, new = _flat(SearchConfig.from_dict(run.read_config())), _flat(cfg)
-        diff = [f"{k}: {old.get(k)!r} != {v!r}" for k, v in new.items() if old.get(k) != v]
-        if diff:
-            raise UserError(f"{run.path} holds a run with different arguments ({'; '.join(diff)}); "
-                            f"use 'evoprune resume {run.path}' or a new --out")
-        return run, True, run.read_result()
-    if resume:
-        raise UserError(f"{run.path}: nothing to resume")
-    return run, False, None
-
-
-def _flat(cfg: SearchConfig) -> dict:
-    """``{"section.field": value}`` of everything but the execution options (those may differ on resume)."""
-    out = {}
-    for name, value in cfg.to_dict().items():
-        if isinstance(value, dict):
-            if name != EXECUTION_SECTION:
-                out.update({f"{name}.{k}": v for k, v in value.items()})
-        else:
-            out[name] = value
-    return out
 
 
 def _make_strategy(cfg: SearchConfig, problem, inputs: dict, operator):
@@ -145,10 +121,16 @@ def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, prog
     :class:`~evoprune.search.llm.operator.LLMOperator` built from the ``operator`` section, logging every
     call to ``RUN/llm_calls.jsonl``).
     """
+    with opened(out):
+        return _run_search(cfg, out, resume, progress, operator)
+
+
+def _run_search(cfg: SearchConfig, out, resume: bool, progress: bool, operator) -> dict:
     t0 = time.time()
-    run, resume, done = _open_run(cfg, out, resume)
+    run, resume, done = open_run(cfg, out, resume)
     if done is not None:
         return done
+    preflight(cfg, run)
     reporter = reporters(cfg.execution.report_to, run.path, cfg.to_dict())  # imports now; opened by _loop
     lm, problem, calib, counters, inputs, strategy, state = _setup(cfg, run, resume, progress, operator)
     run.append_env({"event": "resume" if resume else "start", "time": round(time.time(), 3), **stack()})

@@ -14,6 +14,11 @@ Owns :class:`RunDir`, :func:`is_run_dir` and the on-disk layout of ``evoprune se
     RUN/env.jsonl       the software stack, one line each time the run starts or resumes
                         (``{"event": "start"|"resume", "time": ..., **evoprune.environment.stack()}``)
 
+One process writes a run at a time: ``search`` and ``resume`` hold the directory's writer lock
+(:func:`evoprune.locking.writer_lock`, an ``flock`` on ``RUN`` itself, so nothing is written to take it);
+:meth:`RunDir.status` tells readers whether a run is finished, in progress (and by which pid) or
+interrupted.
+
 Every write of a whole file goes to a temporary file in ``RUN`` followed by
 ``os.replace``, so a run killed at any instant leaves either the old or the new
 version, never a torn one. ``history.jsonl`` is append-only; a torn last line is
@@ -27,6 +32,7 @@ from pathlib import Path
 
 from ..errors import UserError, user_input
 from ..files import append_jsonl, atomic_open, atomic_write_json, read_jsonl
+from ..locking import UNKNOWN_PID, holder
 
 __all__ = ["RunDir", "is_run_dir", "RUN_FORMATS"]
 
@@ -92,6 +98,16 @@ class RunDir:
             return read_jsonl(self.history_path)
         except ValueError as e:
             raise UserError(f"{self.path}: corrupted history.jsonl ({e})") from None
+
+    def status(self) -> str:
+        """``finished``; ``in progress (pid N)`` while a writer holds the run; else ``interrupted`` with the
+        command that continues it."""
+        if self.result_path.exists():
+            return "finished"
+        pid = holder(self.path)
+        if pid is not None:
+            return "in progress" + (f" (pid {pid})" if pid != UNKNOWN_PID else "")
+        return f"interrupted (continue with: evoprune resume {self.path})"
 
     # -- writing ------------------------------------------------------------------
     def write_config(self, cfg: dict) -> None:

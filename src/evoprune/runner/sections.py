@@ -10,14 +10,16 @@ Torch-free.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
+from ..data.sources import check_source
 from ..errors import UserError
 from ..options import opt
 from ..spaces import k_from_sparsity
 
 __all__ = ["ModelOptions", "CalibOptions", "BudgetOptions", "FitnessOptions", "ExecutionOptions",
-           "DTYPES", "SAMPLINGS", "FITNESSES", "REPORT_TO"]
+           "DTYPES", "SAMPLINGS", "FITNESSES", "REPORT_TO", "DEVICE_MAPS", "check_device_name"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 SAMPLINGS = ("random", "ccds")
@@ -27,6 +29,18 @@ AUTO_CACHE_MB = 1024.0  # --cache-mb auto. Width / levels: the block-prefix stat
 # 512 tokens; a model whose entries are larger keeps fewer positions per candidate (fitness.block_prefix.auto_every).
 # Layers: k=6 of 30, 4 x 512 tokens, seed 0, evo at its default budget: 4.6535 with it vs 4.7009 without (176 vs 123
 # evaluations; docs/RESULTS.md, search-cost-16)
+
+
+# torch device types a model can run on; availability is checked before a model loads (models.preflight)
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|hpu|npu|mtia)(:\d+)?")
+# from_pretrained(device_map=...) strategies (accelerate); a device name places the whole model there
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_name(value, flag: str = "--device") -> None:
+    """Refuse a device string that names no torch device (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ...)."""
+    if not _DEVICE.fullmatch(str(value).strip()):
+        raise UserError(f"{flag} {value!r} is not a device (use cpu, cuda, cuda:N or mps)")
 
 
 def _positive(section, *names: str) -> None:
@@ -49,6 +63,7 @@ class ModelOptions:
             raise UserError(f"unknown --dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
         if not str(self.model).strip():
             raise UserError("--model must not be empty")
+        check_device_name(self.device)
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,11 @@ class CalibOptions:
         _positive(self, "nsamples", "seqlen", "clusters", "samples_per_cluster", "chunk_sentences", "batch_size")
         if self.seqlen < 2:
             raise UserError(f"--seqlen must be >= 2, got {self.seqlen}")
+        check_source(self.calib, files=False, what="--calib")
+        for name in ("embedder", "calib_from"):
+            v = getattr(self, name)
+            if v is not None and not str(v).strip():
+                raise UserError(f"--{name.replace('_', '-')} must not be empty")
 
 
 @dataclass(frozen=True)
@@ -177,17 +197,22 @@ class ExecutionOptions:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w != int(w) or w < 1:
             raise UserError(f"--workers must be an integer >= 1, got {w!r}")
         object.__setattr__(self, "workers", int(w))
-        if self.ray_address is not None and not str(self.ray_address).strip():
-            raise UserError("--ray-address must not be empty (e.g. ray://head:10001 or auto)")
+        a = self.ray_address
+        if a is not None and not (str(a) in ("auto", "local") or re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d+", str(a))):
+            raise UserError(f"--ray-address {a!r} is not a Ray address (auto, local, HOST:PORT or ray://HOST:PORT)")
         g = self.gpus_per_worker
         if g is not None and not (math.isfinite(float(g)) and float(g) > 0):
             raise UserError(f"--gpus-per-worker must be > 0, got {g}")
-        if self.device_map is not None and not str(self.device_map).strip():
-            raise UserError("--device-map must not be empty (e.g. auto)")
-        if not float(self.hessian_mb) > 0:
-            raise UserError(f"--hessian-mb must be > 0, got {self.hessian_mb}")
-        if self.cache_device is not None and not str(self.cache_device).strip():
-            raise UserError("--cache-device must not be empty (e.g. cpu or cuda:1)")
+        if self.device_map is not None and str(self.device_map) not in DEVICE_MAPS:
+            try:
+                check_device_name(self.device_map, "--device-map")
+            except UserError:
+                raise UserError(f"--device-map {self.device_map!r}: choose from {', '.join(DEVICE_MAPS)}, or a device "
+                                f"such as cpu or cuda:0") from None
+        if not (math.isfinite(float(self.hessian_mb)) and float(self.hessian_mb) > 0):
+            raise UserError(f"--hessian-mb must be a number > 0, got {self.hessian_mb}")
+        if self.cache_device is not None:
+            check_device_name(self.cache_device, "--cache-device")
         object.__setattr__(self, "report_to", _report_to(self.report_to))
 
     @property

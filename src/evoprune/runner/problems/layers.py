@@ -46,7 +46,9 @@ class LayerProblem:
         k = cfg.budget.k(n)
         protected = (0, n - 1) if cfg.space_options.protect_ends else ()
         if not 0 < k < n - len(protected):
-            raise UserError(f"cannot drop {k} of {n} blocks ({n - len(protected)} droppable); choose a smaller sparsity")
+            b = cfg.budget
+            given = f"--drop-count {b.drop_count}" if b.drop_count is not None else f"--sparsity {b.sparsity}"
+            raise UserError(f"{given}: cannot drop {k} of {n} blocks ({n - len(protected)} droppable)")
         self.space = LayerDropSpace(n, k, protected)
         self.evaluators: list = []
 

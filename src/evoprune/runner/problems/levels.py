@@ -46,7 +46,9 @@ class LevelsOptions:
             if v is not None and int(v) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
         if not 0.0 <= float(self.obs_damp) < 1.0:
-            raise UserError("--obs-damp must be in [0, 1)")
+            raise UserError(f"--obs-damp must be in [0, 1), got {self.obs_damp}")
+        if self.levels_db is not None and (not str(self.levels_db).strip() or Path(self.levels_db).expanduser().is_file()):
+            raise UserError(f"--levels-db {self.levels_db!r} must name a directory (it is built there on first use)")
 
 
 def trains(cfg) -> bool:

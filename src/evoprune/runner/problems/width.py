@@ -11,6 +11,7 @@ blocks' attention and MLP projections the rates apply to) and ``param_sparsity``
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,8 @@ class WidthOptions:
             raise UserError(f"unknown importance {self.importance!r} (choose from {', '.join(IMPORTANCES)})")
         if not 0.0 <= float(self.min_rate) <= float(self.max_rate) <= 1.0:
             raise UserError(f"need 0 <= --min-rate <= --max-rate <= 1, got {self.min_rate}, {self.max_rate}")
+        if not (math.isfinite(float(self.owl_m)) and float(self.owl_m) > 0):
+            raise UserError(f"--owl-m must be a number > 0, got {self.owl_m}")
 
 
 class WidthProblem:

@@ -11,8 +11,10 @@ network access. Torch-free: the model lives in the child process.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,7 +30,7 @@ from typing import Iterator, Sequence
 
 from ...errors import UserError
 
-__all__ = ["LocalServer", "start_local_server", "start_llama_cpp_server", "free_port", "BACKENDS"]
+__all__ = ["LocalServer", "start_local_server", "start_llama_cpp_server", "free_port", "check_listen", "BACKENDS"]
 
 BACKENDS = ("llama.cpp", "transformers")
 
@@ -54,11 +56,36 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _tail(path: Path, n: int = 2000) -> str:
+def check_listen(host: str, port: int) -> None:
+    """Refuse, before anything is loaded, a ``host:port`` a server could not listen on: a port outside
+    0..65535 (0: any free port), a host that is no address of this machine, a port in use or reserved."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise UserError(f"--port must be an integer in 0..65535 (0: any free port), got {port!r}")
+    if not str(host).strip():
+        raise UserError("--host must not be empty (e.g. 127.0.0.1, or 0.0.0.0 for every interface)")
     try:
-        return path.read_text(errors="replace")[-n:]
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"--host {host}: not an address this machine can listen on ({getattr(e, 'strerror', e)})") \
+            from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: a port in TIME_WAIT is free
+        try:
+            s.bind(addr)
+        except OSError as e:
+            why = {errno.EADDRINUSE: "the port is in use", errno.EACCES: "a port below 1024 needs root",
+                   errno.EADDRNOTAVAIL: "no interface of this machine has that address"}.get(e.errno, e.strerror)
+            raise UserError(f"cannot listen on {host}:{port}: {why}") from None
+
+
+def _last_line(path: Path) -> str:
+    """The last non-empty line of a server log (a traceback's last line is its error), without colour codes."""
+    try:
+        text = path.read_text(errors="replace")[-20000:]
     except OSError:
-        return ""
+        return "(no log)"
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "(empty log)"
 
 
 def _stop(proc: subprocess.Popen, grace_s: float) -> None:
@@ -103,11 +130,14 @@ def _serve(cmd: list[str], ready: str, *, name: str, startup_timeout_s: float, l
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 preexec_fn=_child_setup)
+    failed = False
     try:
         deadline = time.monotonic() + startup_timeout_s
         while True:
             if proc.poll() is not None:
-                raise UserError(f"{name} exited with code {proc.returncode}:\n{_tail(log_path)}")
+                failed = True
+                raise UserError(f"{name} exited with code {proc.returncode}: {_last_line(log_path)} "
+                                f"(full log: {log_path})")
             try:
                 with urllib.request.urlopen(ready, timeout=2) as r:
                     if r.status == 200:
@@ -115,12 +145,14 @@ def _serve(cmd: list[str], ready: str, *, name: str, startup_timeout_s: float, l
             except (urllib.error.URLError, OSError):
                 pass
             if time.monotonic() > deadline:
-                raise UserError(f"{name} not ready after {startup_timeout_s:.0f} s:\n{_tail(log_path)}")
+                failed = True
+                raise UserError(f"{name} not ready after {startup_timeout_s:.0f} s; its last line: "
+                                f"{_last_line(log_path)} (full log: {log_path})")
             time.sleep(0.25)
         yield dataclasses.replace(server, pid=proc.pid, log_path=log_path)
     finally:
         _stop(proc, grace_s=15.0)
-        if not keep_log:
+        if not keep_log and not failed:  # a failed start keeps its log: the error line names it
             log_path.unlink(missing_ok=True)
 
 

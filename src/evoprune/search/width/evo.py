@@ -99,6 +99,8 @@ class WidthEvoConfig:
             raise SearchError(f"probe_rounds must be an integer >= 1, got {self.probe_rounds!r}")
         if not (isinstance(self.probe_gain, (int, float)) and 0 <= self.probe_gain < float("inf")):
             raise SearchError(f"probe_gain must be a number >= 0, got {self.probe_gain!r}")
+        if not 0.0 <= float(self.lam) < 1.0:
+            raise SearchError(f"owl lambda must be in [0, 1), got {self.lam}")
 
     @property
     def n_stages(self) -> int:
