@@ -38,7 +38,7 @@ from evoprune.runner.problems.common import stage_slices, stage_tokens  # noqa: 
 CASES = [  # (search, defaults, run directory stem, options)
     ("width evo", "old", "width_old", dict(space="width", method="evo", population=10, mutations=4, crossovers=4,
                                            generations=5, probe=0.0, tokens_per_stage="none", race_margin=0.0,
-                                           cache_mb=0.0)),
+                                           cache_mb=0.0, reconstruct="none")),
     ("width evo", "today", "width_new", dict(space="width", method="evo")),
     ("levels darwinlm one-shot", "old", "levels_old", dict(space="levels", method="darwinlm", training_aware=False,
                                                            tokens_per_stage="none", survivors_per_stage="1",

@@ -60,7 +60,7 @@ BAD: dict = {
     "--fitness": CHOICE, "--kl-topk": [ZERO, NEG], "--cache-mb": [NEG, NAN, WORD], "--cache-every": [ZERO, NEG, WORD],
     # space options
     "--protect-ends": BOOL, "--importance": CHOICE, "--min-rate": FRACTION_CLOSED, "--max-rate": [ZERO, "1.5", NAN],
-    "--owl-m": [ZERO, NEG, NAN, INF], "--database": CHOICE, "--levels-db": [EMPTY, FILE],
+    "--owl-m": [ZERO, NEG, NAN, INF], "--reconstruct": CHOICE, "--database": CHOICE, "--levels-db": [EMPTY, FILE],
     "--attn-levels": [ZERO, NEG], "--mlp-levels": [ZERO, NEG], "--obs-damp": [NEG, "1", NAN],
     "--separate-budgets": BOOL,
     # LLM operator
@@ -103,7 +103,8 @@ BAD: dict = {
     "--data": [EMPTY, "nosuch", "text:{tmp}/no/such.txt", "alpaca:{tmp}"], "--steps": POSITIVE_INT,
     "--rank": POSITIVE_INT, "--alpha": [ZERO, NEG, NAN], "--dropout": [NEG, "1", NAN], "--lr": POSITIVE_FLOAT,
     "--warmup-steps": [NEG, "5"], "--schedule": CHOICE, "--weight-decay": [NEG, NAN, INF],
-    "--max-grad-norm": [ZERO, NEG, NAN], "--target": [EMPTY, "nosuch_proj"],
+    "--max-grad-norm": [ZERO, NEG, NAN], "--target": [EMPTY, "nosuch_proj"], "--loss": CHOICE,
+    "--kd-topk": [ZERO, NEG, WORD], "--mode": CHOICE, "--teacher": [EMPTY, MISSING],
     # operator-server
     "--backend": CHOICE, "--host": [EMPTY, "256.1.1.1", "no.such.host.invalid"], "--port": [NEG, "99999", WORD],
     "--threads": [ZERO, NEG],
@@ -117,6 +118,7 @@ BAD |= {
     ("finetune", "--seed"): [NEG, WORD], ("report", "--out"): [EMPTY, "{file}/x"], ("compare", "--out"): [EMPTY, FILE],
     ("bench", "--seqlen"): [ZERO, NEG, TOO_LONG], ("finetune", "--seqlen"): [NEG, "1", TOO_LONG],
     ("finetune", "--batch-size"): POSITIVE_INT, ("operator-server", "--model"): [EMPTY, MISSING, FILE],
+    ("finetune", "--kd-topk"): [ZERO, NEG, WORD], ("finetune", "--teacher"): [EMPTY, MISSING],
     # plan predicts for another machine: a device or file it does not have here is not an error, a bad name is
     ("plan", "--device"): [EMPTY, "nosuch"], ("plan", "--cache-device"): [EMPTY, "nosuch"],
     ("plan", "--calib"): [EMPTY, "nosuch"], ("plan", "--calib-from"): [EMPTY], ("plan", "--embedder"): [EMPTY],
@@ -222,6 +224,8 @@ def test_table_covers_every_option():
 
 def _argv(command: str, option: str, value: str) -> list[str]:
     base = _search_base(option, command) if command in ("search", "plan") else list(BASES[command])
+    if command == "finetune" and option in ("--teacher", "--kd-topk"):  # options of distillation
+        base += ["--loss", "kd", "--drop", "1"]
     if option in ("run", "model", "runs") and not base[1].startswith("-"):  # positional: replace it
         return [base[0], value, *base[2:]]
     if option in ("run", "runs"):

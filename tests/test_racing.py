@@ -195,9 +195,10 @@ def test_width_racing_exact_and_resumable(tiny_dirs, calib_text, tmp_path):
     from evoprune.data.calibration import CalibSet
     from evoprune.fitness.whole_model import WidthEvaluator
     from evoprune.prune.importance import WidthImportance
+    from evoprune.prune.reconstruct import Reconstruction
 
-    lm = load_model(str(model))
-    ev = WidthEvaluator(lm, CalibSet.load(ref / "calib.pt"), WidthImportance.load(ref / "importance.pt"))
+    lm, calib = load_model(str(model)), CalibSet.load(ref / "calib.pt")
+    ev = WidthEvaluator(lm, calib, WidthImportance.load(ref / "importance.pt"), recon=Reconstruction(lm, calib))
     for r in done[:: max(1, len(done) // 5)]:
         assert ev.evaluate(r["rates"]).loss == pytest.approx(r["loss"], rel=1e-6)
     run = tmp_path / "killed"
@@ -238,6 +239,7 @@ def test_width_defaults_cached_staged_raced_exact_and_resumable(tiny_dirs, calib
     from evoprune.data.calibration import CalibSet
     from evoprune.fitness.whole_model import WidthEvaluator
     from evoprune.prune.importance import WidthImportance
+    from evoprune.prune.reconstruct import Reconstruction
 
     model = tiny_dirs["llama"]
 
@@ -257,7 +259,8 @@ def test_width_defaults_cached_staged_raced_exact_and_resumable(tiny_dirs, calib
     lm = load_model(str(model))
     calib = CalibSet.load(ref / "calib.pt")
     imp = WidthImportance.load(ref / "importance.pt")
-    naive = {1: WidthEvaluator(lm, calib, imp), 0: WidthEvaluator(lm, calib.slice(2, 32), imp)}
+    recon = Reconstruction(lm, calib)  # the run's: Hessians of the whole calibration set
+    naive = {1: WidthEvaluator(lm, calib, imp, recon=recon), 0: WidthEvaluator(lm, calib.slice(2, 32), imp, recon=recon)}
     for r in done[:: max(1, len(done) // 12)]:
         x = naive[r["stage"]].evaluate(r["rates"]).loss
         assert abs(x - r["loss"]) <= 1e-6 * abs(x), r

@@ -306,14 +306,17 @@ def test_width_staged_run_exact_and_resumable(tiny_dirs, calib_text, tmp_path):
     assert {x["tokens"] for x in rows if x["stage"] == 0} == {31} and {x["tokens"] for x in rows if x["stage"] == 1} == {62}
     assert [x["stage"] for x in rows if x["generation"] == 0] == [1] * 4
     assert a["calib_loss"] == min(x["loss"] for x in rows if x["stage"] == 1)
-    # a promoted child continues from the window it was screened on: its whole-set score runs one window (192)
-    assert a["token_layers"] == rows[-1]["token_layers"] == 32 * 2 * 6 + 4 * 384 + 4 * (4 * 192 + 2 * 192)
+    # setup: importance and the reconstruction's Hessians, one dense pass each; a promoted child continues from the
+    # window it was screened on: its whole-set score runs one window (192)
+    assert a["token_layers"] == rows[-1]["token_layers"] == 2 * 32 * 2 * 6 + 4 * 384 + 4 * (4 * 192 + 2 * 192)
     from evoprune import load_model
     from evoprune.data.calibration import CalibSet
     from evoprune.fitness.whole_model import WidthEvaluator
     from evoprune.prune.importance import WidthImportance
+    from evoprune.prune.reconstruct import Reconstruction
 
-    ev = WidthEvaluator(load_model(str(model)), CalibSet.load(ref / "calib.pt"), WidthImportance.load(ref / "importance.pt"))
+    lm, calib = load_model(str(model)), CalibSet.load(ref / "calib.pt")
+    ev = WidthEvaluator(lm, calib, WidthImportance.load(ref / "importance.pt"), recon=Reconstruction(lm, calib))
     for x in [x for x in rows if x["stage"] == 1][::3]:
         assert ev.evaluate(x["rates"]).loss == pytest.approx(x["loss"], rel=1e-6)
     run = tmp_path / "killed"

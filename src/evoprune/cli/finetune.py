@@ -1,9 +1,12 @@
-"""``evoprune finetune``: LoRA recovery of a pruned model, exported like any other.
+"""``evoprune finetune``: recovery training of a pruned model, exported like any other.
 
 Owns the command (``add_parsers``). Its training flags are generated from
 :class:`~evoprune.finetune.options.LoRAConfig` (one default per option, on the field). The source is
 anything :func:`evoprune.load_model` accepts — a layer-drop or width-pruning run directory, an exported
-directory, a plain model (optionally with ``--drop``). After :func:`~evoprune.finetune.lora.finetune_lora`
+directory, a plain model (optionally with ``--drop``). ``--loss kd`` / ``kd+lm`` learn from the dense model
+(``--teacher``, by default the source's base): live beside the student when both fit the free memory,
+else its top-K targets cached before the student loads (:mod:`evoprune.finetune.distill`; ``finetune.json``
+says which). After :func:`~evoprune.finetune.lora.finetune_lora`
 the merged model is written by :func:`evoprune.export.save_pruned` in the format its pruning needs
 (reload-checked, moved into place only then). ``DIR/pruning.json`` gains a ``finetune`` entry;
 ``DIR/finetune.json`` (written atomically after the export) holds the configuration, the training stats
@@ -46,11 +49,49 @@ def cmd_finetune(args) -> int:
     check_train_source(args.data)
     facts = preflight(args.model, args.device, {f"--seqlen {cfg.seqlen}": cfg.seqlen}, drop=drop)
     check_targets(facts.projections if facts else None, cfg.target)
+    if cfg.loss == "lm" and args.teacher is not None:
+        raise UserError("--teacher needs --loss kd or kd+lm")
+    teacher = _teacher_spec(args, drop) if cfg.loss != "lm" else None
+    if teacher is not None:
+        preflight(teacher, args.device)
     with writer_lock(out, "--out directory"):
-        return _finetune(args, cfg, drop, out)
+        return _finetune(args, cfg, drop, out, teacher)
 
 
-def _finetune(args, cfg, drop, out) -> int:
+def _teacher_spec(args, drop) -> str:
+    """The dense model a distillation loss learns from: ``--teacher``, else the base of a run directory or an
+    export (as ``bench`` finds it), else ``MODEL`` itself when ``--drop`` prunes it here."""
+    from ..evaluate.bench import find_base
+
+    if args.teacher is not None:
+        if not args.teacher.strip():
+            raise UserError("--teacher must not be empty")
+        return args.teacher
+    if drop:
+        return args.model
+    try:
+        return find_base(args.model)[0]
+    except UserError:
+        raise UserError(f"--loss {args.loss} learns from the dense model, and {args.model} names none (not a run "
+                        f"directory or an export with pruning.json): give --teacher SPEC, or --drop") from None
+
+
+def _distiller(args, cfg, teacher_spec: str, docs):
+    """``(windows, Teacher)`` of a distillation run: a live teacher when a second model fits the free memory (and
+    no --kd-topk), else the teacher's top-K targets of every window, computed before the student loads."""
+    from ..finetune.distill import CACHED_TOPK, Teacher, teacher_fits
+    from ..finetune.lora import training_windows
+
+    tl = load(teacher_spec, args.device, args.dtype)
+    windows = training_windows(tl, docs, cfg.seqlen)
+    size = sum(p.numel() * p.element_size() for p in tl.model.parameters())
+    vocab = tl.model.config.get_text_config().vocab_size
+    if cfg.kd_topk is None and teacher_fits(size, cfg.batch_size, cfg.seqlen, vocab, args.device):
+        return windows, Teacher.live(tl.model)
+    return windows, Teacher.cached(tl.model, windows, cfg.kd_topk or CACHED_TOPK)
+
+
+def _finetune(args, cfg, drop, out, teacher_spec) -> int:
     from ..export import save_pruned
     from ..files import atomic_write_json
     from ..finetune.data import train_documents
@@ -58,6 +99,9 @@ def _finetune(args, cfg, drop, out) -> int:
     from ..models.slicing import is_width_pruned
 
     docs = train_documents(args.data)
+    teacher = None
+    if teacher_spec is not None:
+        docs, teacher = _distiller(args, cfg, teacher_spec, docs)  # the windows, packed by the teacher's tokenizer
     lm = load(args.model, args.device, args.dtype)
     if drop:
         if is_width_pruned(lm.model):
@@ -66,15 +110,18 @@ def _finetune(args, cfg, drop, out) -> int:
             raise UserError(f"--drop cannot be combined with a run directory ({args.model} already drops "
                             f"{list(lm.dropped)})")
         lm.dropped = tuple(lm.adapter.drop_inplace(lm.model, drop).dropped)
-    stats = finetune_lora(lm, docs, cfg, progress=progress())
+    stats = finetune_lora(lm, docs, cfg, progress=progress(), teacher=teacher)
     summary = {k: v for k, v in stats.items() if k != "losses"}
-    info = {"source": args.model, "data": args.data, "data_split": "calib", "config": cfg.to_dict()}
+    info = {"source": args.model, "data": args.data, "data_split": "calib", "config": cfg.to_dict(),
+            **({"teacher_model": teacher_spec} if teacher_spec is not None else {})}
     rec = save_pruned(lm, out, overwrite=args.overwrite, extra={"finetune": {**info, "stats": summary}})
     atomic_write_json(Path(out) / "finetune.json", {"evoprune_finetune": FINETUNE_FORMAT, **info, "base_model": lm.base,
                                                     "dropped_layers": list(lm.dropped), "stats": stats, "export": rec,
                                                     "evoprune_version": __version__})
-    print(f"finetuned {args.model} on {args.data}: {cfg.steps} steps, {stats['tokens']:,} tokens, train loss "
-          f"{stats['loss_first']:.4f} -> {stats['loss_last']:.4f} in {stats['wall_s']:.1f} s; exported to {out} "
+    how = f"{cfg.loss}" + (f" from {teacher_spec} ({stats['teacher']} teacher)" if teacher_spec is not None else "")
+    print(f"finetuned {args.model} on {args.data}: {cfg.steps} steps ({cfg.mode}, {how}), {stats['tokens']:,} "
+          f"tokens, train loss {stats['loss_first']:.4f} -> {stats['loss_last']:.4f} in {stats['wall_s']:.1f} s; "
+          f"exported to {out} "
           f"(reload check: max |dlogit| = {rec['max_abs_diff']:.2e})", file=sys.stderr)
     emit({"out": str(out), "source": args.model, "data": args.data, **summary, "params": rec["params"],
           "dropped_layers": rec["dropped_layers"], "width_pruned": "num_kv_groups" in rec,
@@ -85,7 +132,8 @@ def _finetune(args, cfg, drop, out) -> int:
 def add_parsers(sub) -> None:
     from ..finetune.options import LoRAConfig
 
-    p = sub.add_parser("finetune", help="LoRA recovery fine-tuning of a pruned model; merges and exports it")
+    p = sub.add_parser("finetune", help="recovery fine-tuning of a pruned model (LoRA or full; NLL or distillation "
+                                        "from the dense model); exports it")
     p.add_argument("model", metavar="RUN_OR_MODEL",
                    help="run dir (layer-drop or width), exported dir, alias, .gguf, local HF dir or hub id")
     p.add_argument("--data", required=True, help="wikitext2 | c4 | alpaca:PATH | jsonl:PATH[:field] | text:PATH "
@@ -93,6 +141,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--drop", default=None, help="plain model only: comma-separated blocks to drop before training")
+    p.add_argument("--teacher", default=None, metavar="SPEC",
+                   help="--loss kd / kd+lm: the dense model to learn from (default: the base of a run directory or "
+                        "export, or MODEL itself with --drop)")
     add_options(p.add_argument_group("LoRA training"), LoRAConfig, required=("steps",), defaults=True)
     add_model_options(p, model=False)
     p.set_defaults(func=cmd_finetune)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .loop import train_steps
+from .loop import only_training, train_steps
 from .options import BriefTrainConfig
 
 __all__ = ["BriefTrainConfig", "brief_train", "disjoint_windows", "shuffled", "BACKWARD_FACTOR"]
@@ -60,22 +60,10 @@ def _full(lm, windows: torch.Tensor, cfg: BriefTrainConfig, steps: int) -> dict:
     model = lm.model
     names = set(resolve_targets(lm))
     params = [m.weight for n, m in model.named_modules() if n in names]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
     device = params[0].device
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        model.train()
+    with only_training(model, params):
         batches = (windows[s * cfg.batch_size:(s + 1) * cfg.batch_size].to(device) for s in range(steps))
         losses = train_steps(model, params, batches, steps, lr=cfg.lr, what="brief training")
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-            p.grad = None
-        model.train(was_training)
     return {"steps": steps, "tokens": int(windows.numel()), "loss_first": losses[0], "loss_last": losses[-1]}
 
 

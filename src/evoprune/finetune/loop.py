@@ -1,27 +1,50 @@
-"""The one training loop of evoprune: AdamW steps on next-token NLL, shared by LoRA recovery and brief training.
+"""The one training loop of evoprune: AdamW steps, shared by recovery fine-tuning and brief training.
 
-Owns :func:`train_steps`. Each step takes the next batch of token windows, computes the causal-LM loss
-(``labels = input_ids``), stops with ``FloatingPointError`` on a non-finite loss, backpropagates, clips
-the gradient norm, steps the optimizer (and the learning-rate schedule) and records the loss before the
-update. The caller owns which parameters train, the batches' order and the model's mode.
+Owns :func:`train_steps` and :func:`only_training` (the parameters that train, for the length of a block). Each step takes the next batch, computes its loss (by default the causal-LM loss
+of a batch of token windows, ``labels = input_ids``; recovery distillation passes its own), stops with
+``FloatingPointError`` on a non-finite loss, backpropagates, clips the gradient norm, steps the optimizer
+(and the learning-rate schedule) and records the loss before the update. The caller owns which parameters
+train, the batches' order and the model's mode.
 """
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["train_steps"]
+__all__ = ["train_steps", "only_training"]
 
 
-def train_steps(model, params: list, batches: Iterator[torch.Tensor], steps: int, *, lr: float,
+@contextmanager
+def only_training(model, params: list) -> Iterator[None]:
+    """Inside the block only ``params`` of ``model`` require gradients and it is in train mode; every flag, the
+    gradients and the mode are restored afterwards, also on exceptions."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        model.train()
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+            p.grad = None
+        model.train(was_training)
+
+
+def train_steps(model, params: list, batches: Iterator, steps: int, *, lr: float,
                 weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
                 lr_factor: Callable[[int], float] | None = None, what: str = "training", hint: str = "lower the lr",
-                progress: bool = False) -> list[float]:
-    """Run ``steps`` optimizer steps of AdamW(``params``, ``lr``) on ``batches`` (``[B, T]`` token ids, already
-    on the model's device); ``lr_factor(t)`` scales the lr at step ``t`` (LambdaLR). Returns every step's
-    loss (mean NLL in nats of its batch, before its update). ``progress``: a tqdm bar on a terminal."""
+                progress: bool = False, loss_fn: Callable | None = None) -> list[float]:
+    """Run ``steps`` optimizer steps of AdamW(``params``, ``lr``) on ``batches``; ``lr_factor(t)`` scales the lr
+    at step ``t`` (LambdaLR). ``loss_fn(model, batch)``: a batch's loss (default: the mean next-token NLL of
+    ``batch``, ``[B, T]`` token ids on the model's device). Returns every step's loss, before its update.
+    ``progress``: a tqdm bar on a terminal."""
     from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -31,7 +54,8 @@ def train_steps(model, params: list, batches: Iterator[torch.Tensor], steps: int
     try:
         for s in range(steps):
             batch = next(batches)
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss if loss_fn is None else \
+                loss_fn(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{what} diverged at step {s} (loss {float(loss)}); {hint}")
             loss.backward()

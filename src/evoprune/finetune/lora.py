@@ -1,4 +1,4 @@
-"""LoRA recovery fine-tuning of an in-memory (pruned) model, merged back into its weights.
+"""Recovery fine-tuning of an in-memory (pruned) model: LoRA merged back into its weights, or full.
 
 Owns :class:`LoRAConfig` and :func:`finetune_lora`. The model of a
 :class:`~evoprune.models.LoadedModel` — dense, layer-dropped or width-sliced —
@@ -9,6 +9,11 @@ windows (:func:`~evoprune.finetune.data.pack_windows`), and merges them with
 ``merge_and_unload``: afterwards ``lm.model`` is the same object with the same
 module types and shapes, only its targeted ``nn.Linear`` weights changed, so
 every export path (layer-drop, width) and evaluation works on it unchanged.
+``mode="full"`` trains those weights themselves instead (no adapters).
+
+The objective (``loss``): ``lm``, the next-token NLL of the windows; ``kd``, the KL divergence from a
+:class:`~evoprune.finetune.distill.Teacher`'s (the dense model's) next-token distributions, averaged over
+predicted positions; ``kd+lm``, their sum.
 
 Contract of :func:`finetune_lora`:
 
@@ -40,10 +45,10 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.base import family
-from .loop import train_steps
+from .loop import only_training, train_steps
 from .options import LoRAConfig
 
-__all__ = ["LoRAConfig", "finetune_lora", "default_targets", "resolve_targets", "check_targets"]
+__all__ = ["LoRAConfig", "finetune_lora", "default_targets", "resolve_targets", "check_targets", "training_windows"]
 
 
 def default_targets(adapter) -> tuple[str, ...]:
@@ -90,7 +95,8 @@ def resolve_targets(lm, target: Sequence[str] | None = None) -> list[str]:
     return found
 
 
-def _windows(lm, data, seqlen: int) -> torch.Tensor:
+def training_windows(lm, data, seqlen: int) -> torch.Tensor:
+    """``[n, seqlen]`` token windows of ``data`` (see :func:`finetune_lora`)."""
     from .data import pack_windows
 
     if isinstance(data, torch.Tensor):
@@ -128,57 +134,109 @@ def _order(n: int, rng: np.random.Generator):
         yield from rng.permutation(n).tolist()
 
 
-def finetune_lora(lm, data, cfg: LoRAConfig, *, progress: bool = False) -> dict:
-    """Train LoRA adapters on ``lm.model`` and merge them in (see the module docstring for the contract).
+def finetune_lora(lm, data, cfg: LoRAConfig, *, progress: bool = False, teacher=None) -> dict:
+    """Train LoRA adapters on ``lm.model`` and merge them in, or (``cfg.mode="full"``) the targeted projections
+    themselves (see the module docstring for the contract).
 
     ``data``: a text, a list of documents (packed with ``lm.tokenizer``), a 1-D
     tensor of token ids (cut into windows) or a 2-D ``[n, cfg.seqlen]`` tensor of
-    windows. ``progress``: a tqdm bar on stderr, shown only on a terminal.
+    windows. ``teacher``: a :class:`~evoprune.finetune.distill.Teacher` of those windows (``cfg.loss`` ``kd``,
+    ``kd+lm``). ``progress``: a tqdm bar on stderr, shown only on a terminal.
 
     Returns stats: ``steps``, ``tokens`` (trained tokens, ``steps * batch_size *
     seqlen``), ``windows`` (available), ``epochs`` (passes over them),
-    ``loss_first`` / ``loss_last`` (mean next-token NLL in nats of the first /
-    last step's batch, before its update), ``losses`` (every step),
-    ``lora_params``, ``target_modules`` (count), ``wall_s``, ``device``.
+    ``loss_first`` / ``loss_last`` (the objective, nats per predicted token, of the first /
+    last step's batch, before its update), ``losses`` (every step), ``loss`` (the objective's name),
+    ``teacher`` (``live`` / ``top-K cached``, distillation only), ``mode``,
+    ``lora_params`` (trained parameters), ``target_modules`` (count), ``wall_s``, ``device``.
     """
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
     if not isinstance(cfg, LoRAConfig):
         raise TypeError(f"cfg must be a LoRAConfig, got {type(cfg).__name__}")
+    if (cfg.loss != "lm") != (teacher is not None):
+        raise ValueError(f"--loss {cfg.loss} " + ("needs a teacher" if teacher is None else "takes no teacher"))
     model = lm.model
     first = next(model.parameters())
     device = first.device
     if device.type == "cpu" and any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
         raise UserError(f"LoRA training on CPU needs fp32 weights, the model has {first.dtype} (load it with "
                         f"--dtype float32)")
-    windows = _windows(lm, data, cfg.seqlen)
+    windows = training_windows(lm, data, cfg.seqlen)
     targets = resolve_targets(lm, cfg.target)
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
     rng = np.random.default_rng(cfg.seed)
     order = _order(windows.shape[0], rng)
+
+    def batches():
+        for _ in range(cfg.steps):
+            rows = [next(order) for _ in range(cfg.batch_size)]
+            yield rows, windows[torch.tensor(rows)].to(device)
+
     t0 = time.perf_counter()
     fork = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork):
+        torch.manual_seed(cfg.seed)
+        train = _train_full if cfg.mode == "full" else _train_lora
+        losses, n_trained = train(lm, cfg, targets, batches(), _objective(cfg, teacher), progress)
+    tokens = cfg.steps * cfg.batch_size * cfg.seqlen
+    return {
+        "steps": cfg.steps,
+        "tokens": tokens,
+        "windows": int(windows.shape[0]),
+        "epochs": tokens / (windows.shape[0] * cfg.seqlen),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "losses": losses,
+        "loss": cfg.loss,
+        **({"teacher": teacher.kind} if teacher is not None else {}),
+        "mode": cfg.mode,
+        "lora_params": int(n_trained),
+        "target_modules": len(targets),
+        "wall_s": time.perf_counter() - t0,
+        "device": str(device),
+    }
+
+
+def _objective(cfg: LoRAConfig, teacher):
+    """``loss_fn(model, (rows, ids))`` of :func:`~evoprune.finetune.loop.train_steps` for ``cfg.loss``."""
+    from ..fitness.kl import kl_divergence
+
+    def loss_fn(model, batch):
+        rows, ids = batch
+        if cfg.loss == "lm":
+            return model(input_ids=ids, labels=ids, use_cache=False).loss
+        logits = model(input_ids=ids, use_cache=False).logits
+        positions = ids.shape[0] * (ids.shape[1] - 1)
+        loss = (kl_divergence(teacher.targets(rows, ids), logits) / positions).float()
+        if cfg.loss == "kd+lm":
+            v = logits.shape[-1]
+            loss = loss + nn.functional.cross_entropy(logits[:, :-1].reshape(-1, v).float(), ids[:, 1:].reshape(-1))
+        return loss
+
+    return loss_fn
+
+
+def _train_lora(lm, cfg: LoRAConfig, targets: list[str], batches, loss_fn, progress: bool) -> tuple[list, int]:
+    """LoRA adapters on ``targets``, trained and merged into ``lm.model`` (unmerged and dropped on failure)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    model = lm.model
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
     peft_model = None
     merged = None
     try:
-        with torch.random.fork_rng(devices=fork):
-            torch.manual_seed(cfg.seed)
-            peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                      target_modules=targets, bias="none")
-            with warnings.catch_warnings():  # transformers' own deprecation notices, reached through peft
-                warnings.simplefilter("ignore", FutureWarning)
-                peft_model = get_peft_model(model, peft_cfg)
-            params = [p for p in peft_model.parameters() if p.requires_grad]
-            n_lora = sum(p.numel() for p in params)
-            peft_model.train()
-            batches = (windows[torch.tensor([next(order) for _ in range(cfg.batch_size)])].to(device)
-                       for _ in range(cfg.steps))
-            losses = train_steps(peft_model, params, batches, cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                 max_grad_norm=cfg.max_grad_norm, lr_factor=_lr_factor(cfg), what="LoRA training",
-                                 hint="lower --lr", progress=progress)
-            del params
+        peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                  target_modules=targets, bias="none")
+        with warnings.catch_warnings():  # transformers' own deprecation notices, reached through peft
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = get_peft_model(model, peft_cfg)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        n_lora = sum(p.numel() for p in params)
+        peft_model.train()
+        losses = train_steps(peft_model, params, batches, cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             max_grad_norm=cfg.max_grad_norm, lr_factor=_lr_factor(cfg), what="LoRA training",
+                             hint="lower --lr", progress=progress, loss_fn=loss_fn)
+        del params
         with torch.no_grad():
             merged = peft_model.merge_and_unload()
     finally:
@@ -190,17 +248,24 @@ def finetune_lora(lm, data, cfg: LoRAConfig, *, progress: bool = False) -> dict:
     if merged is not model:  # peft edits the model in place; keep lm consistent should that ever change
         lm.model = merged
         merged.train(was_training)
-    tokens = cfg.steps * cfg.batch_size * cfg.seqlen
-    return {
-        "steps": cfg.steps,
-        "tokens": tokens,
-        "windows": int(windows.shape[0]),
-        "epochs": tokens / (windows.shape[0] * cfg.seqlen),
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "losses": losses,
-        "lora_params": int(n_lora),
-        "target_modules": len(targets),
-        "wall_s": time.perf_counter() - t0,
-        "device": str(device),
-    }
+    return losses, n_lora
+
+
+def _train_full(lm, cfg: LoRAConfig, targets: list[str], batches, loss_fn, progress: bool) -> tuple[list, int]:
+    """AdamW on the weights of ``targets`` themselves (everything else frozen); on failure the weights are put
+    back as they were."""
+    model = lm.model
+    names = set(targets)
+    params = [m.weight for n, m in model.named_modules() if n in names]
+    saved = [p.detach().clone() for p in params]
+    try:
+        with only_training(model, params):
+            losses = train_steps(model, params, batches, cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 max_grad_norm=cfg.max_grad_norm, lr_factor=_lr_factor(cfg), what="full training",
+                                 hint="lower --lr", progress=progress, loss_fn=loss_fn)
+    except BaseException:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        raise
+    return losses, sum(p.numel() for p in params)

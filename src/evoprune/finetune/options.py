@@ -16,13 +16,16 @@ import numpy as np
 from ..errors import UserError
 from ..options import opt, parse_ints
 
-__all__ = ["LoRAConfig", "BriefTrainConfig", "TrainingOptions", "SCHEDULES", "TRAIN_MODES", "TRAIN_SOURCES",
+__all__ = ["LoRAConfig", "BriefTrainConfig", "TrainingOptions", "SCHEDULES", "TRAIN_MODES", "TRAIN_SOURCES", "LOSSES",
            "check_train_source"]
 
 SCHEDULES = ("linear", "constant")
 TRAIN_MODES = ("lora", "full")
 _DEFAULT_LR = {"lora": 5e-4, "full": 5e-5}
 TRAIN_SOURCES = ("wikitext2", "c4", "alpaca:PATH", "jsonl:PATH[:field]", "text:PATH")
+# recovery objectives: next-token NLL of the text; KL(dense || pruned) of the next-token distributions (the dense
+# model as teacher); their sum
+LOSSES = ("lm", "kd", "kd+lm")
 
 
 def check_train_source(spec: str, *, files: bool = True, what: str = "--data") -> None:
@@ -58,7 +61,10 @@ class LoRAConfig:
     - ``target``: projection names (last path component, e.g. ``q_proj``) to
       adapt inside the decoder blocks; ``None``: the family's attention and MLP
       projections (:func:`default_targets`);
-    - ``seed``: LoRA init, dropout and window order.
+    - ``seed``: LoRA init, dropout and window order;
+    - ``loss``: ``lm`` | ``kd`` | ``kd+lm`` (:data:`LOSSES`); ``kd_topk``: distil from the teacher's top-K
+      log-probabilities per token, cached once before training (``None``: the teacher runs beside the student);
+    - ``mode``: ``lora`` (adapters, merged) | ``full`` (the targeted projection weights themselves).
     """
 
     steps: int = opt(help="optimizer steps")
@@ -76,6 +82,13 @@ class LoRAConfig:
                                                "and MLP projections, q/k/v/o/gate/up/down or OPT's q/k/v/out/fc1/fc2)",
                                          kind="names")
     seed: int = opt(0, "LoRA init, dropout and window order")
+    loss: str = opt("lm", "lm (next-token NLL) | kd (KL to the dense model's next-token distribution) | kd+lm (both)",
+                    choices=LOSSES)
+    kd_topk: int | None = opt(None, "kd: distil from the teacher's top-K log-probabilities per token, cached once "
+                                    "before training so the teacher need not stay in memory (default: the teacher "
+                                    "runs beside the student, or top-64 cached when memory is short)")
+    mode: str = opt("lora", "lora (adapters, merged afterwards) | full (train the targeted projections themselves)",
+                    choices=TRAIN_MODES)
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -105,6 +118,12 @@ class LoRAConfig:
             need(bool(t) and all(t), f"target must name at least one module, got {self.target!r}")
             object.__setattr__(self, "target", t)
         need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        need(self.loss in LOSSES, f"unknown --loss {self.loss!r} (choose from {', '.join(LOSSES)})")
+        need(self.mode in TRAIN_MODES, f"unknown --mode {self.mode!r} (choose from {', '.join(TRAIN_MODES)})")
+        if self.kd_topk is not None:
+            need(isinstance(self.kd_topk, (int, np.integer)) and not isinstance(self.kd_topk, bool)
+                 and self.kd_topk >= 1, f"--kd-topk must be an integer >= 1, got {self.kd_topk!r}")
+            need(self.loss != "lm", "--kd-topk needs --loss kd or kd+lm")
 
     def to_dict(self) -> dict:
         d = asdict(self)

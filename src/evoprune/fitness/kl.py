@@ -1,7 +1,8 @@
 """KL divergence of a candidate's next-token distribution from the dense model's.
 
 Owns :class:`KLTarget` (the dense model's next-token log-probabilities of one
-calibration batch, full or top-k compressed) and :func:`kl_sum`.
+calibration batch, full or top-k compressed), :func:`kl_divergence` (the summed KL as a
+differentiable tensor: the distillation loss of recovery training) and :func:`kl_sum` (its value).
 
 ``KL(P || Q) = sum_v P(v) (log P(v) - log Q(v))`` per predicted position, ``P``
 the dense model, ``Q`` the candidate; positions are those the NLL predicts
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KLTarget", "kl_sum"]
+__all__ = ["KLTarget", "kl_divergence", "kl_sum"]
 
 
 @dataclass(frozen=True)
@@ -50,18 +51,25 @@ class KLTarget:
         return cls(vals.contiguous(), ids.contiguous(), torch.logsumexp(rest, dim=-1))
 
 
-def kl_sum(target: KLTarget, logits: torch.Tensor) -> float:
-    """Summed (over batch rows and positions) ``KL(dense || candidate)`` in nats."""
+def kl_divergence(target: KLTarget, logits: torch.Tensor) -> torch.Tensor:
+    """Summed (over batch rows and positions) ``KL(dense || candidate)`` in nats, a float64 scalar that
+    gradients flow through to ``logits``."""
     lq = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     if target.ids is None:
         p = target.logp.exp()
         # xlogy-style guard: P(v) = 0 contributes 0 even where log Q(v) = -inf
         terms = torch.where(p > 0, p * (target.logp - lq), torch.zeros_like(p))
-        return float(terms.double().sum())
+        return terms.double().sum()
     lq_top = lq.gather(-1, target.ids)
     p_top = target.logp.exp()
     top = (p_top * (target.logp - lq_top)).double().sum()
     q_rest = (1.0 - lq_top.double().exp().sum(-1)).clamp_min(1e-30)
     p_rest = target.log_rest.double().exp()
     rest = torch.where(p_rest > 0, p_rest * (target.log_rest.double() - q_rest.log()), torch.zeros_like(p_rest))
-    return float(top + rest.sum())
+    return top + rest.sum()
+
+
+def kl_sum(target: KLTarget, logits: torch.Tensor) -> float:
+    """Summed (over batch rows and positions) ``KL(dense || candidate)`` in nats."""
+    with torch.no_grad():
+        return float(kl_divergence(target, logits))

@@ -200,15 +200,17 @@ class WidthEvaluator(WholeModelEvaluator):
     to the dense model with ``metric="kl"``, in nats per predicted token;
     ``tokens``; ``token_layers = n_samples * seqlen * n_layers``). ``rates`` is a
     sequence of floats in ``[0, 1]``, one per block, or a ``RateVector``.
-    The model is edited in place inside each evaluation and restored bit for bit.
+    The model is edited in place inside each evaluation and restored bit for bit. With ``recon`` (a
+    :class:`~evoprune.prune.reconstruct.Reconstruction` of ``lm``) the kept output-projection columns are the
+    reconstructed ones; a block's states still depend only on the structures it keeps (its block key).
     """
 
     def __init__(self, lm: LoadedModel, calib: CalibSet, importance: WidthImportance, *, batch_size: int = 1,
                  metric: str = "nll", kl_topk: int | None = None, progress: bool = False, cache_mb: float = 0.0,
-                 cache_every: int | None = None, cache_device: str | None = None) -> None:
+                 cache_every: int | None = None, cache_device: str | None = None, recon=None) -> None:
         super().__init__(lm, calib, batch_size=batch_size, metric=metric, kl_topk=kl_topk, progress=progress,
                          cache_mb=cache_mb, cache_every=cache_every, cache_device=cache_device)
-        self.importance = importance
+        self.importance, self.recon = importance, recon
         self.spec = width_spec(lm.model, lm.adapter)
         self.plan([0.0] * self.n_layers)  # fail now if the importance does not fit the model
 
@@ -230,7 +232,9 @@ class WidthEvaluator(WholeModelEvaluator):
         continuing from the batch totals ``done`` (see :meth:`extends`)."""
         plan = self.plan(rates)
         self._nll.prepare()  # dense targets must come from the unmasked model
-        with width_masked(self.lm.model, plan, self.lm.adapter):
+        edit = width_masked(self.lm.model, plan, self.lm.adapter) if self.recon is None else \
+            self.recon.applied(self.lm.model, plan)
+        with edit:
             return self._score(race, self._keys(plan), done)
 
 

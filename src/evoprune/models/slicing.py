@@ -44,7 +44,7 @@ from . import remote as remote_files
 from .base import Adapter, get_adapter, hf_classes
 from .remote import surgery as remote
 
-__all__ = ["LayerWidth", "WidthSpec", "width_spec", "width_linears", "width_masked", "width_sliced",
+__all__ = ["LayerWidth", "WidthSpec", "width_spec", "width_linears", "width_masked", "width_sliced", "output_columns",
            "apply_width_inplace", "width_config", "check_plan", "WIDTH_KEY", "is_width_pruned", "save_width_pruned"]
 
 WIDTH_KEY = remote.WIDTH_KEY
@@ -154,6 +154,20 @@ def _removed(kept, n: int) -> list[int]:
     return [j for j in range(n) if j not in keep]
 
 
+def output_columns(spec: WidthSpec, plan, block: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{"o": (kept, removed), "mlp_out": (kept, removed)}``: the input columns (long index tensors) of block
+    ``block``'s attention output and MLP output projections that ``plan`` keeps and removes."""
+    lw, hd, hpg = spec.layers[block], spec.head_dim, spec.heads_per_group
+    kg, kc = plan.kept_groups[block], plan.kept_channels[block]
+
+    def cols(idx, per_group: bool):
+        t = torch.tensor(idx, dtype=torch.long)
+        return remote.spans(remote.spans(t, hpg), hd) if per_group else t
+
+    return {"o": (cols(list(kg), True), cols(_removed(kg, lw.groups), True)),
+            "mlp_out": (cols(list(kc), False), cols(_removed(kc, lw.channels), False))}
+
+
 @contextmanager
 def width_masked(model: nn.Module, plan, adapter: Adapter | None = None) -> Iterator[None]:
     """Run ``model`` as if ``plan`` were applied, then restore the exact original weights.
@@ -169,16 +183,13 @@ def width_masked(model: nn.Module, plan, adapter: Adapter | None = None) -> Iter
     adapter = _adapter(model, adapter)
     spec = width_spec(model, adapter)
     check_plan(spec, plan)
-    hd, hpg = spec.head_dim, spec.heads_per_group
     saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (weight, column index, original columns)
     try:
         with torch.no_grad():
-            for block, lw, kg, kc in zip(adapter.get_blocks(model), spec.layers, plan.kept_groups,
-                                         plan.kept_channels):
+            for i, block in enumerate(adapter.get_blocks(model)):
                 lin = width_linears(adapter, block)
-                groups = torch.tensor(_removed(kg, lw.groups), dtype=torch.long)
-                for w, cols in ((lin["o"].weight, remote.spans(remote.spans(groups, hpg), hd)),
-                                (lin["mlp_out"].weight, torch.tensor(_removed(kc, lw.channels), dtype=torch.long))):
+                for role, (_, cols) in output_columns(spec, plan, i).items():
+                    w = lin[role].weight
                     if len(cols):
                         cols = cols.to(w.device)
                         saved.append((w, cols, w.index_select(1, cols)))

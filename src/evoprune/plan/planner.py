@@ -9,13 +9,15 @@ Owns :func:`make_plan`. Given a :class:`~evoprune.runner.config.SearchConfig` an
   it against the free memory of a GPU, :func:`~evoprune.fitness.checkpoints.choose_every`); the KL
   targets of ``--fitness kl`` (``predicted tokens x (4 x vocab)``, top-k: ``12 K + 4``); the LRU
   (``--cache-mb``; ``auto`` for the layer spaces: at most its default of what the dense caches leave,
-  :func:`~evoprune.fitness.checkpoints.fit_caches`); the training state of training-aware levels (projection copies, their gradients and
+  :func:`~evoprune.fitness.checkpoints.fit_caches`); width ``--reconstruct ls``: the float32 output-projection
+  Hessians of every block, a dense copy of those projections and the 512 MiB of solved columns
+  (:class:`~evoprune.prune.reconstruct.Reconstruction`); the training state of training-aware levels (projection copies, their gradients and
   AdamW moments for ``full``; the LoRA factors for ``lora``) and an estimate of the transient
   activations of one batch (logits in the model dtype plus two fp32 copies for the NLL, three more for KL,
   and one block's working set ``B x T x (6 hidden + 3 intermediate)``; training adds every block's saved
   activations);
 - **token-layers**: the setup (dense forwards of the stage caches, importance scores, the level
-  database's passes) exactly, per candidate and stage (the most a candidate can cost), and per run
+  database's and the width reconstruction's Hessian passes) exactly, per candidate and stage (the most a candidate can cost), and per run
   from a dry run of the method's own strategy (:mod:`evoprune.plan.simulate`: exact for methods whose
   choices do not depend on losses, a sample otherwise), beside SLEB's on the same layer problem;
 - **FLOPs** with the LM head (:mod:`evoprune.plan.flops`) and the **wall time** at ``tflops`` per GPU
@@ -30,6 +32,7 @@ from __future__ import annotations
 import math
 
 from ..errors import UserError
+from ..prune.kinds import RECONSTRUCT_CACHE_MB
 
 __all__ = ["make_plan", "calib_shape", "MFU"]
 
@@ -71,6 +74,14 @@ def _stages(cfg, n: int, t: int) -> list[tuple[int, int]]:
     return stage_slices(stage_tokens(cfg.method_options), n, t)
 
 
+def _hessian_passes(cfg, sh: dict, n_tokens: int) -> int:
+    """Token-layers of the output-projection Hessians of every block, in chunks that fit --hessian-mb."""
+    from ..prune.hessians import hessian_chunk, hessian_token_layers
+
+    chunk = hessian_chunk((sh["o_in"], sh["down_in"]), cfg.execution.hessian_mb)
+    return hessian_token_layers(n_tokens, sh["n_layers"], chunk)
+
+
 def _setup_token_layers(cfg, sh: dict, stages, n_tokens: int) -> dict:
     """Token-layers spent before the first candidate, by what spends them (a fresh run; no cached database)."""
     N, out = sh["n_layers"], {}
@@ -78,13 +89,12 @@ def _setup_token_layers(cfg, sh: dict, stages, n_tokens: int) -> dict:
         out["dense caches"] = sum(m * t for m, t in stages) * N
     elif cfg.space == "width":
         out["importance"] = n_tokens * N * (3 if cfg.space_options.importance == "taylor" else 1)
+        if cfg.space_options.reconstruct == "ls":
+            out["reconstruction"] = _hessian_passes(cfg, sh, n_tokens)
     else:
         o = cfg.space_options
         if o.database == "obs":  # one forward per chunk of blocks whose fp64 Hessians fit --hessian-mb
-            from ..prune.levels_db import hessian_chunk
-
-            chunk = hessian_chunk((sh["o_in"], sh["down_in"]), cfg.execution.hessian_mb)
-            out["level database"] = sum(n_tokens * min(N, s + chunk) for s in range(0, N, chunk))
+            out["level database"] = _hessian_passes(cfg, sh, n_tokens)
         else:
             out["level database"] = n_tokens * N
         if cfg.fitness.fitness == "kl":
@@ -230,6 +240,10 @@ def _memory(cfg, sh: dict, stages, train, every: int | None) -> dict:
         per = 4 * V if k is None or k >= V else 12 * k + 4
         out["KL targets"] = sum(mi * (ti - 1) * per for mi, ti in stages)
     out["LRU"] = int(cfg.fitness.lru_mb(cfg.space, bool(train)) * 2 ** 20)
+    if cfg.space == "width" and cfg.space_options.reconstruct == "ls":
+        o_in, down_in, proj_out = sh["o_in"], sh["down_in"], sh["hidden"]
+        out["reconstruction"] = N * (4 * (o_in ** 2 + down_in ** 2) + b * proj_out * (o_in + down_in)) \
+            + RECONSTRUCT_CACHE_MB * 2 ** 20
     B = min(bs, m)
     out["activations"] = B * t * (V * (b + 8) + (6 * H + 3 * sh["intermediate"]) * b)
     if cfg.fitness.fitness == "kl":  # the candidate's fp32 log-probabilities, the dense probabilities, the terms

@@ -57,19 +57,17 @@ from ..data.calibration import CalibSet
 from ..errors import UserError
 from ..files import atomic_dir
 from ..models.base import family
-from ..models.hooks import hooked, last_logits_kwargs, model_device
 from ..models.loading import LoadedModel
 from ..models.remote.surgery import spans
 from ..models.slicing import WidthSpec, width_linears, width_spec
 from .kinds import DB_METHODS
+from .hessians import OUTPUT_PROJ, UNITS, hessian_chunks
 from .obs import structured_obs
 from .width_plan import WidthPlan
 
-__all__ = ["DB_METHODS", "level_ladders", "LevelDatabase", "AppliedLevels", "db_fingerprint", "hessian_chunk"]
+__all__ = ["DB_METHODS", "level_ladders", "LevelDatabase", "AppliedLevels", "db_fingerprint"]
 
 FORMAT = "evoprune.levels/1"
-KINDS = ("attn", "mlp")
-_PROJ = {"attn": "o", "mlp": "mlp_out"}  # the projection whose input columns a unit's structures own
 
 
 def _uniform_spec(spec: WidthSpec):
@@ -115,42 +113,6 @@ def db_fingerprint(lm: LoadedModel, calib: CalibSet, method: str, attn_counts, m
         h.update(p.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
     h.update(calib.input_ids.cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-@torch.no_grad()
-def _hessians(lm: LoadedModel, calib: CalibSet, blocks: Sequence[int], batch_size: int) -> dict:
-    """``{(block, kind): X^T X}`` (float64) of the o / MLP-output projection inputs of ``blocks``; the forward
-    stops after the last of them. Returns the Hessians and the token-layers run."""
-    model, adapter = lm.model, lm.adapter
-    all_blocks = adapter.get_blocks(model)
-    acc: dict = {}
-    hooks = []
-
-    class _Stop(Exception):
-        pass
-
-    def hook(key):
-        def fn(module, args, output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            acc[key] = acc[key] + x.T @ x if key in acc else x.T @ x
-        return fn
-
-    def stop(module, args, output):
-        raise _Stop
-
-    for i in blocks:
-        lin = width_linears(adapter, all_blocks[i])
-        hooks += [(lin[_PROJ[kind]], hook((i, kind))) for kind in KINDS]
-    last = max(blocks)
-    hooks.append((all_blocks[last], stop))
-    kw, device = last_logits_kwargs(model), model_device(model)
-    with hooked(hooks):
-        for s in range(0, calib.n_samples, int(batch_size)):
-            try:
-                model(input_ids=calib.input_ids[s:s + int(batch_size)].to(device), use_cache=False, **kw)
-            except _Stop:
-                pass
-    return acc, calib.n_tokens * (last + 1)
 
 
 class LevelDatabase:
@@ -267,21 +229,17 @@ class LevelDatabase:
         from tqdm.auto import tqdm
 
         blocks = lm.adapter.get_blocks(lm.model)
-        lin0 = width_linears(lm.adapter, blocks[0])
-        chunk = hessian_chunk([lin0[_PROJ[k]].in_features for k in KINDS], hessian_mb)
-        dtype = lin0["o"].weight.dtype
+        dtype = width_linears(lm.adapter, blocks[0])["o"].weight.dtype
         spent = 0
         bar = tqdm(total=spec.n_layers, desc="level database (OBS)", unit="block", leave=False,
                    disable=not (progress and sys.stderr.isatty()))
-        for start in range(0, spec.n_layers, chunk):
-            ids = list(range(start, min(spec.n_layers, start + chunk)))
-            hess, tl = _hessians(lm, calib, ids, batch_size)
+        for ids, hess, tl in hessian_chunks(lm, calib, hessian_mb, batch_size):
             spent += tl
             for i in ids:
                 lin = width_linears(lm.adapter, blocks[i])
                 tensors = {}
-                for kind in KINDS:
-                    w = lin[_PROJ[kind]].weight
+                for kind in UNITS:
+                    w = lin[OUTPUT_PROJ[kind]].weight
                     order, ws = structured_obs(w, hess.pop((i, kind)), sizes[kind], counts[kind], damp=damp)
                     orders[kind].append(order)
                     n_struct = w.shape[1] // sizes[kind]
@@ -294,12 +252,6 @@ class LevelDatabase:
                 bar.update(1)
         bar.close()
         return spent
-
-
-def hessian_chunk(in_features, hessian_mb: float) -> int:
-    """Blocks per OBS pass: as many as whose float64 Hessians (``in x in`` for each unit's output projection,
-    ``in_features``) fit ``hessian_mb`` MiB, at least one. Also what :mod:`evoprune.plan` counts."""
-    return max(1, int(float(hessian_mb) * 2 ** 20 // (8 * sum(int(n) ** 2 for n in in_features))))
 
 
 class AppliedLevels:
@@ -317,8 +269,8 @@ class AppliedLevels:
             raise UserError("the level database was built for a model of a different shape")
         self.size = {"attn": self.spec.heads_per_group * self.spec.head_dim, "mlp": 1}
         blocks = lm.adapter.get_blocks(lm.model)
-        self.weights = {(i, k): width_linears(lm.adapter, b)[_PROJ[k]].weight for i, b in enumerate(blocks)
-                        for k in KINDS}
+        self.weights = {(i, k): width_linears(lm.adapter, b)[OUTPUT_PROJ[k]].weight for i, b in enumerate(blocks)
+                        for k in UNITS}
         self.dense = {key: w.detach().clone() for key, w in self.weights.items()}
         self.current = {key: 0 for key in self.weights}
         self.loads = 0

@@ -1,6 +1,6 @@
 """Structured Optimal Brain Surgeon (ZipLM-style) for the input columns of one linear layer: pure tensor math.
 
-Owns :func:`structured_obs`. No hooks, no model: the caller collects the layer-input
+Owns :func:`structured_obs` and :func:`reconstruct`. No hooks, no model: the caller collects the layer-input
 Hessian ``H = sum_t x_t x_t^T`` (``[in, in]``) over calibration tokens and passes
 the layer's weight ``W`` (``[out, in]``).
 
@@ -22,6 +22,11 @@ removal order is nested: level ``l`` removes the first ``counts[l]`` structures
 of one order. ``H`` is dampened by ``damp * mean(diag H)`` on its diagonal
 (SparseGPT's 1%), and columns that never fire (``H_jj = 0``) get ``H_jj = 1``;
 everything is computed in float64.
+
+:func:`reconstruct` is the same update for a *given* set of removed columns (the structures a width
+plan drops): removing ``Q`` at once by the formula above leaves the kept columns ``K`` at the
+least-squares solution of ``min ||X_K W_K'^T - X W^T||`` for the dampened ``H``, i.e.
+``W_K' = W H_{:K} (H_KK)^-1``, computed that way (one Cholesky solve of the kept block).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["structured_obs", "obs_error"]
+__all__ = ["structured_obs", "reconstruct", "obs_error"]
 
 
 def obs_error(w_old: torch.Tensor, w_new: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -62,13 +67,7 @@ def structured_obs(weight: torch.Tensor, hessian: torch.Tensor, size: int, count
         raise ValueError(f"counts must be nondecreasing in [0, {n}], got {counts}")
     if tuple(hessian.shape) != (in_f, in_f):
         raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected {(in_f, in_f)}")
-    dev = weight.device
-    w = weight.detach().to(dev, torch.float64).clone()
-    h = hessian.detach().to(dev, torch.float64).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h.diagonal().add_(float(damp) * float(torch.diag(h).mean()))
+    w, h = _dampened(weight, hessian, damp)
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     step = _column_step(w, hinv) if size == 1 else _block_step(w, hinv, size)
     order, snapshots = [], {}
@@ -78,6 +77,32 @@ def structured_obs(weight: torch.Tensor, hessian: torch.Tensor, size: int, count
         if done < max(counts, default=0):
             order.append(step())
     return order, [snapshots[c] for c in counts]
+
+
+def _dampened(weight: torch.Tensor, hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 copies of ``weight`` and ``hessian`` on ``weight``'s device: columns that never fire (``H_jj = 0``)
+    get ``H_jj = 1`` and zero weights, then ``damp * mean(diag H)`` is added to the diagonal."""
+    dev = weight.device
+    w = weight.detach().to(dev, torch.float64).clone()
+    h = hessian.detach().to(dev, torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(float(damp) * float(torch.diag(h).mean()))
+    return w, h
+
+
+@torch.no_grad()
+def reconstruct(weight: torch.Tensor, hessian: torch.Tensor, kept: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The kept columns ``kept`` (a long index tensor) of ``weight`` (``[out, in]``) updated so that the layer's
+    output on the inputs behind ``hessian`` (``[in, in]``, ``X^T X``) changes least when every other column is
+    removed: ``W H_{:K} (H_KK)^-1`` for the dampened ``H`` (see the module docstring). Returns ``[out, len(kept)]``
+    float64 on ``weight``'s device."""
+    w, h = _dampened(weight, hessian, damp)
+    kept = kept.to(w.device)
+    factor = torch.linalg.cholesky(h.index_select(0, kept).index_select(1, kept))
+    rhs = (w @ h.index_select(1, kept)).T  # [k, out]
+    return torch.cholesky_solve(rhs, factor).T
 
 
 def _column_step(w: torch.Tensor, hinv: torch.Tensor):
@@ -115,12 +140,14 @@ def _block_step(w: torch.Tensor, hinv: torch.Tensor, size: int):
     def step() -> int:
         idx = torch.nonzero(alive).reshape(-1)
         q = cols[idx]  # [m, size]
-        blocks = hinv[q[:, :, None], q[:, None, :]]  # [m, size, size]
+        blocks = hinv[q[:, :, None], q[:, None, :]]  # [m, size, size], positive definite
         wq = w[:, q].permute(1, 0, 2)  # [m, out, size]
-        score = torch.einsum("mos,mst,mot->m", wq, torch.linalg.inv(blocks), wq)
+        # Cholesky, not LU: the blocks are positive definite, and MKL's pivoted LU (DLASWP) was seen to fail and
+        # hang in a long-running process on an AVX-512 machine
+        score = (wq * torch.cholesky_solve(wq.transpose(1, 2), torch.linalg.cholesky(blocks)).transpose(1, 2)).sum((1, 2))
         j = int(idx[int(torch.argmin(score))])
         q = cols[j]
-        row = torch.linalg.inv(hinv[q[:, None], q[None, :]]) @ hinv[q, :]  # [size, in]
+        row = torch.cholesky_solve(hinv[q, :], torch.linalg.cholesky(hinv[q[:, None], q[None, :]]))  # [size, in]
         row[:, cols[~alive].reshape(-1)] = 0.0  # removed columns stay exactly zero
         w.sub_(w[:, q] @ row)
         hinv.sub_(hinv[:, q] @ row)

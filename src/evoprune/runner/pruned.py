@@ -149,9 +149,10 @@ def _unfinished(res: dict) -> dict:
 
 def width_plan(path, lm):
     """The :class:`~evoprune.prune.width_plan.WidthPlan` of a finished width or levels run, for the unpruned
-    base model ``lm``. Width runs: from the rates and ``RUN/importance.pt``. Levels runs: from the run's level
-    database, whose weights for the chosen levels are also written into ``lm``'s output / MLP-output
-    projections (the masked form: slicing ``lm`` by the plan then gives the pruned model)."""
+    base model ``lm``. Width runs: from the rates and ``RUN/importance.pt``; a run with ``--reconstruct ls`` also
+    writes its reconstructed output projections into ``lm`` (from the run's ``calib.pt``: one dense pass). Levels
+    runs: from the run's level database, whose weights for the chosen levels are also written into ``lm``'s output /
+    MLP-output projections. Both in the masked form: slicing ``lm`` by the plan then gives the pruned model."""
     from ..prune.importance import WidthImportance
     from ..prune.width_plan import plan_widths
 
@@ -162,7 +163,18 @@ def width_plan(path, lm):
     imp = run.path / "importance.pt"
     if res is None or "rates" not in res or not imp.is_file():
         raise UserError(f"{run.path}: not a width-pruning run with a result (needs rates and importance.pt)")
-    return plan_widths(lm, WidthImportance.load(imp), res["rates"])
+    plan = plan_widths(lm, WidthImportance.load(imp), res["rates"])
+    from .config import SearchConfig
+
+    cfg = SearchConfig.from_dict(run.read_config())
+    o = cfg.space_options
+    if o.reconstruct == "ls":
+        from ..data.calibration import CalibSet
+        from ..prune.reconstruct import Reconstruction
+
+        Reconstruction(lm, CalibSet.load(run.calib_path), damp=o.reconstruct_damp,
+                       batch_size=cfg.calibration.batch_size, hessian_mb=cfg.execution.hessian_mb).apply_inplace(plan)
+    return plan
 
 
 def _levels_plan(run: RunDir, res: dict, lm):

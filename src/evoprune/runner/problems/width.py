@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ...errors import UserError
 from ...options import opt
-from ...prune.kinds import IMPORTANCES
+from ...prune.kinds import IMPORTANCES, RECONSTRUCT, RECONSTRUCT_DAMP
 from .common import stage_slices, stage_tokens
 
 __all__ = ["WidthOptions", "WidthProblem"]
@@ -31,6 +31,12 @@ class WidthOptions:
     min_rate: float = opt(0.0, "lowest per-layer rate")
     max_rate: float = opt(1.0, "highest per-layer rate (1: a layer may lose all its width)")
     owl_m: float = opt(5.0, "OWL outlier threshold M x layer mean")
+    reconstruct: str = opt("ls", "ls: update the kept output-projection columns to preserve each layer's output on "
+                                 "the calibration activations (least squares); none: keep them as they are (the "
+                                 "published Wanda-sp / Self-Pruner / OWL / LLM-Pruner setting)", choices=RECONSTRUCT,
+                           legacy="none")
+    reconstruct_damp: float = opt(RECONSTRUCT_DAMP, "--reconstruct ls: dampening, a fraction of the mean Hessian "
+                                                    "diagonal", cli=False)
 
     def __post_init__(self) -> None:
         if self.importance not in IMPORTANCES:
@@ -39,6 +45,10 @@ class WidthOptions:
             raise UserError(f"need 0 <= --min-rate <= --max-rate <= 1, got {self.min_rate}, {self.max_rate}")
         if not (math.isfinite(float(self.owl_m)) and float(self.owl_m) > 0):
             raise UserError(f"--owl-m must be a number > 0, got {self.owl_m}")
+        if self.reconstruct not in RECONSTRUCT:
+            raise UserError(f"unknown --reconstruct {self.reconstruct!r} (choose from {', '.join(RECONSTRUCT)})")
+        if not (math.isfinite(float(self.reconstruct_damp)) and float(self.reconstruct_damp) > 0):
+            raise UserError(f"reconstruct_damp must be a number > 0, got {self.reconstruct_damp}")
 
 
 class WidthProblem:
@@ -73,6 +83,7 @@ class WidthProblem:
     def prepare(self, calib, run, fresh: bool, needs: frozenset) -> tuple[int, dict]:
         from ...fitness.whole_model import WidthEvaluator, share_prefixes
         from ...prune.importance import WidthImportance, compute_importance
+        from ...prune.reconstruct import Reconstruction
 
         cfg, o = self.cfg, self.cfg.space_options
         path = Path(run.path) / "importance.pt"
@@ -87,8 +98,13 @@ class WidthProblem:
             spent = 0  # counted by the run that computed it
         slices = stage_slices(stage_tokens(cfg.method_options), calib.n_samples, calib.seqlen)
         whole = (calib.n_samples, calib.seqlen)
+        recon = None
+        if o.reconstruct == "ls":  # the dense model's output-projection Hessians, over the whole calibration set
+            recon = Reconstruction(self.lm, calib, damp=o.reconstruct_damp, batch_size=cfg.calibration.batch_size,
+                                   hessian_mb=cfg.execution.hessian_mb, device=cfg.execution.cache_device)
+            spent += recon.token_layers if fresh else 0
         self.evaluators = [WidthEvaluator(self.lm, calib if (m, t) == whole else calib.slice(m, t), self.importance,
-                                          batch_size=cfg.calibration.batch_size,
+                                          batch_size=cfg.calibration.batch_size, recon=recon,
                                           cache_device=cfg.execution.cache_device) for m, t in slices]
         share_prefixes(self.evaluators, cfg.fitness.lru_mb(cfg.space))
         inputs = {"scores": [float(x) for x in self.importance.outlier_ratio]} if "scores" in needs else {}
@@ -104,7 +120,7 @@ class WidthProblem:
         p = self.plan(g)
         dense = sum(t.numel() for t in self.lm.model.parameters())
         return {"sparsity": self.space.beta, "n_layers": self.n, "rates": list(g.rates),
-                "importance": self.cfg.space_options.importance,
+                "importance": self.cfg.space_options.importance, "reconstruct": self.cfg.space_options.reconstruct,
                 "params": int(dense - (p.params_total - p.params_kept)), "params_dense": int(dense),
                 "prunable_params_kept": int(p.params_kept), "prunable_params_total": int(p.params_total),
                 "param_sparsity": 1.0 - p.params_kept / p.params_total}
