@@ -108,3 +108,25 @@ def test_cli_distills_from_the_runs_base(tiny_dirs, tmp_path, capsys, text_file)
         rec = json.loads((out / "finetune.json").read_text())
         assert rec["teacher_model"] == str(tiny_dirs["llama"]) and rec["stats"]["teacher"] == kind
         assert rec["config"]["loss"] == "kd" and "kd from" in capsys.readouterr().err
+
+
+def test_auto_distils_where_the_dense_model_is_known(tiny_dirs, tmp_path, capsys, text_file):
+    """The default ``--loss auto``: kd+lm from the model itself with --drop; lm, said on stderr, for a model whose
+    dense base nobody knows; in the library: kd+lm with a teacher, lm without."""
+    from evoprune import load_model
+    from evoprune.cli import main
+    from evoprune.finetune import LoRAConfig, finetune_lora
+    from evoprune.finetune.distill import Teacher
+
+    lm, dense = load_model(str(tiny_dirs["llama"]), progress=False), load_model(str(tiny_dirs["llama"]), progress=False)
+    cfg = LoRAConfig(steps=1, seqlen=32)
+    assert finetune_lora(lm, TEXT, cfg)["loss"] == "lm"
+    assert finetune_lora(lm, TEXT, cfg, teacher=Teacher.live(dense.model))["loss"] == "kd+lm"
+    base = ["finetune", str(tiny_dirs["llama"]), "--data", f"text:{text_file}", "--steps", "1", "--seqlen", "32"]
+    assert main([*base, "--drop", "1", "--out", str(tmp_path / "a")]) == 0
+    rec = json.loads((tmp_path / "a" / "finetune.json").read_text())
+    assert rec["stats"]["loss"] == "kd+lm" and rec["teacher_model"] == str(tiny_dirs["llama"])
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "b")]) == 0
+    assert "recovering with --loss lm" in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "finetune.json").read_text())["stats"]["loss"] == "lm"

@@ -50,8 +50,16 @@ def cmd_finetune(args) -> int:
     facts = preflight(args.model, args.device, {f"--seqlen {cfg.seqlen}": cfg.seqlen}, drop=drop)
     check_targets(facts.projections if facts else None, cfg.target)
     if cfg.loss == "lm" and args.teacher is not None:
-        raise UserError("--teacher needs --loss kd or kd+lm")
-    teacher = _teacher_spec(args, drop) if cfg.loss != "lm" else None
+        raise UserError("--teacher needs --loss kd, kd+lm or auto")
+    teacher = None
+    if cfg.loss in ("kd", "kd+lm"):
+        teacher = _teacher_spec(args, drop)
+    elif cfg.loss == "auto":
+        try:
+            teacher = _teacher_spec(args, drop)
+        except UserError:
+            print(f"note: no dense model is known for {args.model}: recovering with --loss lm (give --teacher SPEC to "
+                  f"distil)", file=sys.stderr)
     if teacher is not None:
         preflight(teacher, args.device)
     with writer_lock(out, "--out directory"):
@@ -118,7 +126,7 @@ def _finetune(args, cfg, drop, out, teacher_spec) -> int:
     atomic_write_json(Path(out) / "finetune.json", {"evoprune_finetune": FINETUNE_FORMAT, **info, "base_model": lm.base,
                                                     "dropped_layers": list(lm.dropped), "stats": stats, "export": rec,
                                                     "evoprune_version": __version__})
-    how = f"{cfg.loss}" + (f" from {teacher_spec} ({stats['teacher']} teacher)" if teacher_spec is not None else "")
+    how = f"{stats['loss']}" + (f" from {teacher_spec} ({stats['teacher']} teacher)" if teacher_spec is not None else "")
     print(f"finetuned {args.model} on {args.data}: {cfg.steps} steps ({cfg.mode}, {how}), {stats['tokens']:,} "
           f"tokens, train loss {stats['loss_first']:.4f} -> {stats['loss_last']:.4f} in {stats['wall_s']:.1f} s; "
           f"exported to {out} "

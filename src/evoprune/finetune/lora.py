@@ -13,7 +13,7 @@ every export path (layer-drop, width) and evaluation works on it unchanged.
 
 The objective (``loss``): ``lm``, the next-token NLL of the windows; ``kd``, the KL divergence from a
 :class:`~evoprune.finetune.distill.Teacher`'s (the dense model's) next-token distributions, averaged over
-predicted positions; ``kd+lm``, their sum.
+predicted positions; ``kd+lm``, their sum; ``auto``, ``kd+lm`` when a teacher is given, else ``lm``.
 
 Contract of :func:`finetune_lora`:
 
@@ -152,8 +152,9 @@ def finetune_lora(lm, data, cfg: LoRAConfig, *, progress: bool = False, teacher=
     """
     if not isinstance(cfg, LoRAConfig):
         raise TypeError(f"cfg must be a LoRAConfig, got {type(cfg).__name__}")
-    if (cfg.loss != "lm") != (teacher is not None):
+    if cfg.loss != "auto" and (cfg.loss != "lm") != (teacher is not None):
         raise ValueError(f"--loss {cfg.loss} " + ("needs a teacher" if teacher is None else "takes no teacher"))
+    loss = cfg.loss if cfg.loss != "auto" else "lm" if teacher is None else "kd+lm"
     model = lm.model
     first = next(model.parameters())
     device = first.device
@@ -175,7 +176,7 @@ def finetune_lora(lm, data, cfg: LoRAConfig, *, progress: bool = False, teacher=
     with torch.random.fork_rng(devices=fork):
         torch.manual_seed(cfg.seed)
         train = _train_full if cfg.mode == "full" else _train_lora
-        losses, n_trained = train(lm, cfg, targets, batches(), _objective(cfg, teacher), progress)
+        losses, n_trained = train(lm, cfg, targets, batches(), _objective(loss, teacher), progress)
     tokens = cfg.steps * cfg.batch_size * cfg.seqlen
     return {
         "steps": cfg.steps,
@@ -185,7 +186,7 @@ def finetune_lora(lm, data, cfg: LoRAConfig, *, progress: bool = False, teacher=
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "losses": losses,
-        "loss": cfg.loss,
+        "loss": loss,
         **({"teacher": teacher.kind} if teacher is not None else {}),
         "mode": cfg.mode,
         "lora_params": int(n_trained),
@@ -195,18 +196,18 @@ def finetune_lora(lm, data, cfg: LoRAConfig, *, progress: bool = False, teacher=
     }
 
 
-def _objective(cfg: LoRAConfig, teacher):
-    """``loss_fn(model, (rows, ids))`` of :func:`~evoprune.finetune.loop.train_steps` for ``cfg.loss``."""
+def _objective(name: str, teacher):
+    """``loss_fn(model, (rows, ids))`` of :func:`~evoprune.finetune.loop.train_steps` for the objective ``name``."""
     from ..fitness.kl import kl_divergence
 
     def loss_fn(model, batch):
         rows, ids = batch
-        if cfg.loss == "lm":
+        if name == "lm":
             return model(input_ids=ids, labels=ids, use_cache=False).loss
         logits = model(input_ids=ids, use_cache=False).logits
         positions = ids.shape[0] * (ids.shape[1] - 1)
         loss = (kl_divergence(teacher.targets(rows, ids), logits) / positions).float()
-        if cfg.loss == "kd+lm":
+        if name == "kd+lm":
             v = logits.shape[-1]
             loss = loss + nn.functional.cross_entropy(logits[:, :-1].reshape(-1, v).float(), ids[:, 1:].reshape(-1))
         return loss

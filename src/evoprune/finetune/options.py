@@ -24,8 +24,11 @@ TRAIN_MODES = ("lora", "full")
 _DEFAULT_LR = {"lora": 5e-4, "full": 5e-5}
 TRAIN_SOURCES = ("wikitext2", "c4", "alpaca:PATH", "jsonl:PATH[:field]", "text:PATH")
 # recovery objectives: next-token NLL of the text; KL(dense || pruned) of the next-token distributions (the dense
-# model as teacher); their sum
-LOSSES = ("lm", "kd", "kd+lm")
+# model as teacher); their sum; auto: kd+lm where the dense model is known, else lm. kd+lm measured best at equal tokens
+# (SmolLM2-135M, 100 x 256 wikitext2 tokens, LoRA defaults; held-out wikitext2 / c4 ppl, docs/RESULTS.md "Recovery"):
+# width 30%: lm 58.8 / 98.5, kd 66.4 / 94.2, kd+lm 60.7 / 94.7; layers 20%: lm 45.4 / 56.5, kd 49.8 / 55.3,
+# kd+lm 45.8 / 55.2 (the lowest geometric mean of the two on both models)
+LOSSES = ("auto", "lm", "kd", "kd+lm")
 
 
 def check_train_source(spec: str, *, files: bool = True, what: str = "--data") -> None:
@@ -62,7 +65,7 @@ class LoRAConfig:
       adapt inside the decoder blocks; ``None``: the family's attention and MLP
       projections (:func:`default_targets`);
     - ``seed``: LoRA init, dropout and window order;
-    - ``loss``: ``lm`` | ``kd`` | ``kd+lm`` (:data:`LOSSES`); ``kd_topk``: distil from the teacher's top-K
+    - ``loss``: ``auto`` | ``lm`` | ``kd`` | ``kd+lm`` (:data:`LOSSES`); ``kd_topk``: distil from the teacher's top-K
       log-probabilities per token, cached once before training (``None``: the teacher runs beside the student);
     - ``mode``: ``lora`` (adapters, merged) | ``full`` (the targeted projection weights themselves).
     """
@@ -82,8 +85,9 @@ class LoRAConfig:
                                                "and MLP projections, q/k/v/o/gate/up/down or OPT's q/k/v/out/fc1/fc2)",
                                          kind="names")
     seed: int = opt(0, "LoRA init, dropout and window order")
-    loss: str = opt("lm", "lm (next-token NLL) | kd (KL to the dense model's next-token distribution) | kd+lm (both)",
-                    choices=LOSSES)
+    loss: str = opt("auto", "lm (next-token NLL) | kd (KL to the dense model's next-token distribution) | kd+lm (both) "
+                            "| auto: kd+lm when the dense model is known (a run or export's base, --drop, --teacher), "
+                            "else lm", choices=LOSSES)
     kd_topk: int | None = opt(None, "kd: distil from the teacher's top-K log-probabilities per token, cached once "
                                     "before training so the teacher need not stay in memory (default: the teacher "
                                     "runs beside the student, or top-64 cached when memory is short)")
@@ -123,7 +127,7 @@ class LoRAConfig:
         if self.kd_topk is not None:
             need(isinstance(self.kd_topk, (int, np.integer)) and not isinstance(self.kd_topk, bool)
                  and self.kd_topk >= 1, f"--kd-topk must be an integer >= 1, got {self.kd_topk!r}")
-            need(self.loss != "lm", "--kd-topk needs --loss kd or kd+lm")
+            need(self.loss != "lm", "--kd-topk needs --loss kd, kd+lm or auto")
 
     def to_dict(self) -> dict:
         d = asdict(self)
