@@ -249,13 +249,15 @@ def test_compare(runs, tmp_path, evo):
     assert "![compare](compare.png)" in md
     assert js["methods"] == ["evop", "sleb"]
     assert js["metrics"] == ["arc_easy acc", "piqa acc", "mean acc", "wikitext2 ppl"]
-    head = next(line for line in md.splitlines() if line.startswith("| method"))
-    cols = [c.strip() for c in head.strip("|").split("|")]
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method"))
+    cols = [c.strip() for c in lines[start].strip("|").split("|")]
     rows = {}
-    for line in md.splitlines():
+    for line in lines[start + 2:]:
+        if not line.startswith("| "):  # the first table ends; the fronts follow
+            break
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if line.startswith("| ") and cells[0] in ("evop", "sleb", "dense"):
-            rows[cells[0]] = dict(zip(cols, cells))
+        rows[cells[0]] = dict(zip(cols, cells))
     assert set(rows) == {"evop", "sleb", "dense"}
     for method, run in (("evop", evop), ("sleb", runs["sleb"])):
         res = _result(run)
@@ -268,4 +270,12 @@ def test_compare(runs, tmp_path, evo):
     assert rows["evop"]["arc_easy acc"] == "0.2500"
     assert rows["dense"]["wikitext2 ppl"] == "50.00" and rows["dense"]["sparsity"] == "0%"
     assert "different calibration sets" not in md  # both runs share the same calib.pt content
+    # across spaces: both runs drop 2 of 6 blocks (the same size), so the one with the lower held-out ppl wins both
+    params = _result(runs["sleb"])["params"]
+    assert rows["sleb"]["params"] == f"{params / 1e6:.2f}M" == rows["evop"]["params"] and params < _result(evop)["params_dense"]
+    assert js["quality"] == "wikitext2 ppl" and js["front"]["params"] == [runs["sleb"].name] and js["front"]["decode"] == []
+    assert js["best"] == [{"budget": 0.35, "run": runs["sleb"].name, "wikitext2 ppl": 98.25, "params": params,
+                           "method": "sleb"}]
+    _png_ok(out / "front.png")
+    assert "## Pareto front: wikitext2 ppl against parameters" in md and "## Best run at each budget" in md
     assert "| evop |" in stdout and "| sleb |" in stdout

@@ -60,7 +60,8 @@ BAD: dict = {
     "--fitness": CHOICE, "--kl-topk": [ZERO, NEG], "--cache-mb": [NEG, NAN, WORD], "--cache-every": [ZERO, NEG, WORD],
     # space options
     "--protect-ends": BOOL, "--importance": CHOICE, "--min-rate": FRACTION_CLOSED, "--max-rate": [ZERO, "1.5", NAN],
-    "--owl-m": [ZERO, NEG, NAN, INF], "--reconstruct": CHOICE, "--database": CHOICE, "--levels-db": [EMPTY, FILE],
+    "--owl-m": [ZERO, NEG, NAN, INF], "--reconstruct": CHOICE, "--start-from": CHOICE, "--database": CHOICE,
+    "--levels-db": [EMPTY, FILE],
     "--attn-levels": [ZERO, NEG], "--mlp-levels": [ZERO, NEG], "--obs-damp": [NEG, "1", NAN],
     "--separate-budgets": BOOL,
     # LLM operator

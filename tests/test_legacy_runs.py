@@ -57,6 +57,9 @@ def test_v1_layer_run_resumes_exports_reports(tmp_path):
     run = _copy("evo_killed", tmp_path)
     res = _run("resume", str(run))
     expected = json.loads((FIXTURES / "evo_expected_result.json").read_text())
+    # the result every space now records beside the fixture's: the pruned model's size (27 of 30 blocks kept)
+    size = {k: res.pop(k) for k in ("params", "params_dense", "param_sparsity")}
+    assert size["param_sparsity"] == pytest.approx(0.1) and size["params"] < size["params_dense"]
     assert _same(_no_wall(res), _no_wall(expected)), (res, expected)
     rows = [(run / "history.jsonl").read_text(), (FIXTURES / "evo_expected_history.jsonl").read_text()]
     got, want = ([json.loads(x) for x in text.splitlines()] for text in rows)

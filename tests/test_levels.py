@@ -243,7 +243,8 @@ def _levels_args(model, calib, out, extra=()):
     return ["search", "--model", str(model), "--space", "levels", "--method", "darwinlm", "--sparsity", "0.3",
             "--calib", f"text:{calib}", "--sampling", "random", "--nsamples", "3", "--seqlen", "48", "--seed", "2",
             "--offspring", "4", "--generations", "4", "--tokens-per-stage", "48,144", "--survivors-per-stage", "2,1",
-            "--train-tokens-per-stage", "96,144", "--train-lr", "0.005", "--out", str(out), *extra]
+            "--train-tokens-per-stage", "96,144", "--train-lr", "0.005", "--start-from", "none", "--out", str(out),
+            *extra]
 
 
 def test_darwinlm_run_export_and_kill_resume(tiny_dirs, calib_text, tmp_path, monkeypatch):
@@ -360,3 +361,46 @@ def test_darwinlm_length_one_shot_budget_training_aware_generations():
     old = {"evoprune_run": 2, **cfg.to_dict()}
     del old["method_options"]["budget_evals"]  # a run record from before the option: no default budget
     assert SearchConfig.from_dict(old).method_options.budget_evals == 0.0
+
+
+def test_darwinlm_starts_from_the_block_answer_on_the_ladders():
+    """The block search's answer (both halves of a dropped block at their top level) joins generation 0 beside the
+    uniform vector, reaches the last stage whatever its cheap fitness, and sets a budget of twice its cost."""
+    space = _smol_space(0.3)
+    start = {"dropped_layers": [3, 5, 8, 11, 14, 17, 20, 23, 26], "calib_loss": 4.6, "token_layers": 10_000}
+    s = make_strategy("darwinlm", space, np.random.default_rng(0), start=start)
+    top_a, top_m = space.max_level("attn"), space.max_level("mlp")
+    g = s.start_vector
+    assert [i for i in range(30) if g.attn[i] == top_a and g.mlp[i] == top_m] == start["dropped_layers"]
+    assert sum(g.attn) == 9 * top_a and sum(g.mlp) == 9 * top_m and space.feasible(g)
+    assert [p.key for p in s.cohort] == [space.uniform().key, g.key]
+    assert s.default_budget((64, 512)) == 20_000 and s.result_extras()["start"]["calib_loss"] == 4.6
+    first = s.ask()
+    s.tell(first, [1.0 if r.key != g.key else 9.0 for r in first])  # the start: worst on the cheap slice
+    assert g.key in {r.key for r in s.ask()}
+    trained = make_strategy("darwinlm", space, np.random.default_rng(0), start=start, trains=True)
+    assert trained.default_budget((64, 512)) is None
+    # a start the budget's tolerance cannot take (8 blocks at 30%) is left out: the uniform start alone
+    short = make_strategy("darwinlm", space, np.random.default_rng(0), start={**start, "dropped_layers": [3, 5]})
+    assert short.start_vector is None and len(short.cohort) == 1
+
+
+def test_levels_default_starts_from_the_block_search(tiny_dirs, calib_text, tmp_path, monkeypatch):
+    """One-shot darwinlm at its defaults: the block search runs first (RUN/blocks), its pattern on the ladders
+    scores what the block search scored, the result is no worse, at <= twice the block search's token-layers."""
+    monkeypatch.setenv("EVOPRUNE_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    args = ["search", "--model", str(tiny_dirs["llama"]), "--space", "levels", "--sparsity", "0.34", "--calib",
+            f"text:{calib_text}", "--sampling", "random", "--nsamples", "3", "--seqlen", "48", "--seed", "2",
+            "--training-aware", "off", "--out", str(run)]
+    r = subprocess.run(_cmd(*args), env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((run / "result.json").read_text())
+    blocks = json.loads((run / "blocks" / "result.json").read_text())
+    assert blocks["k"] == 2 and res["start"]["dropped_layers"] == blocks["dropped_layers"]
+    rows = [json.loads(l) for l in _history(run).splitlines()]
+    top = [r for r in rows if r["stage"] == 1 and all(r["rates"][i] == 1.0 for i in blocks["dropped_layers"])]
+    assert top and top[0]["loss"] == pytest.approx(blocks["calib_loss"], rel=1e-5)  # the same model
+    assert res["calib_loss"] <= top[0]["loss"]
+    assert res["budget_token_layers"] == 2 * blocks["token_layers"]
+    assert res["token_layers"] <= res["budget_token_layers"] + max(r["eval_token_layers"] for r in rows)

@@ -36,6 +36,14 @@ def test_sublayer_run_result_history_and_reload(deep_model, calib_text, tmp_path
     assert {x["stage"] for x in rows} == {0, 1} and all(x["feasible"] for x in rows)
     full = [x for x in rows if x["stage"] == 1]
     assert min(x["loss"] for x in full) == res["calib_loss"]
+    # it started from the block search at the same budget (3 of 12 blocks), run first in RUN/blocks and counted
+    blocks = json.loads((run / "blocks" / "result.json").read_text())
+    assert blocks["space"] == "layers" and blocks["k"] == 3 and res["start"]["dropped_layers"] == blocks["dropped_layers"]
+    assert rows[0]["dropped_attention"] == rows[0]["dropped_mlp"] == blocks["dropped_layers"]
+    start_full = [x["loss"] for x in full if x["dropped_attention"] == x["dropped_mlp"] == blocks["dropped_layers"]]
+    assert start_full[0] == pytest.approx(blocks["calib_loss"], rel=1e-5) and res["calib_loss"] <= start_full[0]
+    assert rows[0]["token_layers"] > blocks["token_layers"] and res["token_layers"] <= 2 * blocks["token_layers"] + max(
+        x["eval_token_layers"] for x in rows)
     assert all(b["token_layers"] == a["token_layers"] + b["eval_token_layers"] for a, b in zip(rows, rows[1:]))
     # the run directory is a model spec: the pruned model's loss on the run's calibration set is the search's
     from evoprune.data.calibration import CalibSet

@@ -113,3 +113,40 @@ def test_evo_resumes_from_its_state():
     b.load_state_dict(state)
     drive(b, f)
     assert b.best == ref.best and b.n_evaluations == ref.n_evaluations
+
+
+def test_a_block_start_leads_the_cohort_and_sets_the_budget():
+    sp = SublayerSpace(N, A, M, sparsity=0.25)  # 8 of 32 units' weight: two whole blocks
+    start = {"dropped_layers": [2, 5], "calib_loss": 4.0, "token_layers": 1000}
+    s = make_strategy("evo", sp, np.random.default_rng(0), start=start, offspring=8)
+    assert s.cohort[0].units == (4, 5, 10, 11) and len(s.cohort) == 8
+    assert all(sp.feasible(p) for p in s.cohort)
+    # its children: a few moves away from the start, never the random patterns of a cold start
+    assert all(len(set(p.units) ^ set(s.cohort[0].units)) <= 2 * 8 for p in s.cohort)
+    assert s.default_budget((100,)) == 2000 and s.result_extras()["start"]["dropped_layers"] == [2, 5]
+    # the best of a run is never worse than its start: it is scored first and kept while unbeaten
+    f = _fitness(_costs(1))
+    best = drive(make_strategy("evo", sp, np.random.default_rng(0), start=start, generations=5, offspring=8), f)
+    assert best[1] <= f(SublayerPattern.from_units(N, (4, 5, 10, 11)))
+    # a window between block sizes: the start's sub-layers first, then the rest by scores
+    sp = SublayerSpace(N, A, M, sparsity=0.22)  # 7.04 of 32: one block (4) and three attentions
+    scores = tuple(float(u) for u in range(2 * N))
+    s = make_strategy("evo", sp, np.random.default_rng(0), start=start, scores=scores, offspring=4)
+    assert s.cohort[0].units == (0, 2, 4, 5, 10)  # block 2, the attention of block 5 (its MLP overshoots), then the attentions of blocks 0, 1
+    # no start: the cold start of before, no default budget
+    assert make_strategy("evo", sp, np.random.default_rng(0)).default_budget((100,)) is None
+    with pytest.raises(SearchError, match="start must have"):
+        make_strategy("evo", sp, np.random.default_rng(0), start={"calib_loss": 1.0})
+
+
+def test_the_start_is_promoted_through_every_stage():
+    sp = SublayerSpace(N, A, M, sparsity=0.25)
+    start = {"dropped_layers": [2, 5], "calib_loss": 4.0, "token_layers": 1000}
+    s = make_strategy("evo", sp, np.random.default_rng(0), start=start, offspring=8, generations=2,
+                      tokens_per_stage=(10, 100), survivors=(2, 2))
+    first = s.ask()
+    assert len(first) == 8 and {r.stage for r in first} == {0}
+    s.tell(first, [100.0 if r.key == s.start_pattern.key else float(i) for i, r in enumerate(first)])  # worst cheap
+    promoted = s.ask()
+    assert {r.stage for r in promoted} == {1} and len(promoted) == 3
+    assert s.start_pattern.key in {r.key for r in promoted}

@@ -36,7 +36,7 @@ def cmd_compare(args) -> int:
     with writer_lock(args.out, "--out directory"):
         res = compare_runs(args.runs, args.out, args.ppl_json)
     print(res.pop("table_markdown"))
-    print(f"wrote {res['figure']} and {res['table']}", file=sys.stderr)
+    print(f"wrote {res['figure']}, {res['front_figure']} and {res['table']}", file=sys.stderr)
     emit(res)
     return 0
 
@@ -47,7 +47,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", default=None, help="write the report here instead of into RUN")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("compare", help="calib loss / held-out ppl / accuracy vs sparsity across runs and methods")
+    p = sub.add_parser("compare", help="rank runs of any spaces: held-out ppl / accuracy / speed vs size, Pareto fronts, best run per budget")
     p.add_argument("runs", nargs="+", help="finished run directories")
     p.add_argument("--out", default="compare", help="output directory (default: %(default)s)")
     p.add_argument("--ppl-json", default=None,

@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import UserError
 
 __all__ = ["SkippedAttention", "SkippedMLP", "EmptyProjection", "ZeroProjection", "skip_sublayers",
-           "sublayer_params", "check_sublayers", "zero_output_biases"]
+           "sublayer_params", "pruned_size", "check_sublayers", "zero_output_biases"]
 
 
 class SkippedAttention(nn.Module):
@@ -121,6 +121,20 @@ def sublayer_params(adapter, model: nn.Module) -> tuple[tuple[int, ...], tuple[i
             mlp.append(sum(p.numel() for n in (*adapter.mlp_in, adapter.mlp_out)
                            for p in block.get_submodule(n).parameters()))
     return tuple(attn), tuple(mlp)
+
+
+def pruned_size(adapter, model: nn.Module, attention: Sequence[int], mlp: Sequence[int]) -> dict:
+    """Size of ``model`` without the attention of blocks ``attention`` and the MLP of blocks ``mlp`` (a block in both
+    goes whole, its layer norms too): ``params`` and ``params_dense`` (every parameter, a tied embedding once) and
+    ``param_sparsity``, the share of the blocks' attention and MLP parameters removed."""
+    attn, mlps = sublayer_params(adapter, model)
+    blocks = adapter.get_blocks(model)
+    whole = set(attention) & set(mlp)
+    removed = sum(attn[i] for i in set(attention)) + sum(mlps[i] for i in set(mlp))
+    norms = sum(sum(p.numel() for p in blocks[i].parameters()) - attn[i] - mlps[i] for i in whole)
+    dense = sum(p.numel() for p in model.parameters())
+    return {"params": int(dense - removed - norms), "params_dense": int(dense),
+            "param_sparsity": removed / (sum(attn) + sum(mlps))}
 
 
 @torch.no_grad()

@@ -1,7 +1,9 @@
-"""``evoprune compare RUN...``: calibration loss, held-out perplexity and accuracy against sparsity across runs.
+"""``evoprune compare RUN...``: calibration loss, held-out perplexity, accuracy and speed across runs and spaces.
 
-Owns :func:`compare_runs` (``DIR/compare.png`` and ``DIR/compare.md``, one table row per run). Held-out
-numbers come from ``RUN/eval_*.json`` files and from ``--ppl-json FILE`` mapping a run (as given on the
+Owns :func:`compare_runs` (``DIR/compare.png``, ``DIR/front.png`` and ``DIR/compare.md``, one table row per run,
+then the Pareto fronts of quality against parameters and against decode speed, and the best run at each
+budget, across every space: :mod:`.frontier`). Speeds come from ``evoprune bench RUN --out
+RUN/eval_bench.json``. Held-out numbers come from ``RUN/eval_*.json`` files and from ``--ppl-json FILE`` mapping a run (as given on the
 command line, its path, or its directory name) to ``{"wikitext2": ppl, ...}``; a ``"dense"`` entry is
 drawn at sparsity 0.
 """
@@ -15,7 +17,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..files import atomic_write_text
-from .plots import plot_compare
+from .frontier import BUDGET_STEP, best_per_budget, pareto, quality_metric, value
+from .plots import plot_compare, plot_front
 from .runs import eval_metrics, is_acc, load_run, read_eval_files
 from .tables import fmt, fmt_layers, md_table
 
@@ -106,14 +109,16 @@ def _rows(runs: list[str], mapping: dict) -> tuple[list[dict], set]:
                      "calib_ppl": res.get("calib_ppl"), "evaluations": res.get("evaluations"),
                      "token_layers": res.get("token_layers"), "wall_s": res.get("wall_s"),
                      "calib": f"{calib.get('source')} {calib.get('samples')}x{calib.get('seqlen')}",
-                     "calib_sha1": _sha1(run["path"] / "calib.pt"),
+                     "calib_sha1": _sha1(run["path"] / "calib.pt"), "params": res.get("params"),
+                     "params_dense": res.get("params_dense"), "param_sparsity": res.get("param_sparsity"),
                      "metrics": metrics})
     return rows, used
 
 
 def compare_runs(runs: list[str], out, ppl_json=None) -> dict:
-    """One figure (``compare.png``) and one table (``compare.md``) over runs; an unfinished run (in progress or
-    interrupted) shows its best candidate so far, marked, and is named on stderr. Returns the rows."""
+    """One figure (``compare.png``), the Pareto front across spaces (``front.png``) and one table (``compare.md``)
+    over runs; an unfinished run (in progress or interrupted) shows its best candidate so far, marked, and is named
+    on stderr. Returns the rows, the fronts and the best run at each budget (:mod:`.frontier`)."""
     if not runs:
         raise UserError("compare needs at least one run directory")
     mapping = _ppl_map(ppl_json)
@@ -134,27 +139,52 @@ def compare_runs(runs: list[str], out, ppl_json=None) -> dict:
     for m in dense or {}:
         if m not in metric_names:
             metric_names.append(m)
-    # the figure shows perplexities and the mean accuracy; the table shows everything
+    # the figure shows perplexities, speeds and the mean accuracy; the table shows everything
     fig_metrics = [m for m in metric_names if not is_acc(m)] + [m for m in metric_names if m == "mean acc"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    png, md = out / "compare.png", out / "compare.md"
+    png, front_png, md = out / "compare.png", out / "front.png", out / "compare.md"
     plot_compare(rows, fig_metrics, dense, png)
-    head = ["method", "model", "sparsity", "k / n", "dropped layers", "calib loss", "calib ppl", *metric_names,
-            "evaluations", "token-layers", "calibration", "run"]
+    quality = quality_metric(rows)
+    fronts = {"params": pareto(rows, lambda r: r["params"], lambda r: value(r, quality)),
+              "decode": pareto(rows, lambda r: -r["metrics"]["decode tok/s"] if "decode tok/s" in r["metrics"]
+                               else None, lambda r: value(r, quality))}
+    best = best_per_budget(rows, quality)
+    plot_front(rows, quality, fronts["params"], dense, front_png)
+    methods = sorted({str(r["method"]) for r in rows})
+    table_md = _table(rows, metric_names, dense)
+    atomic_write_text(md, _markdown(rows, methods, table_md, quality, fronts, best, png.name, front_png.name))
+    return {"figure": str(png), "front_figure": str(front_png), "table": str(md), "methods": methods,
+            "metrics": metric_names, "rows": rows, "dense": dense, "quality": quality,
+            "table_markdown": table_md + "\n\n" + _ranking(quality, fronts, best, None),
+            "front": {k: [r["name"] for r in v] for k, v in fronts.items()},
+            "best": [{"budget": b["budget"], "run": b["run"], quality: value(b["row"], quality),
+                      "params": b["row"]["params"], "method": b["row"]["method"]} for b in best]}
+
+
+def _table(rows: list[dict], metric_names: list[str], dense: dict | None) -> str:
+    head = ["method", "model", "sparsity", "k / n", "dropped layers", "params", "calib loss", "calib ppl",
+            *metric_names, "evaluations", "token-layers", "calibration", "run"]
     table = []
     if dense:
-        table.append(["dense", "", "0%", "0", "-", "-", "-",
+        table.append(["dense", "", "0%", "0", "-", "-", "-", "-",
                       *[fmt(dense.get(m), ".4f" if is_acc(m) else ".2f") for m in metric_names], "", "", "", ""])
     for r in rows:
         table.append([str(r["method"]), str(r["model"]),
                       "-" if r["sparsity"] is None else fmt(100 * r["sparsity"], ".1f") + "%",
-                      f"{r['k']} / {r['n_layers']}", fmt_layers(r["dropped_layers"]), fmt(r["calib_loss"], ".4f"),
-                      fmt(r["calib_ppl"], ".2f"),
+                      "-" if r["k"] is None else f"{r['k']} / {r['n_layers']}", fmt_layers(r["dropped_layers"]), _mparams(r["params"]),
+                      fmt(r["calib_loss"], ".4f"), fmt(r["calib_ppl"], ".2f"),
                       *[fmt(r["metrics"].get(m), ".4f" if is_acc(m) else ".2f") for m in metric_names],
                       str(r["evaluations"]), fmt(r["token_layers"], ".3g"),
                       r["calib"] + (f" ({r['calib_sha1']})" if r["calib_sha1"] else ""), r["name"]])
-    methods = sorted({str(r["method"]) for r in rows})
+    return md_table(head, table)
+
+
+def _mparams(n) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f}M"
+
+
+def _markdown(rows, methods, table_md: str, quality: str, fronts: dict, best: list, png: str, front_png: str) -> str:
     calibs = {r["calib_sha1"] or r["calib"] for r in rows}
     note = ("" if len(calibs) <= 1 else
             "\n\nNote: the runs use different calibration sets (their calib.pt files differ), so their calibration "
@@ -162,11 +192,33 @@ def compare_runs(runs: list[str], out, ppl_json=None) -> dict:
     if any(r["name"].endswith(" (unfinished)") for r in rows):
         note += ("\n\nA run marked (unfinished) is still in progress or was interrupted: its row is its best "
                  "candidate so far.")
-    table_md = md_table(head, table)
-    atomic_write_text(md, f"# evoprune compare: {', '.join(methods)}\n\n![compare]({png.name})\n\n"
-                  + table_md
-                  + "\n\ncalib loss: mean token NLL on each run's calibration set (lower is better); ppl columns: "
-                    "held-out perplexity; acc columns: zero-shot accuracy."
-                  + note + "\n")
-    return {"figure": str(png), "table": str(md), "methods": methods, "metrics": metric_names, "rows": rows,
-            "dense": dense, "table_markdown": table_md}
+    return "\n\n".join([f"# evoprune compare: {', '.join(methods)}", f"![compare]({png})", table_md,
+                        "calib loss: mean token NLL on each run's calibration set (lower is better); ppl columns: "
+                        "held-out perplexity; acc columns: zero-shot accuracy; tok/s: `evoprune bench` of the pruned "
+                        "model." + note, _ranking(quality, fronts, best, front_png)]) + "\n"
+
+
+def _ranking(quality: str, fronts: dict, best: list, front_png: str | None) -> str:
+    """The Pareto fronts and the best run at each budget, as markdown (``front_png``: the figure to link)."""
+    parts = [f"## Pareto front: {quality} against parameters"] + ([f"![front]({front_png})"] if front_png else [])
+    if fronts["params"]:
+        parts.append("No other run is both smaller and better than these (runs without a parameter count or "
+                     f"{quality} are left out):\n\n" + md_table(
+                         ["run", "method", "params", quality],
+                         [[r["name"], str(r["method"]), _mparams(r["params"]), fmt(value(r, quality), ".4g")]
+                          for r in fronts["params"]]))
+    else:
+        parts.append(f"No run has both a parameter count and {quality}.")
+    if fronts["decode"]:
+        parts += [f"## Pareto front: {quality} against decode speed",
+                  md_table(["run", "method", "decode tok/s", quality],
+                           [[r["name"], str(r["method"]), fmt(r["metrics"]["decode tok/s"], ".1f"),
+                             fmt(value(r, quality), ".4g")] for r in fronts["decode"]])]
+    if best:
+        parts += ["## Best run at each budget",
+                  f"Budget: the share of the blocks' attention and MLP parameters removed, to the nearest "
+                  f"{100 * BUDGET_STEP:g}%; best: lowest {quality}.\n\n" + md_table(
+                      ["budget", "run", "method", "params", quality],
+                      [[f"{100 * b['budget']:g}%", b["run"], str(b["row"]["method"]), _mparams(b["row"]["params"]),
+                        fmt(value(b["row"], quality), ".4g")] for b in best])]
+    return "\n\n".join(parts)

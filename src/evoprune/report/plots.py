@@ -15,7 +15,7 @@ from ..files import atomic_open
 from .runs import is_acc, is_feasible, top_candidates
 from .tables import finite, fmt_layers, scored
 
-__all__ = ["plot_fitness", "plot_pattern", "plot_origin", "plot_compare", "TOP_N", "ORIGIN_COLORS"]
+__all__ = ["plot_fitness", "plot_pattern", "plot_origin", "plot_compare", "plot_front", "TOP_N", "ORIGIN_COLORS"]
 
 TOP_N = 10
 
@@ -270,4 +270,38 @@ def plot_compare(rows: list[dict], metrics: list[str], dense: dict | None, path:
         ax.legend(fontsize=8)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
+    _save(fig, path)
+
+
+def plot_front(rows: list[dict], metric: str, front: list[dict], dense: dict | None, path: Path) -> None:
+    """``metric`` (a held-out perplexity, or the calibration loss) against the pruned model's parameters, one
+    marker per method, the Pareto front joined by a line; the dense model as a star when ``dense`` has ``metric``."""
+    Figure = mpl()
+    from .frontier import value
+
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    methods = sorted({str(r["method"]) for r in rows})
+    markers = "osD^v<>ph"
+    for i, m in enumerate(methods):
+        pts = [(r["params"] / 1e6, value(r, metric)) for r in rows
+               if str(r["method"]) == m and finite(r.get("params")) and value(r, metric) is not None]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=f"C{i % 10}", marker=markers[i % len(markers)],
+                       label=m, alpha=0.85)
+    if front:
+        ax.plot([r["params"] / 1e6 for r in front], [value(r, metric) for r in front], color="black", lw=1, ls="--",
+                label="Pareto front")
+    dense_params = next((r["params_dense"] for r in rows if finite(r.get("params_dense"))), None)
+    if dense and finite(dense.get(metric)) and dense_params:
+        ax.plot([dense_params / 1e6], [dense[metric]], marker="*", color="black", ms=12, ls="none", label="dense")
+    ax.set_xlabel("parameters of the pruned model (M)")
+    ax.ticklabel_format(axis="x", useOffset=False)  # runs of one budget differ in the 4th digit
+    ax.set_ylabel(metric)
+    if metric.endswith("ppl"):
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    ax.set_title(f"{metric} vs size, every space")
     _save(fig, path)

@@ -95,9 +95,16 @@ def is_feasible(run: dict, row: dict) -> bool:
 
 
 def eval_metrics(obj) -> dict[str, float]:
-    """Held-out numbers in one eval JSON object: ``{"wikitext2 ppl": ..., "mean acc": ..., "<task> acc": ...}``."""
+    """Held-out numbers in one eval JSON object: ``{"wikitext2 ppl": ..., "mean acc": ..., "<task> acc": ...}``;
+    an ``evoprune bench`` result gives the pruned model's ``decode tok/s`` and ``prefill tok/s``."""
     out: dict[str, float] = {}
     if not isinstance(obj, dict):
+        return out
+    if "speedup" in obj and isinstance(obj.get("rows"), list):  # evoprune bench result: the pruned model's speed
+        pruned = next((r for r in obj["rows"] if isinstance(r, dict) and r.get("name") != "dense"), None) or {}
+        for key, name in (("decode_tok_s", "decode tok/s"), ("prefill_tok_s", "prefill tok/s")):
+            if finite(pruned.get(key)):
+                out[name] = float(pruned[key])
         return out
     if "tasks" in obj and isinstance(obj["tasks"], dict):  # evoprune eval (zero-shot) result
         for task, v in obj["tasks"].items():

@@ -59,6 +59,7 @@ import numpy as np
 from ..environment import stack
 from ..errors import UserError
 from .calibration import build_calib
+from .coarse import block_start
 from .config import SearchConfig
 from .display import Display
 from .reporting import generation_metrics, reporters
@@ -79,15 +80,17 @@ def _make_strategy(cfg: SearchConfig, problem, inputs: dict, operator):
                          **cfg.strategy_options(inputs), **kw)
 
 
-def _setup(cfg: SearchConfig, run: RunDir, resume: bool, progress: bool, operator):
-    """Model, problem, calibration, counters and the strategy (restored from the saved state on resume)."""
+def _setup(cfg: SearchConfig, run: RunDir, resume: bool, progress: bool, operator, lm=None):
+    """Model (``lm``: already loaded), problem, calibration, counters and the strategy (restored from the saved
+    state on resume)."""
     import torch
 
     from ..models.loading import load_pretrained
     from .problems import PROBLEMS
 
-    lm = load_pretrained(cfg.model.model, dtype=getattr(torch, cfg.model.dtype), device=cfg.model.device,
-                         progress=progress, device_map=cfg.load_device_map)
+    if lm is None:
+        lm = load_pretrained(cfg.model.model, dtype=getattr(torch, cfg.model.dtype), device=cfg.model.device,
+                             progress=progress, device_map=cfg.load_device_map)
     problem = PROBLEMS[cfg.space](cfg, lm)
     cfg.strategy_cls.check(problem.space, cfg.method_options)  # refuse before any expensive setup
     if not resume:
@@ -96,7 +99,12 @@ def _setup(cfg: SearchConfig, run: RunDir, resume: bool, progress: bool, operato
     calib = build_calib(cfg, lm, run, progress)
     needs = cfg.requirements
     counters = {"evaluations": 0, "token_layers": 0, "generation": 0}
+    start = {}
+    if state is None and "start" in needs:  # a finer space starts from the block search's answer, searched first
+        start = {"start": block_start(cfg, lm, run, progress, run_search)}
     spent, inputs = problem.prepare(calib, run, fresh=state is None, needs=needs)
+    if start:
+        spent, inputs = spent + (start["start"] or {}).get("token_layers", 0), {**inputs, **start}
     if state is not None:
         counters.update(state["counters"])
         inputs = dict(state.get("extra_options", {}))  # the one-shot inputs as the run first computed them
@@ -114,25 +122,25 @@ def _setup(cfg: SearchConfig, run: RunDir, resume: bool, progress: bool, operato
 
 
 def run_search(cfg: SearchConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
-               operator=None) -> dict:
+               operator=None, lm=None) -> dict:
     """Run (or continue) the search ``cfg`` in run directory ``out``; returns ``result.json``'s content.
 
     ``operator``: an LLM operator for methods that need one (default: an
     :class:`~evoprune.search.llm.operator.LLMOperator` built from the ``operator`` section, logging every
-    call to ``RUN/llm_calls.jsonl``).
+    call to ``RUN/llm_calls.jsonl``). ``lm``: the model of ``cfg.model``, already loaded (a run inside a run).
     """
     with opened(out):
-        return _run_search(cfg, out, resume, progress, operator)
+        return _run_search(cfg, out, resume, progress, operator, lm)
 
 
-def _run_search(cfg: SearchConfig, out, resume: bool, progress: bool, operator) -> dict:
+def _run_search(cfg: SearchConfig, out, resume: bool, progress: bool, operator, lm=None) -> dict:
     t0 = time.time()
     run, resume, done = open_run(cfg, out, resume)
     if done is not None:
         return done
     preflight(cfg, run)
     reporter = reporters(cfg.execution.report_to, run.path, cfg.to_dict())  # imports now; opened by _loop
-    lm, problem, calib, counters, inputs, strategy, state = _setup(cfg, run, resume, progress, operator)
+    lm, problem, calib, counters, inputs, strategy, state = _setup(cfg, run, resume, progress, operator, lm)
     run.append_env({"event": "resume" if resume else "start", "time": round(time.time(), 3), **stack()})
     history = run.read_history()
     committed, pending = history[: counters["evaluations"]], history[counters["evaluations"]:]

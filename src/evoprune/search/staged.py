@@ -31,7 +31,8 @@ from ..options import opt
 from ..spaces import SearchError
 from .base import Strategy, decode_fitness, encode_fitness
 
-__all__ = ["AUTO", "Request", "StagedOptions", "StagedStrategy", "SwapEvoOptions", "stage_tokens_option"]
+__all__ = ["AUTO", "Request", "StagedOptions", "StagedStrategy", "SwapEvoOptions", "stage_tokens_option", "START_FROM",
+           "check_start"]
 
 # ``tokens_per_stage="auto"``: two stages, a cheap first slice the runner derives from the calibration
 # set's shape (:func:`evoprune.runner.problems.common.stage_slices`) and the whole set
@@ -133,6 +134,22 @@ class SwapEvoOptions(StagedOptions):
         for name in ("seed_fraction", "adjacent"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise SearchError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+
+
+START_FROM = ("layers", "none")  # a finer space's start: the block search's answer at the same budget, or none
+
+
+def check_start(config) -> None:
+    """Validate a finer space's ``start_from`` / ``start`` options in place (``SearchError``)."""
+    if config.start_from not in START_FROM:
+        raise SearchError(f"start_from must be one of {', '.join(START_FROM)}, got {config.start_from!r}")
+    if config.start is not None:
+        try:
+            start = {**config.start, "dropped_layers": [int(i) for i in config.start["dropped_layers"]],
+                     "token_layers": int(config.start["token_layers"])}
+        except (KeyError, TypeError, ValueError):
+            raise SearchError(f"start must have dropped_layers and token_layers, got {config.start!r}") from None
+        object.__setattr__(config, "start", start)
 
 
 def stage_tokens_option(tps):
@@ -247,7 +264,9 @@ class StagedStrategy(Strategy):
 
     def _complete_stage(self) -> None:
         if self.stage < self.last:
-            self.active = self._ranked(self.active, self.stage)[: self.config.survivors[self.stage]]
+            kept = self._ranked(self.active, self.stage)[: self.config.survivors[self.stage]]
+            pinned = self._pinned()
+            self.active = kept + [p for p in self.active if p.key in pinned and p not in kept]
             self.stage += 1
             return
         self.generation += 1
@@ -277,6 +296,10 @@ class StagedStrategy(Strategy):
 
     def _offspring(self) -> list:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _pinned(self) -> frozenset[str]:
+        """Keys of genomes promoted past every stage whatever their lower-stage fitness (default: none)."""
+        return frozenset()
 
     def _tournament(self):
         """A parent by binary tournament on the ranked parents: the better of two uniform draws."""

@@ -7,8 +7,9 @@ states cached at every block input, built once per run and counted in
 token-layers; ``cache_mb`` split evenly among the stages' LRUs), and, when the
 strategy needs one-shot ``scores``, ShortGPT's Block Influence from the last
 stage's cached dense states (no forward of its own). History rows carry
-``dropped``; ``result.json`` ``sparsity``, ``n_layers``, ``k``, ``dropped_layers``
-and ``dense_token_layers_per_eval``.
+``dropped``; ``result.json`` ``sparsity``, ``n_layers``, ``k``, ``dropped_layers``,
+``params`` / ``params_dense`` / ``param_sparsity`` (the pruned model's size, as every space records it:
+:func:`~evoprune.models.sublayers.pruned_size`) and ``dense_token_layers_per_eval``.
 """
 from __future__ import annotations
 
@@ -71,7 +72,10 @@ class LayerProblem:
         return {"dropped": list(g.dropped)}
 
     def result(self, g) -> dict:
+        from ...models.sublayers import pruned_size
+
         return {"sparsity": g.k / self.n, "n_layers": self.n, "k": g.k, "dropped_layers": list(g.dropped),
+                **pruned_size(self.lm.adapter, self.lm.model, g.dropped, g.dropped),
                 "dense_token_layers_per_eval": self.evaluators[-1].dense_token_layers}
 
     def summary(self, g) -> str:

@@ -5,10 +5,13 @@ Owns :class:`SublayersOptions` and :class:`SublayerProblem`: the
 blocks' attention + MLP parameters; unit sizes read off the model), one prefix-cached
 :class:`~evoprune.fitness.evaluator.NLLEvaluator` per fidelity stage with ``sublayers=True`` (dense
 states at every block input and after every attention, built once per run and counted in
-token-layers), and per-sub-layer Block Influence from them as the one-shot ``scores``. History rows
+token-layers), per-sub-layer Block Influence from them as the one-shot ``scores``, and, for a method that
+starts from the coarser space, the block search's answer at the same budget as ``start`` (run first by the
+loop in ``RUN/blocks``: :mod:`evoprune.runner.coarse`). History rows
 carry ``dropped_attention`` / ``dropped_mlp`` and ``feasible`` (meets the budget); ``result.json`` adds those, ``dropped_layers`` (blocks
 with both removed), ``k`` (sub-layers), ``n_layers``, ``sparsity`` (share of the block parameters
-removed), ``params_removed`` and ``dense_token_layers_per_eval``.
+removed), ``params_removed``, ``params`` / ``params_dense`` / ``param_sparsity`` (the pruned model's size) and
+``dense_token_layers_per_eval``.
 """
 from __future__ import annotations
 
@@ -62,9 +65,12 @@ class SublayerProblem:
         return {"dropped_attention": list(g.attention), "dropped_mlp": list(g.mlp), "feasible": self.space.feasible(g)}
 
     def result(self, g) -> dict:
+        from ...models.sublayers import pruned_size
+
         removed = self.space.removed(g.units)
         return {"n_layers": self.n, "k": g.k, "dropped_attention": list(g.attention), "dropped_mlp": list(g.mlp),
                 "dropped_layers": list(g.blocks), "sparsity": removed / self.space.total, "params_removed": removed,
+                **pruned_size(self.lm.adapter, self.lm.model, g.attention, g.mlp),
                 "dense_token_layers_per_eval": self.evaluators[-1].dense_token_layers}
 
     def summary(self, g) -> str:

@@ -8,7 +8,14 @@ candidates are :class:`~evoprune.spaces.LevelVector`\\ s of a
 :class:`~evoprune.search.staged.StagedStrategy`:
 
 - generation 0 scores the space's uniform vector (the paper's start: every unit
-  at the target level), through every stage, and makes it the parent;
+  at the target level), through every stage, and makes it the parent; with
+  ``start_from="layers"`` (the default) the runner first runs the block search at
+  the same budget (:mod:`evoprune.runner.problems.coarse`) and its answer, mapped
+  onto the ladders (a dropped block: attention and MLP at their top level, every
+  head group and channel removed, the same function), joins generation 0, is
+  promoted through every stage whatever its cheap-stage fitness, and competes for
+  parent: the result is never worse than the block search's. One-shot runs then get
+  a default budget of twice the block search's token-layers, its own included;
 - each later generation makes ``offspring`` distinct children, each from a
   tournament-chosen parent by a level-switch mutation with
   ``flips = min(U{1..max_flips}, U{1..max_flips})`` switches (biased to few, as
@@ -44,9 +51,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ...options import opt
-from ...spaces import SearchError
+from ...spaces import LevelVector, SearchError
 from ..registry import register
-from ..staged import AUTO, StagedOptions, StagedStrategy
+from ..staged import AUTO, START_FROM, StagedOptions, StagedStrategy, check_start
 
 __all__ = ["DarwinLMConfig", "DarwinLMStrategy"]
 
@@ -68,6 +75,11 @@ class DarwinLMConfig(StagedOptions):
               "1/8 of the set, >= 64 tokens, then the whole set)", aliases=("fitness_tokens_per_stage",), kind="stages")
     race_margin: float = opt(0.05, "racing: stop a last-stage child once it trails every parent by more than this "
                                    "many nats per token still to score (0: off)", legacy=0.0)
+    start_from: str = opt("layers", "also start from the block search's answer at the same budget, mapped onto the "
+                                    "ladders, and (one-shot) spend about as much again (layers), or from the uniform "
+                                    "vector alone (none)", choices=START_FROM, legacy="none")
+    start: dict | None = opt(None, "the block search's answer: dropped_layers, calib_loss, token_layers (supplied "
+                                   "by the runner)", cli=False)
 
     last_may_exceed: ClassVar[bool] = False
     open_generations: ClassVar[bool] = True
@@ -85,6 +97,7 @@ class DarwinLMConfig(StagedOptions):
             raise SearchError(f"budget_evals must be a number >= 0, got {self.budget_evals!r}")
         object.__setattr__(self, "budget_evals", float(self.budget_evals))
         object.__setattr__(self, "trains", bool(self.trains))
+        check_start(self)
 
 
 @register("darwinlm", space="levels", default=True)
@@ -92,9 +105,14 @@ class DarwinLMStrategy(StagedStrategy):
     """Training-aware (or one-shot) evolutionary level search; see the module docstring."""
 
     config_cls = DarwinLMConfig
-    needs = frozenset({"training"})
-    inputs = ("trains",)
+    needs = frozenset({"training", "start"})
+    inputs = ("trains", "start")
     config: DarwinLMConfig
+
+    @classmethod
+    def requirements(cls, config) -> frozenset[str]:
+        """The block search's answer only with ``start_from="layers"``."""
+        return cls.needs if config.start_from == "layers" else cls.needs - {"start"}
 
     @property
     def max_generations(self) -> int:
@@ -105,17 +123,41 @@ class DarwinLMStrategy(StagedStrategy):
         return 10 if self.config.trains or not self.config.budget_evals else 10**6
 
     def default_budget(self, stage_tokens: tuple[int, ...]) -> int | None:
-        """One-shot: ``budget_evals`` x whole-set tokens x blocks; training-aware or ``budget_evals`` 0: none."""
-        if self.config.trains or not self.config.budget_evals:
+        """One-shot: twice the block search's token-layers when it started from one, else ``budget_evals`` x
+        whole-set tokens x blocks; training-aware or ``budget_evals`` 0: none."""
+        if self.config.trains:
+            return None
+        if self.config.start is not None:
+            return 2 * self.config.start["token_layers"]
+        if not self.config.budget_evals:
             return None
         return int(self.config.budget_evals * stage_tokens[-1] * self.space.n_layers)
 
     def __init__(self, space, rng, **options) -> None:
         super().__init__(space, rng, **options)
+        self.start_vector = self._start_vector()
         self._start(self._initial_cohort())
 
+    def _start_vector(self):
+        """The block search's answer on the ladders (``None``: no start, or outside the budget's tolerance)."""
+        start = self.config.start
+        if start is None:
+            return None
+        sp, dropped = self.space, set(start["dropped_layers"])
+        g = LevelVector(tuple(sp.max_level("attn") if i in dropped else 0 for i in range(sp.n_layers)),
+                        tuple(sp.max_level("mlp") if i in dropped else 0 for i in range(sp.n_layers)))
+        return g if sp.feasible(g) else None
+
     def _initial_cohort(self) -> list:
-        return [self.space.uniform()]
+        uniform = self.space.uniform()
+        s = self.start_vector
+        return [uniform] + ([s] if s is not None and s != uniform else [])
+
+    def _pinned(self) -> frozenset[str]:
+        return frozenset() if self.start_vector is None else frozenset({self.start_vector.key})
+
+    def result_extras(self) -> dict:
+        return {} if self.config.start is None else {"start": dict(self.config.start)}
 
     def _offspring(self) -> list:
         out, keys = [], {p.key for p in self.parents}

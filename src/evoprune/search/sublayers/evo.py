@@ -4,7 +4,15 @@ Owns :class:`SublayerEvoConfig` and :class:`SublayerEvoStrategy`: the staged (mu
 :class:`~evoprune.search.staged.StagedStrategy` (multi-fidelity stages, elitism, duplicate rejection) with
 moves that keep the budget met:
 
-- **Initial cohort** (``offspring`` patterns, at least the parents kept): with one-shot ``scores`` per
+- **Start** (``start_from="layers"``, the default): the runner first runs the block search at the same budget
+  (:mod:`evoprune.runner.problems.coarse`) and hands its answer over as ``start``. Every block pattern is a
+  sub-layer pattern scored identically, so the initial cohort is that pattern (made feasible if the parameter
+  window needs it: its sub-layers first, then the rest by ``scores``) and children of it by the moves below.
+  Scored first, promoted through every stage and kept by elitism unless beaten, it makes the result never
+  worse than the block search's.
+  The default budget is then twice the block search's token-layers, its own included: the finer search costs
+  at most about as much again. ``start_from="none"``: the initial cohort below, no default budget.
+- **Initial cohort** without a start (``offspring`` patterns, at least the parents kept): with one-shot ``scores`` per
   sub-layer (Block Influence of each attention and MLP from the dense states: ``1 - cos`` between the
   residual stream before and after it; lower = more droppable), a ``seed_fraction`` share is seeded: first
   the sub-layers in ascending score, each taken if the budget can still be met; then orders drawn without
@@ -31,9 +39,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...options import opt
 from ...spaces import SearchError, SublayerPattern
 from ..registry import register
-from ..staged import StagedStrategy, SwapEvoOptions
+from ..staged import START_FROM, StagedStrategy, SwapEvoOptions, check_start
 
 __all__ = ["SublayerEvoConfig", "SublayerEvoStrategy"]
 
@@ -41,7 +50,18 @@ __all__ = ["SublayerEvoConfig", "SublayerEvoStrategy"]
 @dataclass(frozen=True)
 class SublayerEvoConfig(SwapEvoOptions):
     """Options of sub-layer ``evo`` (:class:`~evoprune.search.staged.SwapEvoOptions`; ``scores`` has one
-    Block Influence per sub-layer); validated on construction (``SearchError``)."""
+    Block Influence per sub-layer; ``start``: the block search's answer, supplied by the runner); validated on
+    construction (``SearchError``)."""
+
+    start_from: str = opt("layers", "start from the block search's answer at the same budget and spend about as "
+                                    "much again around it (layers), or search from Block Influence alone (none)",
+                          choices=START_FROM, legacy="none")
+    start: dict | None = opt(None, "the block search's answer: dropped_layers, calib_loss, token_layers (supplied "
+                                   "by the runner)", cli=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_start(self)
 
 
 @register("evo", space="sublayers", default=True)
@@ -49,15 +69,21 @@ class SublayerEvoStrategy(StagedStrategy):
     """Staged evolution with budget-keeping moves over sub-layer patterns; see the module docstring."""
 
     config_cls = SublayerEvoConfig
-    inputs = ("scores",)
-    needs = frozenset({"scores"})
+    inputs = ("scores", "start")
+    needs = frozenset({"scores", "start"})
     config: SublayerEvoConfig
+
+    @classmethod
+    def requirements(cls, config) -> frozenset[str]:
+        """The block search's answer only with ``start_from="layers"``."""
+        return cls.needs if config.start_from == "layers" else cls.needs - {"start"}
 
     def __init__(self, space, rng, **options) -> None:
         super().__init__(space, rng, **options)
         if self.config.scores is not None and len(self.config.scores) != space.n_units:
             raise SearchError(f"scores must have {space.n_units} entries (one per sub-layer), got "
                               f"{len(self.config.scores)}")
+        self.start_pattern = self._start_pattern()
         self._start(self._initial_cohort())
 
     # -- the initial cohort ----------------------------------------------------------------
@@ -83,7 +109,15 @@ class SublayerEvoStrategy(StagedStrategy):
                     keys.add(p.key)
                     out.append(p)
 
-        if cfg.scores is not None:
+        start = self.start_pattern
+        if start is not None:
+            add(start.units)
+            for _ in range(50 * size):
+                if len(out) >= size:
+                    break
+                child = self._child(start)
+                add(None if child is None else child.units)
+        if cfg.scores is not None and start is None:
             n_seed = int(math.floor(cfg.seed_fraction * size + 0.5))
             drop = np.asarray(sp.droppable)
             order = drop[np.argsort([cfg.scores[u] for u in drop], kind="stable")]
@@ -101,6 +135,36 @@ class SublayerEvoStrategy(StagedStrategy):
                 break
             add(sp.sample(self.rng).units)
         return out
+
+    def _start_pattern(self) -> SublayerPattern | None:
+        """The block search's answer as a feasible sub-layer pattern (``None``: no start, or none near it)."""
+        start = self.config.start
+        if start is None:
+            return None
+        sp = self.space
+        units = [2 * b + j for b in start["dropped_layers"] for j in (0, 1)]
+        if not sp.feasible_units(units):  # a parameter window between block sizes: its sub-layers first
+            scores = self.config.scores
+            rest = [u for u in sp.droppable if u not in units]
+            if scores is not None:
+                rest.sort(key=lambda u: scores[u])
+            got = self._filled(units + rest)
+            if got is None:
+                return None
+            units = list(got)
+        return SublayerPattern.from_units(sp.n_layers, units)
+
+    def _pinned(self) -> frozenset[str]:
+        """The start reaches the last stage whatever its cheap-stage fitness: the result is never worse."""
+        return frozenset() if self.start_pattern is None else frozenset({self.start_pattern.key})
+
+    def default_budget(self, stage_tokens: tuple[int, ...]) -> int | None:
+        """Twice the block search's token-layers (its own included) when it started from one, else ``None``."""
+        start = self.config.start
+        return None if start is None else 2 * start["token_layers"]
+
+    def result_extras(self) -> dict:
+        return {} if self.config.start is None else {"start": dict(self.config.start)}
 
     # -- moves -------------------------------------------------------------------------------
     def _near(self, dropped: set[int], kept: list[int]) -> list[int]:
