@@ -15,10 +15,11 @@ summary.
 """
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from ..version import __version__
 from .common import add_model_options, drop_arg, emit, load, preflight, progress
 from .options import add_options
@@ -43,9 +44,16 @@ def cmd_finetune(args) -> int:
     from ..finetune.options import check_train_source
     from ..locking import writer_lock
 
+    from ..finetune.checkpoint import CHECKPOINT_FILE, TrainCheckpoint
+
     cfg = _lora_config(args)  # argument errors first, then data, then the (slow) model load
     drop = drop_arg(args.drop)
-    out = check_out_dir(args.out, args.overwrite)
+    out = Path(args.out).expanduser() if str(args.out).strip() else args.out
+    names = {p.name for p in out.iterdir()} if isinstance(out, Path) and out.is_dir() else set()
+    # a checkpoint, and perhaps the temporary of a save that a kill -9 cut short
+    unfinished = CHECKPOINT_FILE in names and all(n == CHECKPOINT_FILE or n.startswith(f".{CHECKPOINT_FILE}.")
+                                                  for n in names)
+    out = check_out_dir(args.out, args.overwrite or unfinished)  # an unfinished fine-tune of OUT continues
     check_train_source(args.data)
     facts = preflight(args.model, args.device, {f"--seqlen {cfg.seqlen}": cfg.seqlen}, drop=drop)
     check_targets(facts.projections if facts else None, cfg.target)
@@ -62,8 +70,16 @@ def cmd_finetune(args) -> int:
                   f"distil)", file=sys.stderr)
     if teacher is not None:
         preflight(teacher, args.device)
+    if unfinished and not args.overwrite:  # another training's checkpoint is refused before any load
+        TrainCheckpoint(out / CHECKPOINT_FILE, _identity(args, cfg, drop, teacher)).load()
     with writer_lock(out, "--out directory"):
         return _finetune(args, cfg, drop, out, teacher)
+
+
+def _identity(args, cfg, drop, teacher_spec) -> dict:
+    """What determines a fine-tune's result: a checkpoint of other values is not continued."""
+    return {"model": str(args.model), "data": args.data, "drop": list(drop or ()), "teacher": teacher_spec,
+            "dtype": args.dtype, "config": cfg.to_dict()}
 
 
 def _teacher_spec(args, drop) -> str:
@@ -103,6 +119,7 @@ def _finetune(args, cfg, drop, out, teacher_spec) -> int:
     from ..export import save_pruned
     from ..files import atomic_write_json
     from ..finetune.data import train_documents
+    from ..finetune.checkpoint import CHECKPOINT_FILE, TrainCheckpoint
     from ..finetune.lora import finetune_lora
     from ..models.slicing import is_width_pruned
 
@@ -118,11 +135,24 @@ def _finetune(args, cfg, drop, out, teacher_spec) -> int:
             raise UserError(f"--drop cannot be combined with a run directory ({args.model} already drops "
                             f"{list(lm.dropped)})")
         lm.dropped = tuple(lm.adapter.drop_inplace(lm.model, drop).dropped)
-    stats = finetune_lora(lm, docs, cfg, progress=progress(), teacher=teacher)
+    ckpt = TrainCheckpoint(Path(out) / CHECKPOINT_FILE, _identity(args, cfg, drop, teacher_spec))
+    ckpt.remove_partial()
+    if args.overwrite:
+        ckpt.remove()
+    elif ckpt.path.exists():
+        print(f"continuing the unfinished fine-tune in {out}", file=sys.stderr)
+    try:
+        stats = finetune_lora(lm, docs, cfg, progress=progress(), teacher=teacher, checkpoint=ckpt)
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        raise Interrupted(signum, resume=f"the same evoprune finetune command (it continues {out} from its last "
+                                         f"checkpoint)" if ckpt.path.exists() else None) from None
     summary = {k: v for k, v in stats.items() if k != "losses"}
     info = {"source": args.model, "data": args.data, "data_split": "calib", "config": cfg.to_dict(),
             **({"teacher_model": teacher_spec} if teacher_spec is not None else {})}
-    rec = save_pruned(lm, out, overwrite=args.overwrite, extra={"finetune": {**info, "stats": summary}})
+    rec = save_pruned(lm, out, overwrite=args.overwrite or ckpt.path.exists(),
+                      extra={"finetune": {**info, "stats": summary}})
+    ckpt.remove()  # gone with a replaced directory already; the export is complete
     atomic_write_json(Path(out) / "finetune.json", {"evoprune_finetune": FINETUNE_FORMAT, **info, "base_model": lm.base,
                                                     "dropped_layers": list(lm.dropped), "stats": stats, "export": rec,
                                                     "evoprune_version": __version__})

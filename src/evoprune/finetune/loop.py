@@ -40,19 +40,28 @@ def only_training(model, params: list) -> Iterator[None]:
 def train_steps(model, params: list, batches: Iterator, steps: int, *, lr: float,
                 weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
                 lr_factor: Callable[[int], float] | None = None, what: str = "training", hint: str = "lower the lr",
-                progress: bool = False, loss_fn: Callable | None = None) -> list[float]:
+                progress: bool = False, loss_fn: Callable | None = None, resume: dict | None = None,
+                on_step: Callable | None = None) -> list[float]:
     """Run ``steps`` optimizer steps of AdamW(``params``, ``lr``) on ``batches``; ``lr_factor(t)`` scales the lr
     at step ``t`` (LambdaLR). ``loss_fn(model, batch)``: a batch's loss (default: the mean next-token NLL of
     ``batch``, ``[B, T]`` token ids on the model's device). Returns every step's loss, before its update.
-    ``progress``: a tqdm bar on a terminal."""
+    ``progress``: a tqdm bar on a terminal. ``resume``: a saved ``{"losses", "optimizer", "scheduler"}`` to
+    continue from (``batches`` then starts at step ``len(losses)``); ``on_step(opt, sched, losses)``: called
+    after every completed step (checkpoints)."""
     from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor) if lr_factor is not None else None
-    bar = tqdm(total=steps, desc=what, unit="step", leave=False, disable=not (progress and sys.stderr.isatty()))
     losses: list[float] = []
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        if sched is not None and resume.get("scheduler") is not None:
+            sched.load_state_dict(resume["scheduler"])
+        losses = [float(x) for x in resume["losses"]]
+    bar = tqdm(total=steps, initial=len(losses), desc=what, unit="step", leave=False,
+               disable=not (progress and sys.stderr.isatty()))
     try:
-        for s in range(steps):
+        for s in range(len(losses), steps):
             batch = next(batches)
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss if loss_fn is None else \
                 loss_fn(model, batch)
@@ -66,6 +75,8 @@ def train_steps(model, params: list, batches: Iterator, steps: int, *, lr: float
                 sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(opt, sched, losses)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             bar.update(1)
     finally:

@@ -134,14 +134,16 @@ def _order(n: int, rng: np.random.Generator):
         yield from rng.permutation(n).tolist()
 
 
-def finetune_lora(lm, data, cfg: LoRAConfig, *, progress: bool = False, teacher=None) -> dict:
+def finetune_lora(lm, data, cfg: LoRAConfig, *, progress: bool = False, teacher=None, checkpoint=None) -> dict:
     """Train LoRA adapters on ``lm.model`` and merge them in, or (``cfg.mode="full"``) the targeted projections
     themselves (see the module docstring for the contract).
 
     ``data``: a text, a list of documents (packed with ``lm.tokenizer``), a 1-D
     tensor of token ids (cut into windows) or a 2-D ``[n, cfg.seqlen]`` tensor of
     windows. ``teacher``: a :class:`~evoprune.finetune.distill.Teacher` of those windows (``cfg.loss`` ``kd``,
-    ``kd+lm``). ``progress``: a tqdm bar on stderr, shown only on a terminal.
+    ``kd+lm``). ``progress``: a tqdm bar on stderr, shown only on a terminal. ``checkpoint``: a
+    :class:`~evoprune.finetune.checkpoint.TrainCheckpoint`: training continues from its saved state (if any) and
+    saves there as it goes; ``resumed_at`` in the stats is the step it continued from (0: from scratch).
 
     Returns stats: ``steps``, ``tokens`` (trained tokens, ``steps * batch_size *
     seqlen``), ``windows`` (available), ``epochs`` (passes over them),
@@ -165,9 +167,13 @@ def finetune_lora(lm, data, cfg: LoRAConfig, *, progress: bool = False, teacher=
     targets = resolve_targets(lm, cfg.target)
     rng = np.random.default_rng(cfg.seed)
     order = _order(windows.shape[0], rng)
+    state = checkpoint.load() if checkpoint is not None else None
+    start = 0 if state is None else len(state["losses"])
+    for _ in range(start * cfg.batch_size):  # the windows the saved steps trained on
+        next(order)
 
     def batches():
-        for _ in range(cfg.steps):
+        for _ in range(start, cfg.steps):
             rows = [next(order) for _ in range(cfg.batch_size)]
             yield rows, windows[torch.tensor(rows)].to(device)
 
@@ -176,7 +182,8 @@ def finetune_lora(lm, data, cfg: LoRAConfig, *, progress: bool = False, teacher=
     with torch.random.fork_rng(devices=fork):
         torch.manual_seed(cfg.seed)
         train = _train_full if cfg.mode == "full" else _train_lora
-        losses, n_trained = train(lm, cfg, targets, batches(), _objective(loss, teacher), progress)
+        losses, n_trained = train(lm, cfg, targets, batches(), _objective(loss, teacher), progress,
+                                  _Resume(state, checkpoint, cfg.steps))
     tokens = cfg.steps * cfg.batch_size * cfg.seqlen
     return {
         "steps": cfg.steps,
@@ -193,7 +200,25 @@ def finetune_lora(lm, data, cfg: LoRAConfig, *, progress: bool = False, teacher=
         "target_modules": len(targets),
         "wall_s": time.perf_counter() - t0,
         "device": str(device),
+        "resumed_at": start,
     }
+
+
+class _Resume:
+    """A training's saved ``state`` (``None``: from scratch) and where it saves (``checkpoint``, or ``None``)."""
+
+    def __init__(self, state: dict | None, checkpoint, steps: int) -> None:
+        self.state, self.checkpoint, self.steps = state, checkpoint, steps
+
+    def begin(self, named: dict) -> None:
+        """Put the saved trained tensors and random state back (after the adapters were made)."""
+        if self.state is not None:
+            self.checkpoint.restore(self.state, named)
+
+    def on_step(self, named: dict):
+        if self.checkpoint is None:
+            return None
+        return lambda opt, sched, losses: self.checkpoint.save(named, opt, sched, losses, self.steps)
 
 
 def _objective(name: str, teacher):
@@ -215,7 +240,8 @@ def _objective(name: str, teacher):
     return loss_fn
 
 
-def _train_lora(lm, cfg: LoRAConfig, targets: list[str], batches, loss_fn, progress: bool) -> tuple[list, int]:
+def _train_lora(lm, cfg: LoRAConfig, targets: list[str], batches, loss_fn, progress: bool,
+                resume: _Resume) -> tuple[list, int]:
     """LoRA adapters on ``targets``, trained and merged into ``lm.model`` (unmerged and dropped on failure)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -231,12 +257,16 @@ def _train_lora(lm, cfg: LoRAConfig, targets: list[str], batches, loss_fn, progr
         with warnings.catch_warnings():  # transformers' own deprecation notices, reached through peft
             warnings.simplefilter("ignore", FutureWarning)
             peft_model = get_peft_model(model, peft_cfg)
-        params = [p for p in peft_model.parameters() if p.requires_grad]
+        named = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+        params = list(named.values())
         n_lora = sum(p.numel() for p in params)
+        resume.begin(named)
         peft_model.train()
         losses = train_steps(peft_model, params, batches, cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
                              max_grad_norm=cfg.max_grad_norm, lr_factor=_lr_factor(cfg), what="LoRA training",
-                             hint="lower --lr", progress=progress, loss_fn=loss_fn)
+                             hint="lower --lr", progress=progress, loss_fn=loss_fn, resume=resume.state,
+                             on_step=resume.on_step(named))
+        del named
         del params
         with torch.no_grad():
             merged = peft_model.merge_and_unload()
@@ -252,18 +282,22 @@ def _train_lora(lm, cfg: LoRAConfig, targets: list[str], batches, loss_fn, progr
     return losses, n_lora
 
 
-def _train_full(lm, cfg: LoRAConfig, targets: list[str], batches, loss_fn, progress: bool) -> tuple[list, int]:
+def _train_full(lm, cfg: LoRAConfig, targets: list[str], batches, loss_fn, progress: bool,
+                resume: _Resume) -> tuple[list, int]:
     """AdamW on the weights of ``targets`` themselves (everything else frozen); on failure the weights are put
     back as they were."""
     model = lm.model
     names = set(targets)
-    params = [m.weight for n, m in model.named_modules() if n in names]
+    named = {f"{n}.weight": m.weight for n, m in model.named_modules() if n in names}
+    params = list(named.values())
     saved = [p.detach().clone() for p in params]
     try:
+        resume.begin(named)
         with only_training(model, params):
             losses = train_steps(model, params, batches, cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                  max_grad_norm=cfg.max_grad_norm, lr_factor=_lr_factor(cfg), what="full training",
-                                 hint="lower --lr", progress=progress, loss_fn=loss_fn)
+                                 hint="lower --lr", progress=progress, loss_fn=loss_fn, resume=resume.state,
+                                 on_step=resume.on_step(named))
     except BaseException:
         with torch.no_grad():
             for p, s in zip(params, saved):
