@@ -1,0 +1,185 @@
+"""One protocol, one leaderboard: every space and method at its defaults, ranked on the same held-out windows.
+
+SmolLM2-135M. Budgets: a share of the blocks' attention + MLP parameters (layers: ``k = round(s * 30)`` blocks,
+the same parameters). Calibration: 4 x 512 tokens of wikitext2 valid, random windows of the run's seed (every
+method of a seed scores on the same set). Held-out: wikitext2 test and c4, ``--heldout-windows`` x 512 tokens
+each, of each model as ``evoprune ppl RUN`` loads it (reconstructed weights included). Size: the pruned model's
+parameters (``result.json``). Search cost: token-layers as each run counts them (a finer run includes the block
+search it ran first; a level run the level database, charged whether or not it built it).
+
+Cases (``--methods``, names ``space:method``; variants after a ``+``):
+
+- layers: ``shortgpt``, ``sleb``, ``evop``, ``evo``;
+- sublayers: ``evo`` (starts from layers ``evo``), ``greedy``;
+- width: ``uniform`` (Wanda-sp), ``uniform+taylor`` (LLM-Pruner), ``owl``, ``evo`` and ``evo+none``
+  (``--reconstruct none``: the published update-free setting);
+- levels: ``uniform`` (structured OBS), ``darwinlm`` (one-shot; starts from layers ``evo``).
+
+A finished run with the same configuration is reused from ``--work`` or any ``--reuse`` directory (a layers
+``evo`` run also from a finer run's ``RUN/blocks`` of the same protocol), so re-runs only add what is missing.
+Writes the RESULTS section ``leaderboard`` and ``docs/figures/leaderboard_front.png`` (held-out ppl against
+parameters, Pareto front marked, via ``evoprune compare``).
+
+    python benchmarks/leaderboard.py --budgets 0.2,0.3,0.5 --seeds 0 --write
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import RESULTS, floats, md_table, write_section  # noqa: E402
+from _runs import MODEL  # noqa: E402
+
+import torch  # noqa: E402
+
+from evoprune import load_model  # noqa: E402
+from evoprune.data.sources import get_text  # noqa: E402
+from evoprune.evaluate.perplexity import perplexity, tokenize_text  # noqa: E402
+from evoprune.report.compare import compare_runs  # noqa: E402
+from evoprune.runner.config import SearchConfig  # noqa: E402
+from evoprune.runner.loop import run_search  # noqa: E402
+
+ALL = ("layers:shortgpt", "layers:sleb", "layers:evop", "layers:evo", "sublayers:evo", "sublayers:greedy",
+       "width:uniform", "width:uniform+taylor", "width:owl", "width:evo", "width:evo+none", "levels:uniform",
+       "levels:darwinlm")
+VARIANTS = {"taylor": {"importance": "taylor"}, "none": {"reconstruct": "none"}}
+LABELS = {"layers:shortgpt": "ShortGPT", "layers:sleb": "SLEB", "layers:evop": "EvoP (EPPS)", "layers:evo": "evo",
+          "sublayers:evo": "evo (from layers evo)", "sublayers:greedy": "greedy", "width:uniform": "uniform Wanda-sp",
+          "width:uniform+taylor": "LLM-Pruner (uniform, Taylor)", "width:owl": "OWL", "width:evo": "evo",
+          "width:evo+none": "evo, --reconstruct none", "levels:uniform": "uniform (structured OBS)",
+          "levels:darwinlm": "darwinlm one-shot (from layers evo)"}
+FIGURE = RESULTS.parent / "figures" / "leaderboard_front.png"
+
+
+def config(case: str, sparsity: float, seed: int) -> SearchConfig:
+    space, _, rest = case.partition(":")
+    method, _, variant = rest.partition("+")
+    kw = dict(model=MODEL, calib="wikitext2", sampling="random", nsamples=4, seqlen=512, seed=seed, space=space,
+              method=method, sparsity=sparsity, **VARIANTS.get(variant, {}))  # layers: k = round(s * 30)
+    if space == "levels" and method == "darwinlm":
+        kw["training_aware"] = False
+    return SearchConfig.build(**kw)
+
+
+def _both(r: dict) -> float:
+    """Geometric mean of a row's held-out wikitext2 and c4 perplexity."""
+    return math.sqrt(r["h"]["wikitext2"] * r["h"]["c4"])
+
+
+def _record(cfg: SearchConfig) -> dict:
+    return {k: v for k, v in cfg.to_dict().items() if k != "execution"}
+
+
+def find_finished(cfg: SearchConfig, dirs: list[Path]) -> Path | None:
+    """A finished run of ``cfg`` in ``dirs`` (also a finer run's ``blocks`` whose parent has ``cfg``'s calibration)."""
+    want = _record(cfg)
+    for d in dirs:
+        for conf in sorted(d.glob("*/config.json")) + sorted(d.glob("*/blocks/config.json")):
+            run = conf.parent
+            if not (run / "result.json").exists():
+                continue
+            got = {k: v for k, v in json.loads(conf.read_text()).items() if k not in ("execution", "evoprune_run")}
+            if run.name == "blocks":
+                parent = json.loads((run.parent / "config.json").read_text())
+                got["calibration"] = {**got["calibration"], "calib_from": None}
+                if parent["calibration"] != got["calibration"]:
+                    continue
+            if got == want:
+                return run
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="bench_runs/leaderboard")
+    ap.add_argument("--reuse", default="bench_runs/finer_spaces,bench_runs/width_reconstruct",
+                    help="other work directories whose finished runs of the same configuration are reused")
+    ap.add_argument("--budgets", default="0.2,0.3,0.5")
+    ap.add_argument("--seeds", default="0", help="seeds at every budget")
+    ap.add_argument("--methods", default=",".join(ALL))
+    ap.add_argument("--heldout-windows", type=int, default=16)
+    ap.add_argument("--write", action="store_true", help="write the section into docs/RESULTS.md and the figure")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    dirs = [work] + [Path(d) for d in args.reuse.split(",") if d]
+    memo_path = work / "heldout.json"
+    memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
+    ids: dict = {}
+    rows, ppl_map, runs = [], {}, []
+    for s in floats(args.budgets):
+        for seed in (int(x) for x in args.seeds.split(",")):
+            for case in args.methods.split(","):
+                cfg = config(case, s, seed)
+                name = f"{case.replace(':', '_').replace('+', '_')}_{round(100 * s)}_s{seed}"
+                t = time.time()
+                found = find_finished(cfg, dirs)
+                run = found or work / name
+                res = json.loads((run / "result.json").read_text()) if found else run_search(cfg, run, progress=False)
+                link = work / "named" / name  # compare names rows by directory: a reused "blocks" gets its case's
+                link.parent.mkdir(exist_ok=True)
+                if link.is_symlink() or link.exists():
+                    link.unlink()
+                link.symlink_to(run.resolve(), target_is_directory=True)
+                key = f"{run}:{res['calib_loss']:.6f}:{args.heldout_windows}"
+                if key not in memo:
+                    lm = load_model(str(run), progress=False)
+                    for ds in ("wikitext2", "c4"):
+                        ids.setdefault(ds, tokenize_text(lm.tokenizer, get_text(ds, "eval")))
+                    memo[key] = {ds: perplexity(lm.model, ids=ids[ds], seqlen=512, max_windows=args.heldout_windows,
+                                                progress=False).ppl for ds in ("wikitext2", "c4")}
+                    memo_path.write_text(json.dumps(memo, indent=1))
+                    del lm
+                h = memo[key]
+                db = res.get("levels_db") or {}
+                tl = res["token_layers"] + (int(db.get("token_layers", 0)) if db and not db.get("built_by_this_run")
+                                            else 0)
+                print(f"  {name}: {run} loss {res['calib_loss']:.4f} wikitext2 {h['wikitext2']:.2f} c4 {h['c4']:.2f} "
+                      f"tl {tl:.3g} ({time.time() - t:.0f} s)", file=sys.stderr, flush=True)
+                rows.append({"budget": s, "seed": seed, "space": cfg.space, "case": case, "res": res, "h": h,
+                             "tl": tl, "run": str(run)})
+                ppl_map[str(link)] = h
+                runs.append(str(link))
+    table, best = [], {}
+    for r in sorted(rows, key=lambda r: (r["budget"], _both(r))):
+        res = r["res"]
+        best.setdefault(r["budget"], r)
+        table.append([f"{round(100 * r['budget'])}%", r["space"], LABELS[r["case"]], str(r["seed"]),
+                      f"{res['calib_loss']:.4f}", f"{r['h']['wikitext2']:.2f}", f"{r['h']['c4']:.2f}",
+                      f"{_both(r):.2f}", f"{res['params'] / 1e6:.2f}M", f"{r['tl']:.3g}", str(res["evaluations"])])
+    body = (f"Calibration 4 x 512 wikitext2 valid (random windows, seeds {args.seeds}); held-out wikitext2 test / c4, "
+            f"{args.heldout_windows} x 512 tokens each; both: their geometric mean (the ranking: a model must hold up "
+            "on text unlike its calibration set); rows by budget, best first. Token-layers: each run's search work "
+            "(finer runs include the block search they ran first; levels the database, whether or not the run "
+            "built it).\n\n"
+            + md_table(["budget", "space", "method (defaults)", "seed", "calib loss", "wikitext2 ppl", "c4 ppl",
+                        "both", "params", "token-layers", "evaluations"], table)
+            + "\n\nBest at each budget (both): " + "; ".join(
+                f"{round(100 * b)}%: {r['space']} {LABELS[r['case']]} ({_both(r):.2f})" for b, r in sorted(best.items())))
+    out = work / "compare"
+    if out.exists():
+        shutil.rmtree(out)
+    pj = work / "ppl.json"
+    pj.write_text(json.dumps(ppl_map))
+    cmp = compare_runs(runs, out, str(pj))
+    body += ("\n\nBy wikitext2 alone (`evoprune compare` over these runs): "
+             + "; ".join(f"{round(100 * b['budget'])}%: {b['run']} ({b['method']}, {b['wikitext2 ppl']:.2f})"
+                         for b in cmp["best"])
+             + ". Pareto front, ppl against parameters: " + ", ".join(cmp["front"]["params"]) + ".")
+    print(body)
+    if args.write:
+        FIGURE.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(cmp["front_figure"], FIGURE)
+        body += f"\n\n![leaderboard front](figures/{FIGURE.name})"
+        write_section("leaderboard", body)
+
+
+if __name__ == "__main__":
+    main()
