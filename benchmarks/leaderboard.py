@@ -7,7 +7,7 @@ each, of each model as ``evoprune ppl RUN`` loads it (reconstructed weights incl
 parameters (``result.json``). Search cost: token-layers as each run counts them (a finer run includes the block
 search it ran first; a level run the level database, charged whether or not it built it).
 
-Cases (``--methods``, names ``space:method``; variants after a ``+``):
+Cases (``--methods``, names ``space:method``; variants after a ``+``; ``@s``: at budget ``s`` only):
 
 - layers: ``shortgpt``, ``sleb``, ``evop``, ``evo``;
 - sublayers: ``evo`` (starts from layers ``evo``), ``greedy``;
@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,6 +69,60 @@ def config(case: str, sparsity: float, seed: int) -> SearchConfig:
     return SearchConfig.build(**kw)
 
 
+def speed(run: Path, out: Path) -> dict:
+    """``evoprune bench RUN`` (reused from ``out`` when it exists): the pruned model's tok/s and speedups."""
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "evoprune.cli", "bench", str(run), "--out", str(out)], check=True,
+                       capture_output=True, env={**os.environ, "EVOPRUNE_NO_PROGRESS": "1"})
+    b = json.loads(out.read_text())
+    pruned = next(r for r in b["rows"] if r["name"] == "pruned")
+    return {"decode tok/s": pruned["decode_tok_s"], "prefill tok/s": pruned["prefill_tok_s"],
+            "decode speedup": b["speedup"]["decode"], "prefill speedup": b["speedup"]["prefill"],
+            "ideal speedup": b["ideal_speedup"]}
+
+
+def heldout(path: Path, windows: int, ids: dict) -> dict:
+    lm = load_model(str(path), progress=False)
+    for ds in ("wikitext2", "c4"):
+        ids.setdefault(ds, tokenize_text(lm.tokenizer, get_text(ds, "eval")))
+    return {ds: perplexity(lm.model, ids=ids[ds], seqlen=512, max_windows=windows, progress=False).ppl
+            for ds in ("wikitext2", "c4")}
+
+
+def recovery(args, work: Path, rows: list, memo: dict, memo_path: Path, ids: dict) -> str:
+    """The default recovery recipe on the best run (both) of each space at the ``--recover`` budgets."""
+    table = []
+    for b in floats(args.recover):
+        best: dict = {}
+        for r in sorted((r for r in rows if abs(r["budget"] - b) < 1e-9), key=_both):
+            best.setdefault(r["space"], r)
+        for space, r in sorted(best.items(), key=lambda kv: _both(kv[1])):
+            out = work / "recovered" / f"{Path(r['run']).name}_{round(100 * b)}_{args.recover_steps}x256"
+            key = f"recovered:{out}:{args.heldout_windows}"
+            if key not in memo:
+                if not (out / "finetune.json").exists():
+                    subprocess.run([sys.executable, "-m", "evoprune.cli", "finetune", r["run"], "--data", "wikitext2",
+                                    "--steps", str(args.recover_steps), "--seqlen", "256", "--out", str(out),
+                                    "--overwrite"], check=True, capture_output=True,
+                                   env={**os.environ, "EVOPRUNE_NO_PROGRESS": "1"})
+                rec = json.loads((out / "finetune.json").read_text())
+                memo[key] = {**heldout(out, args.heldout_windows, ids), "loss": rec["stats"]["loss"],
+                             "teacher": rec["stats"].get("teacher", "-"), "wall_s": rec["stats"]["wall_s"]}
+                memo_path.write_text(json.dumps(memo, indent=1))
+            m = memo[key]
+            print(f"  recovered {space} {LABELS[r['case']]}: {m}", file=sys.stderr, flush=True)
+            after = math.sqrt(m["wikitext2"] * m["c4"])
+            table.append([f"{round(100 * b)}%", space, LABELS[r["case"]], f"{r['h']['wikitext2']:.2f}",
+                          f"{r['h']['c4']:.2f}", f"{_both(r):.2f}", f"{m['wikitext2']:.2f}", f"{m['c4']:.2f}",
+                          f"{after:.2f}", f"{m['loss']} ({m['teacher']})", f"{m['wall_s']:.0f}"])
+    return (f"Recovery, the same recipe for each space's best run (both) at that budget: `evoprune finetune RUN --data "
+            f"wikitext2 --steps {args.recover_steps} --seqlen 256` (defaults: --loss auto = kd+lm from the dense "
+            "model, LoRA r 8); held-out as above:\n\n"
+            + md_table(["budget", "space", "best run", "wikitext2 before", "c4 before", "both before",
+                        "wikitext2 after", "c4 after", "both after", "loss (teacher)", "train s"], table))
+
+
 def _both(r: dict) -> float:
     """Geometric mean of a row's held-out wikitext2 and c4 perplexity."""
     return math.sqrt(r["h"]["wikitext2"] * r["h"]["c4"])
@@ -104,6 +160,12 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="seeds at every budget")
     ap.add_argument("--methods", default=",".join(ALL))
     ap.add_argument("--heldout-windows", type=int, default=16)
+    ap.add_argument("--bench", default="", help="budgets whose runs also get prefill / decode speed vs dense, e.g. "
+                    "0.3 (`evoprune bench`, its default shape: 512-token prefill, 32 decoded tokens, median of 3)")
+    ap.add_argument("--recover", default="", help="budgets whose best run of each space is also recovered with "
+                    "the default recipe (`evoprune finetune RUN --data wikitext2`, --loss auto: kd+lm from the dense "
+                    "model, LoRA defaults, --recover-steps x 256 tokens), e.g. 0.3")
+    ap.add_argument("--recover-steps", type=int, default=100)
     ap.add_argument("--write", action="store_true", help="write the section into docs/RESULTS.md and the figure")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -116,7 +178,10 @@ def main() -> None:
     rows, ppl_map, runs = [], {}, []
     for s in floats(args.budgets):
         for seed in (int(x) for x in args.seeds.split(",")):
-            for case in args.methods.split(","):
+            for spec in args.methods.split(","):
+                case, _, only = spec.partition("@")  # space:method@0.3: at that budget only
+                if only and abs(float(only) - s) > 1e-9:
+                    continue
                 cfg = config(case, s, seed)
                 name = f"{case.replace(':', '_').replace('+', '_')}_{round(100 * s)}_s{seed}"
                 t = time.time()
@@ -130,14 +195,11 @@ def main() -> None:
                 link.symlink_to(run.resolve(), target_is_directory=True)
                 key = f"{run}:{res['calib_loss']:.6f}:{args.heldout_windows}"
                 if key not in memo:
-                    lm = load_model(str(run), progress=False)
-                    for ds in ("wikitext2", "c4"):
-                        ids.setdefault(ds, tokenize_text(lm.tokenizer, get_text(ds, "eval")))
-                    memo[key] = {ds: perplexity(lm.model, ids=ids[ds], seqlen=512, max_windows=args.heldout_windows,
-                                                progress=False).ppl for ds in ("wikitext2", "c4")}
+                    memo[key] = heldout(run, args.heldout_windows, ids)
                     memo_path.write_text(json.dumps(memo, indent=1))
-                    del lm
                 h = memo[key]
+                if s in floats(args.bench):
+                    h = {**h, **speed(link, work / "bench" / f"{name}.json")}
                 db = res.get("levels_db") or {}
                 tl = res["token_layers"] + (int(db.get("token_layers", 0)) if db and not db.get("built_by_this_run")
                                             else 0)
@@ -145,24 +207,30 @@ def main() -> None:
                       f"tl {tl:.3g} ({time.time() - t:.0f} s)", file=sys.stderr, flush=True)
                 rows.append({"budget": s, "seed": seed, "space": cfg.space, "case": case, "res": res, "h": h,
                              "tl": tl, "run": str(run)})
-                ppl_map[str(link)] = h
+                ppl_map[str(link)] = {k: v for k, v in h.items() if k in ("wikitext2", "c4", "decode tok/s")}
                 runs.append(str(link))
     table, best = [], {}
     for r in sorted(rows, key=lambda r: (r["budget"], _both(r))):
         res = r["res"]
         best.setdefault(r["budget"], r)
+        h = r["h"]
         table.append([f"{round(100 * r['budget'])}%", r["space"], LABELS[r["case"]], str(r["seed"]),
-                      f"{res['calib_loss']:.4f}", f"{r['h']['wikitext2']:.2f}", f"{r['h']['c4']:.2f}",
-                      f"{_both(r):.2f}", f"{res['params'] / 1e6:.2f}M", f"{r['tl']:.3g}", str(res["evaluations"])])
+                      f"{res['calib_loss']:.4f}", f"{h['wikitext2']:.2f}", f"{h['c4']:.2f}",
+                      f"{_both(r):.2f}", f"{res['params'] / 1e6:.2f}M", f"{r['tl']:.3g}", str(res["evaluations"])]
+                     + ([f"{h['prefill speedup']:.2f} / {h['decode speedup']:.2f} ({h['ideal speedup']:.2f})"
+                         if "decode speedup" in h else "-"] if args.bench else []))
     body = (f"Calibration 4 x 512 wikitext2 valid (random windows, seeds {args.seeds}); held-out wikitext2 test / c4, "
             f"{args.heldout_windows} x 512 tokens each; both: their geometric mean (the ranking: a model must hold up "
             "on text unlike its calibration set); rows by budget, best first. Token-layers: each run's search work "
             "(finer runs include the block search they ran first; levels the database, whether or not the run "
             "built it).\n\n"
             + md_table(["budget", "space", "method (defaults)", "seed", "calib loss", "wikitext2 ppl", "c4 ppl",
-                        "both", "params", "token-layers", "evaluations"], table)
+                        "both", "params", "token-layers", "evaluations"]
+                       + (["speedup prefill / decode (ideal)"] if args.bench else []), table)
             + "\n\nBest at each budget (both): " + "; ".join(
                 f"{round(100 * b)}%: {r['space']} {LABELS[r['case']]} ({_both(r):.2f})" for b, r in sorted(best.items())))
+    if args.recover:
+        body += "\n\n" + recovery(args, work, rows, memo, memo_path, ids)
     out = work / "compare"
     if out.exists():
         shutil.rmtree(out)

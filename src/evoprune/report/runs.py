@@ -122,7 +122,7 @@ def eval_metrics(obj) -> dict[str, float]:
             out.update(eval_metrics(v))
         elif finite(v):
             name = str(key)
-            out[name if ("acc" in name or name.endswith("ppl")) else f"{name} ppl"] = float(v)
+            out[name if ("acc" in name or name.endswith(("ppl", "tok/s"))) else f"{name} ppl"] = float(v)
     return out
 
 
