@@ -28,3 +28,5 @@ def test_bench_files_give_the_pruned_speed():
     bench = {"rows": [{"name": "dense", "decode_tok_s": 30.0, "prefill_tok_s": 900.0},
                       {"name": "pruned", "decode_tok_s": 41.5, "prefill_tok_s": 1200.0}], "speedup": {"decode": 1.38}}
     assert eval_metrics(bench) == {"decode tok/s": 41.5, "prefill tok/s": 1200.0}
+    # a --ppl-json entry may carry a measured speed beside the perplexities
+    assert eval_metrics({"wikitext2": 70.5, "decode tok/s": 41.5}) == {"wikitext2 ppl": 70.5, "decode tok/s": 41.5}
