@@ -69,6 +69,15 @@ def config(case: str, sparsity: float, seed: int) -> SearchConfig:
     return SearchConfig.build(**kw)
 
 
+def zeroshot(model: str, out: Path, limit: int) -> float:
+    """``evoprune eval MODEL --limit N`` over the seven local tasks (reused from ``out``): the mean accuracy."""
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "evoprune.cli", "eval", model, "--limit", str(limit), "--out", str(out)],
+                       check=True, capture_output=True, env={**os.environ, "EVOPRUNE_NO_PROGRESS": "1"})
+    return float(json.loads(out.read_text())["mean_acc_norm_or_acc"])
+
+
 def speed(run: Path, out: Path) -> dict:
     """``evoprune bench RUN`` (reused from ``out`` when it exists): the pruned model's tok/s and speedups."""
     if not out.exists():
@@ -162,6 +171,9 @@ def main() -> None:
     ap.add_argument("--heldout-windows", type=int, default=16)
     ap.add_argument("--bench", default="", help="budgets whose runs also get prefill / decode speed vs dense, e.g. "
                     "0.3 (`evoprune bench`, its default shape: 512-token prefill, 32 decoded tokens, median of 3)")
+    ap.add_argument("--zeroshot", default="", help="budgets whose runs (and the dense model) also get lm-eval "
+                    "zero-shot accuracy on the seven local tasks (`evoprune eval`), e.g. 0.3")
+    ap.add_argument("--zeroshot-limit", type=int, default=50, help="documents per task (default: %(default)s)")
     ap.add_argument("--recover", default="", help="budgets whose best run of each space is also recovered with "
                     "the default recipe (`evoprune finetune RUN --data wikitext2`, --loss auto: kd+lm from the dense "
                     "model, LoRA defaults, --recover-steps x 256 tokens), e.g. 0.3")
@@ -200,6 +212,9 @@ def main() -> None:
                 h = memo[key]
                 if s in floats(args.bench):
                     h = {**h, **speed(link, work / "bench" / f"{name}.json")}
+                if s in floats(args.zeroshot):
+                    h = {**h, "mean acc": zeroshot(str(link), work / "zeroshot" / f"{name}_{args.zeroshot_limit}.json",
+                                                   args.zeroshot_limit)}
                 db = res.get("levels_db") or {}
                 tl = res["token_layers"] + (int(db.get("token_layers", 0)) if db and not db.get("built_by_this_run")
                                             else 0)
@@ -218,7 +233,8 @@ def main() -> None:
                       f"{res['calib_loss']:.4f}", f"{h['wikitext2']:.2f}", f"{h['c4']:.2f}",
                       f"{_both(r):.2f}", f"{res['params'] / 1e6:.2f}M", f"{r['tl']:.3g}", str(res["evaluations"])]
                      + ([f"{h['prefill speedup']:.2f} / {h['decode speedup']:.2f} ({h['ideal speedup']:.2f})"
-                         if "decode speedup" in h else "-"] if args.bench else []))
+                         if "decode speedup" in h else "-"] if args.bench else [])
+                     + ([f"{h['mean acc']:.3f}" if "mean acc" in h else "-"] if args.zeroshot else []))
     body = (f"Calibration 4 x 512 wikitext2 valid (random windows, seeds {args.seeds}); held-out wikitext2 test / c4, "
             f"{args.heldout_windows} x 512 tokens each; both: their geometric mean (the ranking: a model must hold up "
             "on text unlike its calibration set); rows by budget, best first. Token-layers: each run's search work "
@@ -226,9 +242,15 @@ def main() -> None:
             "built it).\n\n"
             + md_table(["budget", "space", "method (defaults)", "seed", "calib loss", "wikitext2 ppl", "c4 ppl",
                         "both", "params", "token-layers", "evaluations"]
-                       + (["speedup prefill / decode (ideal)"] if args.bench else []), table)
+                       + (["speedup prefill / decode (ideal)"] if args.bench else [])
+                       + ([f"mean acc (7 tasks, {args.zeroshot_limit} each)"] if args.zeroshot else []), table)
             + "\n\nBest at each budget (both): " + "; ".join(
                 f"{round(100 * b)}%: {r['space']} {LABELS[r['case']]} ({_both(r):.2f})" for b, r in sorted(best.items())))
+    if args.zeroshot:
+        dense = zeroshot(MODEL, work / "zeroshot" / f"dense_{args.zeroshot_limit}.json", args.zeroshot_limit)
+        body += (f"\n\nZero-shot: lm-eval on the seven local tasks, the first {args.zeroshot_limit} documents of "
+                 f"each (acc_norm where the task has it, else acc); dense {dense:.3f}. With {7 * args.zeroshot_limit} "
+                 "documents a mean accuracy has a standard error of about 0.025: smaller differences are noise.")
     if args.recover:
         body += "\n\n" + recovery(args, work, rows, memo, memo_path, ids)
     out = work / "compare"
