@@ -1,10 +1,12 @@
-"""Shared benchmark plumbing: named search runs, SLEB greedy prefixes, memoized held-out perplexity.
+"""Shared benchmark plumbing: named search runs, SLEB greedy prefixes, memoized held-out perplexity (of drop
+patterns: :class:`HeldOut`; of models and run directories: :class:`Heldout`), a run's charged token-layers.
 
 Every search is a real ``run_search`` run directory under a work dir (re-running reuses finished
 ones); everything here runs on the bundled SmolLM2-135M.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -66,3 +68,49 @@ class HeldOut:
                 self.memo[key] = perplexity(self.lm.model, ids=self.ids[ds], seqlen=self.seqlen,
                                             max_windows=self.windows, progress=False).ppl
         return self.memo[key]
+
+
+class Heldout:
+    """Held-out wikitext2 test and c4 perplexity, ``windows`` x ``seqlen`` tokens each, of a model in memory
+    (``heldout(model)``) or of a model spec as ``evoprune ppl`` loads it (``heldout.of(spec, key)``: a run
+    directory or an export, reconstructed weights included; memoized in the JSON file ``memo_path`` under the
+    caller's ``key``). The texts are tokenized once, by ``tokenizer`` or by the first loaded model's."""
+
+    DATASETS = ("wikitext2", "c4")
+
+    def __init__(self, windows: int, seqlen: int = 512, *, tokenizer=None, memo_path: Path | None = None):
+        self.windows, self.seqlen, self.memo_path = windows, seqlen, memo_path
+        self.memo = json.loads(memo_path.read_text()) if memo_path is not None and memo_path.exists() else {}
+        self.ids: dict = {}
+        if tokenizer is not None:
+            self._tokenize(tokenizer)
+
+    def _tokenize(self, tokenizer) -> None:
+        from evoprune.data.sources import get_text
+        from evoprune.evaluate.perplexity import tokenize_text
+
+        for ds in self.DATASETS:
+            self.ids.setdefault(ds, tokenize_text(tokenizer, get_text(ds, "eval")))
+
+    def __call__(self, model) -> dict:
+        from evoprune.evaluate.perplexity import perplexity
+
+        return {ds: perplexity(model, ids=ids, seqlen=self.seqlen, max_windows=self.windows, progress=False).ppl
+                for ds, ids in self.ids.items()}
+
+    def of(self, spec, key: str) -> dict:
+        from evoprune import load_model
+
+        if key not in self.memo:
+            lm = load_model(str(spec), progress=False)
+            self._tokenize(lm.tokenizer)
+            self.memo[key] = self(lm.model)
+            if self.memo_path is not None:
+                self.memo_path.write_text(json.dumps(self.memo, indent=1))
+        return self.memo[key]
+
+
+def charged_token_layers(res: dict) -> int:
+    """A run's token-layers with the level database charged also when the run reused it from the cache."""
+    db = res.get("levels_db") or {}
+    return res["token_layers"] + (int(db.get("token_layers", 0)) if db and not db.get("built_by_this_run") else 0)

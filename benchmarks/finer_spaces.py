@@ -21,33 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import floats, md_table, write_section  # noqa: E402
-from _runs import MODEL  # noqa: E402
+from _runs import MODEL, Heldout, charged_token_layers  # noqa: E402
 
 import torch  # noqa: E402
 
-from evoprune import load_model  # noqa: E402
-from evoprune.data.sources import get_text  # noqa: E402
-from evoprune.evaluate.perplexity import perplexity, tokenize_text  # noqa: E402
 from evoprune.runner.config import SearchConfig  # noqa: E402
 from evoprune.runner.loop import run_search  # noqa: E402
-
-
-def heldout_of(work: Path, windows: int):
-    memo_path = work / "heldout.json"
-    memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
-    ids = {}
-
-    def get(run: Path, res: dict) -> dict:
-        key = f"{run.relative_to(work)}:{res['calib_loss']:.6f}"
-        if key not in memo:
-            lm = load_model(str(run), progress=False)
-            for ds in ("wikitext2", "c4"):
-                ids.setdefault(ds, tokenize_text(lm.tokenizer, get_text(ds, "eval")))
-            memo[key] = {ds: perplexity(lm.model, ids=ids[ds], seqlen=512, max_windows=windows, progress=False).ppl
-                         for ds in ("wikitext2", "c4")}
-            memo_path.write_text(json.dumps(memo, indent=1))
-        return memo[key]
-    return get
 
 
 def main() -> None:
@@ -62,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    heldout = heldout_of(work, args.heldout_windows)
+    heldout = Heldout(args.heldout_windows, memo_path=work / "heldout.json")
     common = dict(model=MODEL, calib="wikitext2", sampling="random", nsamples=4, seqlen=512, seed=args.seed)
     rows, checks = [], []
     for s in floats(args.sparsities):
@@ -72,10 +51,10 @@ def main() -> None:
             t = time.time()
             res = run_search(SearchConfig.build(**common, **kw, sparsity=s), work / name, progress=False)
             blocks = json.loads((work / name / "blocks" / "result.json").read_text())
-            db = res.get("levels_db") or {}
-            extra = int(db.get("token_layers", 0)) if db and not db.get("built_by_this_run") else 0
             tl = res["token_layers"]  # as the run counts it: a level database only when this run built it
-            hb, hf = heldout(work / name / "blocks", blocks), heldout(work / name, res)
+            extra = charged_token_layers(res) - tl
+            hb, hf = (heldout.of(run, f"{run.relative_to(work)}:{r['calib_loss']:.6f}")
+                      for run, r in ((work / name / "blocks", blocks), (work / name, res)))
             print(f"  {name}: blocks {blocks['calib_loss']:.4f} -> {res['calib_loss']:.4f}, tl {blocks['token_layers']:.3g}"
                   f" -> {tl:.3g} ({time.time() - t:.0f} s)", file=sys.stderr, flush=True)
             # the budget is checked before each evaluation: the last one may overshoot it by its own cost

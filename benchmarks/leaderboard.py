@@ -36,13 +36,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import RESULTS, floats, md_table, write_section  # noqa: E402
-from _runs import MODEL  # noqa: E402
+from _runs import MODEL, Heldout, charged_token_layers  # noqa: E402
 
 import torch  # noqa: E402
 
-from evoprune import load_model  # noqa: E402
-from evoprune.data.sources import get_text  # noqa: E402
-from evoprune.evaluate.perplexity import perplexity, tokenize_text  # noqa: E402
 from evoprune.report.compare import compare_runs  # noqa: E402
 from evoprune.runner.config import SearchConfig  # noqa: E402
 from evoprune.runner.loop import run_search  # noqa: E402
@@ -91,15 +88,7 @@ def speed(run: Path, out: Path) -> dict:
             "ideal speedup": b["ideal_speedup"]}
 
 
-def heldout(path: Path, windows: int, ids: dict) -> dict:
-    lm = load_model(str(path), progress=False)
-    for ds in ("wikitext2", "c4"):
-        ids.setdefault(ds, tokenize_text(lm.tokenizer, get_text(ds, "eval")))
-    return {ds: perplexity(lm.model, ids=ids[ds], seqlen=512, max_windows=windows, progress=False).ppl
-            for ds in ("wikitext2", "c4")}
-
-
-def recovery(args, work: Path, rows: list, memo: dict, memo_path: Path, ids: dict) -> str:
+def recovery(args, work: Path, rows: list, heldout: Heldout) -> str:
     """The default recovery recipe on the best run (both) of each space at the ``--recover`` budgets."""
     table = []
     for b in floats(args.recover):
@@ -108,18 +97,14 @@ def recovery(args, work: Path, rows: list, memo: dict, memo_path: Path, ids: dic
             best.setdefault(r["space"], r)
         for space, r in sorted(best.items(), key=lambda kv: _both(kv[1])):
             out = work / "recovered" / f"{Path(r['run']).name}_{round(100 * b)}_{args.recover_steps}x256"
-            key = f"recovered:{out}:{args.heldout_windows}"
-            if key not in memo:
-                if not (out / "finetune.json").exists():
-                    subprocess.run([sys.executable, "-m", "evoprune.cli", "finetune", r["run"], "--data", "wikitext2",
-                                    "--steps", str(args.recover_steps), "--seqlen", "256", "--out", str(out),
-                                    "--overwrite"], check=True, capture_output=True,
-                                   env={**os.environ, "EVOPRUNE_NO_PROGRESS": "1"})
-                rec = json.loads((out / "finetune.json").read_text())
-                memo[key] = {**heldout(out, args.heldout_windows, ids), "loss": rec["stats"]["loss"],
-                             "teacher": rec["stats"].get("teacher", "-"), "wall_s": rec["stats"]["wall_s"]}
-                memo_path.write_text(json.dumps(memo, indent=1))
-            m = memo[key]
+            if not (out / "finetune.json").exists():
+                subprocess.run([sys.executable, "-m", "evoprune.cli", "finetune", r["run"], "--data", "wikitext2",
+                                "--steps", str(args.recover_steps), "--seqlen", "256", "--out", str(out),
+                                "--overwrite"], check=True, capture_output=True,
+                               env={**os.environ, "EVOPRUNE_NO_PROGRESS": "1"})
+            stats = json.loads((out / "finetune.json").read_text())["stats"]
+            m = {**heldout.of(out, f"recovered:{out}:{args.heldout_windows}"), "loss": stats["loss"],
+                 "teacher": stats.get("teacher", "-"), "wall_s": stats["wall_s"]}
             print(f"  recovered {space} {LABELS[r['case']]}: {m}", file=sys.stderr, flush=True)
             after = math.sqrt(m["wikitext2"] * m["c4"])
             table.append([f"{round(100 * b)}%", space, LABELS[r["case"]], f"{r['h']['wikitext2']:.2f}",
@@ -184,9 +169,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     dirs = [work] + [Path(d) for d in args.reuse.split(",") if d]
-    memo_path = work / "heldout.json"
-    memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
-    ids: dict = {}
+    heldout = Heldout(args.heldout_windows, memo_path=work / "heldout.json")
     rows, ppl_map, runs = [], {}, []
     for s in floats(args.budgets):
         for seed in (int(x) for x in args.seeds.split(",")):
@@ -205,19 +188,13 @@ def main() -> None:
                 if link.is_symlink() or link.exists():
                     link.unlink()
                 link.symlink_to(run.resolve(), target_is_directory=True)
-                key = f"{run}:{res['calib_loss']:.6f}:{args.heldout_windows}"
-                if key not in memo:
-                    memo[key] = heldout(run, args.heldout_windows, ids)
-                    memo_path.write_text(json.dumps(memo, indent=1))
-                h = memo[key]
+                h = heldout.of(run, f"{run}:{res['calib_loss']:.6f}:{args.heldout_windows}")
                 if s in floats(args.bench):
                     h = {**h, **speed(link, work / "bench" / f"{name}.json")}
                 if s in floats(args.zeroshot):
                     h = {**h, "mean acc": zeroshot(str(link), work / "zeroshot" / f"{name}_{args.zeroshot_limit}.json",
                                                    args.zeroshot_limit)}
-                db = res.get("levels_db") or {}
-                tl = res["token_layers"] + (int(db.get("token_layers", 0)) if db and not db.get("built_by_this_run")
-                                            else 0)
+                tl = charged_token_layers(res)
                 print(f"  {name}: {run} loss {res['calib_loss']:.4f} wikitext2 {h['wikitext2']:.2f} c4 {h['c4']:.2f} "
                       f"tl {tl:.3g} ({time.time() - t:.0f} s)", file=sys.stderr, flush=True)
                 rows.append({"budget": s, "seed": seed, "space": cfg.space, "case": case, "res": res, "h": h,
@@ -252,7 +229,7 @@ def main() -> None:
                  f"each (acc_norm where the task has it, else acc); dense {dense:.3f}. With {7 * args.zeroshot_limit} "
                  "documents a mean accuracy has a standard error of about 0.025: smaller differences are noise.")
     if args.recover:
-        body += "\n\n" + recovery(args, work, rows, memo, memo_path, ids)
+        body += "\n\n" + recovery(args, work, rows, heldout)
     out = work / "compare"
     if out.exists():
         shutil.rmtree(out)

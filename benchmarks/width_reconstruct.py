@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import md_table, write_section  # noqa: E402
-from _runs import MODEL  # noqa: E402
+from _runs import MODEL, Heldout  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -37,20 +37,9 @@ import torch  # noqa: E402
 from evoprune import load_model  # noqa: E402
 from evoprune.data.calibration import random_windows  # noqa: E402
 from evoprune.data.sources import get_text  # noqa: E402
-from evoprune.evaluate.perplexity import perplexity, tokenize_text  # noqa: E402
 
 SPARSITY = 0.3
 DAMPS = (0.01, 0.1, 0.3, 0.5, 1.0, 3.0)
-
-
-class Heldout:
-    def __init__(self, lm, windows: int, seqlen: int) -> None:
-        self.ids = {ds: tokenize_text(lm.tokenizer, get_text(ds, "eval")) for ds in ("wikitext2", "c4")}
-        self.windows, self.seqlen = windows, seqlen
-
-    def __call__(self, model) -> dict:
-        return {ds: perplexity(model, ids=ids, seqlen=self.seqlen, max_windows=self.windows, progress=False).ppl
-                for ds, ids in self.ids.items()}
 
 
 @contextlib.contextmanager
@@ -173,7 +162,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     lm = load_model(MODEL, progress=False)
-    heldout = Heldout(lm, args.heldout_windows, args.heldout_seqlen)
+    heldout = Heldout(args.heldout_windows, args.heldout_seqlen, tokenizer=lm.tokenizer)
     body = variants(args, lm, heldout) if args.part == "variants" else searches(args, heldout)
     print(body)
     if args.write:

@@ -370,7 +370,7 @@ def test_darwinlm_starts_from_the_block_answer_on_the_ladders():
     start = {"dropped_layers": [3, 5, 8, 11, 14, 17, 20, 23, 26], "calib_loss": 4.6, "token_layers": 10_000}
     s = make_strategy("darwinlm", space, np.random.default_rng(0), start=start)
     top_a, top_m = space.max_level("attn"), space.max_level("mlp")
-    g = s.start_vector
+    g = s.start_genome
     assert [i for i in range(30) if g.attn[i] == top_a and g.mlp[i] == top_m] == start["dropped_layers"]
     assert sum(g.attn) == 9 * top_a and sum(g.mlp) == 9 * top_m and space.feasible(g)
     assert [p.key for p in s.cohort] == [space.uniform().key, g.key]
@@ -382,7 +382,7 @@ def test_darwinlm_starts_from_the_block_answer_on_the_ladders():
     assert trained.default_budget((64, 512)) is None
     # a start the budget's tolerance cannot take (8 blocks at 30%) is left out: the uniform start alone
     short = make_strategy("darwinlm", space, np.random.default_rng(0), start={**start, "dropped_layers": [3, 5]})
-    assert short.start_vector is None and len(short.cohort) == 1
+    assert short.start_genome is None and len(short.cohort) == 1
 
 
 def test_levels_default_starts_from_the_block_search(tiny_dirs, calib_text, tmp_path, monkeypatch):

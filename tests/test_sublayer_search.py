@@ -146,7 +146,7 @@ def test_the_start_is_promoted_through_every_stage():
                       tokens_per_stage=(10, 100), survivors=(2, 2))
     first = s.ask()
     assert len(first) == 8 and {r.stage for r in first} == {0}
-    s.tell(first, [100.0 if r.key == s.start_pattern.key else float(i) for i, r in enumerate(first)])  # worst cheap
+    s.tell(first, [100.0 if r.key == s.start_genome.key else float(i) for i, r in enumerate(first)])  # worst cheap
     promoted = s.ask()
     assert {r.stage for r in promoted} == {1} and len(promoted) == 3
-    assert s.start_pattern.key in {r.key for r in promoted}
+    assert s.start_genome.key in {r.key for r in promoted}

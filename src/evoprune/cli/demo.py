@@ -22,9 +22,8 @@ from .common import add_model_options, at_least, load, preflight, progress, quie
 # and c4 ppl): layers evo (sub-layers evo returns the same model at twice the cost; width evo is better on
 # wikitext2 alone, worse on c4). Chosen there, never on the demo's own held-out windows.
 SPACE, SPARSITY = "layers", 0.3
-BASELINES = {"layers": "shortgpt", "width": "uniform", "levels": "uniform"}  # each space's one-shot method
-NAMES = {"shortgpt": "ShortGPT (one-shot Block Influence)", "uniform": {"width": "uniform Wanda-sp (one-shot)",
-                                                                        "levels": "uniform structured OBS"}}
+BASELINES = {"layers": ("shortgpt", "ShortGPT (one-shot Block Influence)"),  # each space's one-shot method
+             "width": ("uniform", "uniform Wanda-sp (one-shot)"), "levels": ("uniform", "uniform structured OBS")}
 
 
 def _config(args, method: str | None):
@@ -54,11 +53,6 @@ def cmd_demo(args) -> int:
         return _demo(args)
 
 
-def _baseline_name(method: str) -> str:
-    n = NAMES.get(method, method)
-    return n[SPACE] if isinstance(n, dict) else n
-
-
 def _demo(args) -> int:
     from ..data.sources import get_text
     from ..evaluate.perplexity import perplexity, tokenize_text
@@ -76,9 +70,9 @@ def _demo(args) -> int:
           file=sys.stderr)
     res = _search(args, out / "run", None)
     runs = {cfg.method: (out / "run", res)}
-    base = BASELINES.get(SPACE)
+    base, base_name = BASELINES.get(SPACE, (None, None))
     if args.baseline and base:
-        print(f"[demo] baseline: {_baseline_name(base)} on the same calibration set", file=sys.stderr)
+        print(f"[demo] baseline: {base_name} on the same calibration set", file=sys.stderr)
         runs[base] = (out / "baseline", _search(args, out / "baseline", base))
     print(f"[demo] held-out perplexity, dense vs pruned (the same {args.max_windows} windows x {args.seqlen} tokens "
           f"for each)", file=sys.stderr)

@@ -42,17 +42,12 @@ def cmd_finetune(args) -> int:
     from ..export import check_out_dir
     from ..finetune.lora import check_targets
     from ..finetune.options import check_train_source
+    from ..finetune.checkpoint import CHECKPOINT_FILE, TrainCheckpoint, holds_unfinished
     from ..locking import writer_lock
-
-    from ..finetune.checkpoint import CHECKPOINT_FILE, TrainCheckpoint
 
     cfg = _lora_config(args)  # argument errors first, then data, then the (slow) model load
     drop = drop_arg(args.drop)
-    out = Path(args.out).expanduser() if str(args.out).strip() else args.out
-    names = {p.name for p in out.iterdir()} if isinstance(out, Path) and out.is_dir() else set()
-    # a checkpoint, and perhaps the temporary of a save that a kill -9 cut short
-    unfinished = CHECKPOINT_FILE in names and all(n == CHECKPOINT_FILE or n.startswith(f".{CHECKPOINT_FILE}.")
-                                                  for n in names)
+    unfinished = bool(str(args.out).strip()) and holds_unfinished(Path(args.out).expanduser())
     out = check_out_dir(args.out, args.overwrite or unfinished)  # an unfinished fine-tune of OUT continues
     check_train_source(args.data)
     facts = preflight(args.model, args.device, {f"--seqlen {cfg.seqlen}": cfg.seqlen}, drop=drop)

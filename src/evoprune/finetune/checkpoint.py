@@ -21,12 +21,24 @@ import torch
 from ..errors import UserError
 from ..files import atomic_open
 
-__all__ = ["TrainCheckpoint", "CHECKPOINT_S", "CHECKPOINT_FILE"]
+__all__ = ["TrainCheckpoint", "CHECKPOINT_S", "CHECKPOINT_FILE", "holds_unfinished"]
 
 CHECKPOINT_FILE = "finetune-checkpoint.pt"
 # seconds between checkpoints: the cost of a save (LoRA: a few MB) stays far below the training it protects;
 # EVOPRUNE_CHECKPOINT_S overrides it (tests: 0, every step)
 CHECKPOINT_S = float(os.environ.get("EVOPRUNE_CHECKPOINT_S", "60") or 60)
+
+
+def _is_partial(name: str) -> bool:
+    """Whether ``name`` is the temporary of a checkpoint save (:func:`~evoprune.files.atomic_open`'s sibling)."""
+    return name.startswith(f".{CHECKPOINT_FILE}.")
+
+
+def holds_unfinished(out: Path) -> bool:
+    """Whether directory ``out`` holds an unfinished fine-tune and nothing else: its checkpoint, and perhaps the
+    temporary of a save that a kill cut short."""
+    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    return CHECKPOINT_FILE in names and all(n == CHECKPOINT_FILE or _is_partial(n) for n in names)
 
 
 class TrainCheckpoint:
@@ -66,8 +78,9 @@ class TrainCheckpoint:
 
     def remove_partial(self) -> None:
         """Remove the temporary of a save that a kill cut short (by the directory's one writer)."""
-        for tmp in self.path.parent.glob(f".{self.path.name}.*"):
-            tmp.unlink(missing_ok=True)
+        for tmp in self.path.parent.iterdir():
+            if _is_partial(tmp.name):
+                tmp.unlink(missing_ok=True)
 
     @staticmethod
     def restore(state: dict, named: dict) -> None:

@@ -54,10 +54,7 @@ def block_start(cfg, lm, run, progress: bool, search) -> dict | None:
 
     # sub-layers share the block space's options (protect_ends); other spaces get its defaults
     space_options = cfg.space_options if isinstance(cfg.space_options, LayersOptions) else LayersOptions()
-    try:
-        bcfg = _block_config(cfg, run.path, space_options)
-    except UserError:
-        return None
+    bcfg = _block_config(cfg, run.path, space_options)
     if bcfg is None:
         return None
     n = lm.adapter.n_layers(lm.model)

@@ -99,12 +99,12 @@ def _setup(cfg: SearchConfig, run: RunDir, resume: bool, progress: bool, operato
     calib = build_calib(cfg, lm, run, progress)
     needs = cfg.requirements
     counters = {"evaluations": 0, "token_layers": 0, "generation": 0}
-    start = {}
-    if state is None and "start" in needs:  # a finer space starts from the block search's answer, searched first
-        start = {"start": block_start(cfg, lm, run, progress, run_search)}
+    searched_first = state is None and "start" in needs  # a finer space starts from the block search's answer
+    start = block_start(cfg, lm, run, progress, run_search) if searched_first else None
     spent, inputs = problem.prepare(calib, run, fresh=state is None, needs=needs)
-    if start:
-        spent, inputs = spent + (start["start"] or {}).get("token_layers", 0), {**inputs, **start}
+    if searched_first:
+        inputs["start"] = start
+        spent += start["token_layers"] if start else 0
     if state is not None:
         counters.update(state["counters"])
         inputs = dict(state.get("extra_options", {}))  # the one-shot inputs as the run first computed them

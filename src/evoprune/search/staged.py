@@ -32,7 +32,7 @@ from ..spaces import SearchError
 from .base import Strategy, decode_fitness, encode_fitness
 
 __all__ = ["AUTO", "Request", "StagedOptions", "StagedStrategy", "SwapEvoOptions", "stage_tokens_option", "START_FROM",
-           "check_start"]
+           "START_SHARE", "BlockStart", "check_start"]
 
 # ``tokens_per_stage="auto"``: two stages, a cheap first slice the runner derives from the calibration
 # set's shape (:func:`evoprune.runner.problems.common.stage_slices`) and the whole set
@@ -137,6 +137,7 @@ class SwapEvoOptions(StagedOptions):
 
 
 START_FROM = ("layers", "none")  # a finer space's start: the block search's answer at the same budget, or none
+START_SHARE = 2  # a finer search that starts from the block search spends about as much again: 2x its token-layers
 
 
 def check_start(config) -> None:
@@ -150,6 +151,33 @@ def check_start(config) -> None:
         except (KeyError, TypeError, ValueError):
             raise SearchError(f"start must have dropped_layers and token_layers, got {config.start!r}") from None
         object.__setattr__(config, "start", start)
+
+
+class BlockStart:
+    """What the strategies of finer spaces share when they start from the block search's answer (``config.start``,
+    with ``config.start_from``): the runner supplies it only with ``start_from="layers"``; the answer in the
+    strategy's own space (``start_genome``, set by the subclass; ``None``: no start) is promoted through every
+    stage; the default budget is :data:`START_SHARE` x the block search's token-layers (:meth:`start_budget`);
+    ``result.json`` records the start. Mixed in before :class:`StagedStrategy`."""
+
+    start_genome = None
+
+    @classmethod
+    def requirements(cls, config) -> frozenset[str]:
+        """The block search's answer only with ``start_from="layers"``."""
+        return cls.needs if config.start_from == "layers" else cls.needs - {"start"}
+
+    def _pinned(self) -> frozenset[str]:
+        """The start reaches the last stage whatever its cheap-stage fitness: the result is never worse."""
+        return frozenset() if self.start_genome is None else frozenset({self.start_genome.key})
+
+    def start_budget(self) -> int | None:
+        """:data:`START_SHARE` x the block search's token-layers (its own included); ``None`` without a start."""
+        start = self.config.start
+        return None if start is None else START_SHARE * start["token_layers"]
+
+    def result_extras(self) -> dict:
+        return {} if self.config.start is None else {"start": dict(self.config.start)}
 
 
 def stage_tokens_option(tps):

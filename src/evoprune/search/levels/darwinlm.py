@@ -53,7 +53,7 @@ from typing import ClassVar
 from ...options import opt
 from ...spaces import LevelVector, SearchError
 from ..registry import register
-from ..staged import AUTO, START_FROM, StagedOptions, StagedStrategy, check_start
+from ..staged import AUTO, START_FROM, BlockStart, StagedOptions, StagedStrategy, check_start
 
 __all__ = ["DarwinLMConfig", "DarwinLMStrategy"]
 
@@ -101,18 +101,13 @@ class DarwinLMConfig(StagedOptions):
 
 
 @register("darwinlm", space="levels", default=True)
-class DarwinLMStrategy(StagedStrategy):
+class DarwinLMStrategy(BlockStart, StagedStrategy):
     """Training-aware (or one-shot) evolutionary level search; see the module docstring."""
 
     config_cls = DarwinLMConfig
     needs = frozenset({"training", "start"})
     inputs = ("trains", "start")
     config: DarwinLMConfig
-
-    @classmethod
-    def requirements(cls, config) -> frozenset[str]:
-        """The block search's answer only with ``start_from="layers"``."""
-        return cls.needs if config.start_from == "layers" else cls.needs - {"start"}
 
     @property
     def max_generations(self) -> int:
@@ -128,14 +123,14 @@ class DarwinLMStrategy(StagedStrategy):
         if self.config.trains:
             return None
         if self.config.start is not None:
-            return 2 * self.config.start["token_layers"]
+            return self.start_budget()
         if not self.config.budget_evals:
             return None
         return int(self.config.budget_evals * stage_tokens[-1] * self.space.n_layers)
 
     def __init__(self, space, rng, **options) -> None:
         super().__init__(space, rng, **options)
-        self.start_vector = self._start_vector()
+        self.start_genome = self._start_vector()
         self._start(self._initial_cohort())
 
     def _start_vector(self):
@@ -150,14 +145,8 @@ class DarwinLMStrategy(StagedStrategy):
 
     def _initial_cohort(self) -> list:
         uniform = self.space.uniform()
-        s = self.start_vector
+        s = self.start_genome
         return [uniform] + ([s] if s is not None and s != uniform else [])
-
-    def _pinned(self) -> frozenset[str]:
-        return frozenset() if self.start_vector is None else frozenset({self.start_vector.key})
-
-    def result_extras(self) -> dict:
-        return {} if self.config.start is None else {"start": dict(self.config.start)}
 
     def _offspring(self) -> list:
         out, keys = [], {p.key for p in self.parents}

@@ -42,7 +42,7 @@ import numpy as np
 from ...options import opt
 from ...spaces import SearchError, SublayerPattern
 from ..registry import register
-from ..staged import START_FROM, StagedStrategy, SwapEvoOptions, check_start
+from ..staged import START_FROM, BlockStart, StagedStrategy, SwapEvoOptions, check_start
 
 __all__ = ["SublayerEvoConfig", "SublayerEvoStrategy"]
 
@@ -65,7 +65,7 @@ class SublayerEvoConfig(SwapEvoOptions):
 
 
 @register("evo", space="sublayers", default=True)
-class SublayerEvoStrategy(StagedStrategy):
+class SublayerEvoStrategy(BlockStart, StagedStrategy):
     """Staged evolution with budget-keeping moves over sub-layer patterns; see the module docstring."""
 
     config_cls = SublayerEvoConfig
@@ -73,17 +73,12 @@ class SublayerEvoStrategy(StagedStrategy):
     needs = frozenset({"scores", "start"})
     config: SublayerEvoConfig
 
-    @classmethod
-    def requirements(cls, config) -> frozenset[str]:
-        """The block search's answer only with ``start_from="layers"``."""
-        return cls.needs if config.start_from == "layers" else cls.needs - {"start"}
-
     def __init__(self, space, rng, **options) -> None:
         super().__init__(space, rng, **options)
         if self.config.scores is not None and len(self.config.scores) != space.n_units:
             raise SearchError(f"scores must have {space.n_units} entries (one per sub-layer), got "
                               f"{len(self.config.scores)}")
-        self.start_pattern = self._start_pattern()
+        self.start_genome = self._start_pattern()
         self._start(self._initial_cohort())
 
     # -- the initial cohort ----------------------------------------------------------------
@@ -109,7 +104,7 @@ class SublayerEvoStrategy(StagedStrategy):
                     keys.add(p.key)
                     out.append(p)
 
-        start = self.start_pattern
+        start = self.start_genome
         if start is not None:
             add(start.units)
             for _ in range(50 * size):
@@ -154,17 +149,9 @@ class SublayerEvoStrategy(StagedStrategy):
             units = list(got)
         return SublayerPattern.from_units(sp.n_layers, units)
 
-    def _pinned(self) -> frozenset[str]:
-        """The start reaches the last stage whatever its cheap-stage fitness: the result is never worse."""
-        return frozenset() if self.start_pattern is None else frozenset({self.start_pattern.key})
-
     def default_budget(self, stage_tokens: tuple[int, ...]) -> int | None:
         """Twice the block search's token-layers (its own included) when it started from one, else ``None``."""
-        start = self.config.start
-        return None if start is None else 2 * start["token_layers"]
-
-    def result_extras(self) -> dict:
-        return {} if self.config.start is None else {"start": dict(self.config.start)}
+        return self.start_budget()
 
     # -- moves -------------------------------------------------------------------------------
     def _near(self, dropped: set[int], kept: list[int]) -> list[int]:
