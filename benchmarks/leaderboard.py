@@ -11,8 +11,9 @@ Cases (``--methods``, names ``space:method``; variants after a ``+``; ``@s``: at
 
 - layers: ``shortgpt``, ``sleb``, ``evop``, ``evo``;
 - sublayers: ``evo`` (starts from layers ``evo``), ``greedy``;
-- width: ``uniform`` (Wanda-sp), ``uniform+taylor`` (LLM-Pruner), ``owl``, ``evo`` and ``evo+none``
-  (``--reconstruct none``: the published update-free setting);
+- width: ``uniform`` (Wanda-sp), ``uniform+taylor`` (LLM-Pruner), ``owl``, ``evo``, ``self-pruner`` (the LLM
+  operator: llama.cpp's server on the bundled SmolLM2-135M-Instruct GGUF, started only when such a run is not
+  found finished), each search also ``+none`` (``--reconstruct none``: the published update-free setting);
 - levels: ``uniform`` (structured OBS), ``darwinlm`` (one-shot; starts from layers ``evo``).
 
 A finished run with the same configuration is reused from ``--work`` or any ``--reuse`` directory (a layers
@@ -25,6 +26,7 @@ parameters, Pareto front marked, via ``evoprune compare``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -45,22 +47,28 @@ from evoprune.runner.config import SearchConfig  # noqa: E402
 from evoprune.runner.loop import run_search  # noqa: E402
 
 ALL = ("layers:shortgpt", "layers:sleb", "layers:evop", "layers:evo", "sublayers:evo", "sublayers:greedy",
-       "width:uniform", "width:uniform+taylor", "width:owl", "width:evo", "width:evo+none", "levels:uniform",
-       "levels:darwinlm")
+       "width:uniform", "width:uniform+taylor", "width:owl", "width:evo", "width:evo+none", "width:self-pruner",
+       "width:self-pruner+none", "levels:uniform", "levels:darwinlm")
 VARIANTS = {"taylor": {"importance": "taylor"}, "none": {"reconstruct": "none"}}
 LABELS = {"layers:shortgpt": "ShortGPT", "layers:sleb": "SLEB", "layers:evop": "EvoP (EPPS)", "layers:evo": "evo",
           "sublayers:evo": "evo (from layers evo)", "sublayers:greedy": "greedy", "width:uniform": "uniform Wanda-sp",
           "width:uniform+taylor": "LLM-Pruner (uniform, Taylor)", "width:owl": "OWL", "width:evo": "evo",
-          "width:evo+none": "evo, --reconstruct none", "levels:uniform": "uniform (structured OBS)",
+          "width:evo+none": "evo, --reconstruct none", "width:self-pruner": "Self-Pruner (llama.cpp operator)",
+          "width:self-pruner+none": "Self-Pruner, --reconstruct none", "levels:uniform": "uniform (structured OBS)",
           "levels:darwinlm": "darwinlm one-shot (from layers evo)"}
 FIGURE = RESULTS.parent / "figures" / "leaderboard_front.png"
+OPERATOR = "smollm2-135m"  # the alias the local llama.cpp server answers as
 
 
-def config(case: str, sparsity: float, seed: int) -> SearchConfig:
+def config(case: str, sparsity: float, seed: int, operator: tuple[str, str] = ("http://127.0.0.1/v1", OPERATOR),
+           ) -> SearchConfig:
+    """The case's search config (``operator``: the LLM operator's url and model; the url is not part of a case)."""
     space, _, rest = case.partition(":")
     method, _, variant = rest.partition("+")
     kw = dict(model=MODEL, calib="wikitext2", sampling="random", nsamples=4, seqlen=512, seed=seed, space=space,
               method=method, sparsity=sparsity, **VARIANTS.get(variant, {}))  # layers: k = round(s * 30)
+    if method == "self-pruner":
+        kw.update(operator_url=operator[0], operator_model=operator[1])
     if space == "levels" and method == "darwinlm":
         kw["training_aware"] = False
     return SearchConfig.build(**kw)
@@ -122,8 +130,13 @@ def _both(r: dict) -> float:
     return math.sqrt(r["h"]["wikitext2"] * r["h"]["c4"])
 
 
-def _record(cfg: SearchConfig) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if k != "execution"}
+def _record(cfg: SearchConfig | dict) -> dict:
+    """What makes two runs the same case: all but execution options and the operator's address (a free port)."""
+    d = {k: v for k, v in (cfg if isinstance(cfg, dict) else cfg.to_dict()).items() if k not in ("execution",
+                                                                                                "evoprune_run")}
+    if d.get("operator"):
+        d["operator"] = {**d["operator"], "url": None}
+    return d
 
 
 def find_finished(cfg: SearchConfig, dirs: list[Path]) -> Path | None:
@@ -134,7 +147,7 @@ def find_finished(cfg: SearchConfig, dirs: list[Path]) -> Path | None:
             run = conf.parent
             if not (run / "result.json").exists():
                 continue
-            got = {k: v for k, v in json.loads(conf.read_text()).items() if k not in ("execution", "evoprune_run")}
+            got = _record(json.loads(conf.read_text()))
             if run.name == "blocks":
                 parent = json.loads((run.parent / "config.json").read_text())
                 got["calibration"] = {**got["calibration"], "calib_from": None}
@@ -171,6 +184,18 @@ def main() -> None:
     dirs = [work] + [Path(d) for d in args.reuse.split(",") if d]
     heldout = Heldout(args.heldout_windows, memo_path=work / "heldout.json")
     rows, ppl_map, runs = [], {}, []
+    servers = contextlib.ExitStack()
+    operator: list = []  # (url, model) of the llama.cpp server, started for the first self-pruner run not found
+
+    def started() -> tuple[str, str]:
+        if not operator:
+            from evoprune.models.loading import gguf_file
+            from evoprune.search.llm.server import start_llama_cpp_server
+
+            srv = servers.enter_context(start_llama_cpp_server(gguf_file(MODEL), alias=OPERATOR,
+                                                               log_path=work / "llama_server.log"))
+            operator.append((srv.url, srv.model))
+        return operator[0]
     for s in floats(args.budgets):
         for seed in (int(x) for x in args.seeds.split(",")):
             for spec in args.methods.split(","):
@@ -182,6 +207,8 @@ def main() -> None:
                 t = time.time()
                 found = find_finished(cfg, dirs)
                 run = found or work / name
+                if not found and cfg.method == "self-pruner":
+                    cfg = config(case, s, seed, started())
                 res = json.loads((run / "result.json").read_text()) if found else run_search(cfg, run, progress=False)
                 link = work / "named" / name  # compare names rows by directory: a reused "blocks" gets its case's
                 link.parent.mkdir(exist_ok=True)
@@ -201,6 +228,7 @@ def main() -> None:
                              "tl": tl, "run": str(run)})
                 ppl_map[str(link)] = {k: v for k, v in h.items() if k in ("wikitext2", "c4", "decode tok/s")}
                 runs.append(str(link))
+    servers.close()
     table, best = [], {}
     for r in sorted(rows, key=lambda r: (r["budget"], _both(r))):
         res = r["res"]

@@ -109,6 +109,8 @@ BAD: dict = {
     # operator-server
     "--backend": CHOICE, "--host": [EMPTY, "256.1.1.1", "no.such.host.invalid"], "--port": [NEG, "99999", WORD],
     "--threads": [ZERO, NEG],
+    # export --format gguf, bench --engine llama.cpp
+    "--format": CHOICE, "--outtype": CHOICE, "--check-data": [EMPTY, "nosuch"], "--engine": CHOICE,
     # positionals
     "run": [EMPTY, MISSING, FILE, DIR], "runs": [MISSING, FILE, DIR],
 }

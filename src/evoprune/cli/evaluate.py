@@ -77,6 +77,22 @@ def bench_table(res: dict) -> str:
                        "peak MiB", "KV MiB"], rows, footer=footer)
 
 
+def engine_table(res: dict) -> str:
+    """``bench --engine llama.cpp``: one line per model, then the speedups and conditions."""
+    from ..report.tables import text_table
+
+    rows = [[r["name"], r["layers"], f"{r['params'] / 1e6:.2f}M", f"{r['file_bytes'] / 2**20:.1f}",
+             f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}"] for r in res["rows"]]
+    s, i = res["speedup"], res["ideal_speedup"]
+    footer = [f"speedup pruned/dense in llama.cpp ({res['outtype']}): prefill {s['prefill']:.3f}x, decode "
+              f"{s['decode']:.3f}x; ideal (block FLOPs) {i:.3f}x; params x{res['params_ratio']:.3f}, file "
+              f"x{res['file_ratio']:.3f}",
+              f"prefill {res['seqlen']} tokens, {res['decode_tokens']} decode tokens after a "
+              f"{res['prompt_tokens']}-token prompt, median of {res['repeats']} after 1 warm-up, {res['threads']} threads, CPU"]
+    return text_table(["model", "layers", "params", "GGUF MiB", "prefill tok/s", "decode tok/s"], rows,
+                      footer=footer)
+
+
 def _bench_models(args, drop):
     """The dense base and the pruned model of ``bench``'s arguments, and how the base was found."""
     from ..evaluate.bench import find_base
@@ -110,8 +126,11 @@ def cmd_bench(args) -> int:
 
     from ..evaluate.bench import bench, speedups
 
+    from ..evaluate.engine_bench import check_engine_args
+
     drop = drop_arg(args.drop)
-    at_least(args, 1, "batch", "seqlen", "decode_tokens", "prompt_tokens", "repeats")
+    at_least(args, 1, "batch", "seqlen", "decode_tokens", "prompt_tokens", "repeats", "threads")
+    check_engine_args(args.engine, args.batch)
     check_out_file(args.out)
     if args.base is not None:
         if not args.base.strip():
@@ -120,7 +139,13 @@ def cmd_bench(args) -> int:
     generated = args.prompt_tokens + args.decode_tokens
     preflight(args.model, args.device, {f"--seqlen {args.seqlen}": args.seqlen,
                                         f"--prompt-tokens + --decode-tokens ({generated})": generated}, drop=drop)
+    if args.engine == "llama.cpp":
+        from ..evaluate.llamacpp import require_llama_cpp
+
+        require_llama_cpp()
     dense, pruned, base, dropped, how = _bench_models(args, drop)
+    if args.engine == "llama.cpp":
+        return _bench_llama_cpp(args, dense, pruned, base, dropped, how)
     shape = dict(batch=args.batch, seqlen=args.seqlen, decode_tokens=args.decode_tokens,
                  prompt_tokens=args.prompt_tokens)
     res = bench({"dense": dense, "pruned": pruned}, **shape, repeats=args.repeats, device=args.device)
@@ -131,6 +156,19 @@ def cmd_bench(args) -> int:
     if res["device"].startswith("cuda"):
         res["device_name"] = torch.cuda.get_device_name(torch.device(args.device))
     print(bench_table(res))
+    emit(res, args.out)
+    return 0
+
+
+def _bench_llama_cpp(args, dense, pruned, base, dropped, how) -> int:
+    from ..evaluate.engine_bench import bench_llama_cpp
+    from ..models.loading import gguf_file
+
+    res = bench_llama_cpp({"dense": dense, "pruned": pruned}, outtype=args.outtype, seqlen=args.seqlen,
+                          decode_tokens=args.decode_tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
+                          threads=args.threads, gguf_source=gguf_file(base))
+    res = {"model": args.model, "base": base, "base_from": how, "dropped_layers": dropped, **res}
+    print(engine_table(res))
     emit(res, args.out)
     return 0
 
@@ -161,6 +199,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--seqlen", type=int, default=512, help="prefill tokens per sequence (default: %(default)s)")
     p.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens generated (default: %(default)s)")
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length before decoding (default: %(default)s)")
+    p.add_argument("--engine", default="transformers", choices=("transformers", "llama.cpp"),
+                   help="transformers: the models as evoprune runs them; llama.cpp: both written as GGUF files "
+                   "(--outtype) and timed in llama.cpp, where they are served (default: %(default)s)")
+    p.add_argument("--outtype", default="f16", choices=("f32", "f16", "q8_0", "q4_k_m"),
+                   help="--engine llama.cpp: the GGUF tensor type of both models (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="--engine llama.cpp: CPU threads (default: one per "
+                   "core)")
     p.add_argument("--repeats", type=int, default=5,
                    help="timed repeats after 1 warm-up; medians reported (default: %(default)s)")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")

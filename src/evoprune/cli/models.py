@@ -79,8 +79,41 @@ def cmd_export(args) -> int:
             raise UserError("the run to export must not be empty (a run directory, or leave it out for --model)")
     preflight(args.run or args.model, args.device, drop=drop)
     check_out_dir(args.out, args.overwrite)
+    from ..data.sources import check_source
+
+    check_source(args.check_data, what="--check-data")
+    if args.format == "gguf":
+        from ..evaluate.llamacpp import require_llama_cpp
+
+        require_llama_cpp()
     with writer_lock(args.out, "--out directory"):
-        return _export(args, drop)
+        return _export_gguf(args, drop) if args.format == "gguf" else _export(args, drop)
+
+
+def _export_gguf(args, drop) -> int:
+    """``--format gguf``: the pruned model as it loads (any space), written for llama.cpp and checked there."""
+    from ..export.gguf import export_gguf
+    from ..models.loading import gguf_file
+    from ..runner.pruned import base_spec
+
+    spec = args.run or args.model
+    lm = load(spec, args.device, args.dtype)
+    if drop:
+        if lm.dropped:
+            raise UserError(f"--drop cannot be combined with a run directory ({spec} already drops "
+                            f"{list(lm.dropped)})")
+        lm.dropped = tuple(lm.adapter.drop_inplace(lm.model, drop).dropped)
+    extra = {"run": str(args.run)} if args.run else {}
+    if lm.extra.get("run"):
+        extra["pruning"] = lm.extra["run"]
+    rec = export_gguf(lm, args.out, outtype=args.outtype, overwrite=args.overwrite, dataset=args.check_data,
+                      gguf_source=gguf_file(base_spec(spec)), extra=extra)
+    print(f"exported {rec['architecture']} GGUF ({rec['outtype']}, {rec['n_layers']} blocks, {rec['params']:,} "
+          f"params) to {args.out}/{rec['file']}; llama.cpp reloaded it: ppl {rec['llama_cpp_ppl']:.3f} vs "
+          f"evoprune's {rec['evoprune_ppl']:.3f} on {rec['check_tokens']} {args.check_data} tokens "
+          f"(ratio {rec['ppl_ratio']:.4f}); run it with: llama-server -m {args.out}/{rec['file']}", file=sys.stderr)
+    emit(rec)
+    return 0
 
 
 def _export(args, drop) -> int:
@@ -138,10 +171,19 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: %(default)s)")
     p.set_defaults(func=cmd_ppl)
 
-    p = sub.add_parser("export", help="write a pruned model as a Hugging Face directory (reload-checked)")
+    p = sub.add_parser("export", help="write a pruned model as a Hugging Face directory or a GGUF file for "
+                       "llama.cpp / Ollama (reload-checked)")
     p.add_argument("run", nargs="?", default=None, help="a run directory (instead of --model)")
     add_model_options(p)
     p.add_argument("--drop", default=None, help="comma-separated block indices to drop")
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    p.add_argument("--format", default="hf", choices=("hf", "gguf"), help="hf: a Hugging Face directory (plain, "
+                   "or trust_remote_code for per-layer widths); gguf: model-OUTTYPE.gguf for llama.cpp, Ollama and "
+                   "LM Studio, loaded and compared by llama.cpp (default: %(default)s)")
+    p.add_argument("--outtype", default="f16", choices=("f32", "f16", "q8_0", "q4_k_m"),
+                   help="GGUF tensor type, quantized by llama.cpp's own quantizer (default: %(default)s)")
+    p.add_argument("--check-data", default="wikitext2", help="held-out text whose first 2 x 256 tokens llama.cpp "
+                   "and evoprune both score in the GGUF check: wikitext2 | c4 | text:PATH | jsonl:PATH[:field] "
+                   "(default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=cmd_export)

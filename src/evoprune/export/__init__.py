@@ -1,11 +1,13 @@
-"""Exports that load with stock ``transformers``, every one reload-checked (:mod:`.checked`).
+"""Exports that load with stock ``transformers`` or llama.cpp, every one reload-checked (:mod:`.checked`).
 
 - :func:`export_dropped` (:mod:`.plain`): blocks removed, a plain HF directory;
 - :func:`export_width` / :func:`save_width_model` (:mod:`.remote_code`): per-layer widths, the
   ``trust_remote_code`` format;
 - :func:`export_sublayers` (:mod:`.sublayers`): attention / MLP removed separately, whole blocks plain and
   the rest in the width format;
-- :func:`save_pruned`: whichever of the two fits an in-memory model (e.g. after fine-tuning).
+- :func:`save_pruned`: whichever of the two fits an in-memory model (e.g. after fine-tuning);
+- :func:`~evoprune.export.gguf.export_gguf` (:mod:`.gguf`, imported on use): any of them as one GGUF file for
+  llama.cpp / Ollama, checked by llama.cpp itself.
 """
 from __future__ import annotations
 
