@@ -1,4 +1,5 @@
-"""The README's command reference is the parser's (regenerate with ``python -m evoprune.cli.docs``)."""
+"""The docs stay true: the command reference is the parser's (regenerate with ``python -m evoprune.cli.docs``), the
+README stays a front door whose links resolve, and no code or README line explains itself by an issue number."""
 from __future__ import annotations
 
 import re
@@ -7,13 +8,14 @@ from pathlib import Path
 from evoprune.cli import build_parser
 from evoprune.cli.docs import BEGIN, END, command_reference
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README, CLI = ROOT / "README.md", ROOT / "docs" / "cli.md"
 
 
-def test_readme_command_reference_is_current():
-    text = README.read_text(encoding="utf-8")
+def test_command_reference_is_current():
+    text = CLI.read_text(encoding="utf-8")
     block = re.search(re.escape(BEGIN) + r"\n(.*?)" + re.escape(END), text, re.S)
-    assert block, "README.md has no generated command reference"
+    assert block, "docs/cli.md has no generated command reference"
     assert block.group(1) == command_reference(build_parser()), "stale: run python -m evoprune.cli.docs"
 
 
@@ -21,3 +23,20 @@ def test_reference_shows_the_defaults_that_apply():
     ref = command_reference(build_parser())
     assert "evo: 20; evop: 100" in ref and "levels darwinlm: 8" in ref  # per-method defaults of --generations, --offspring
     assert "(default evo)" in ref and "(default darwinlm)" in ref
+
+
+def test_readme_is_a_front_door_whose_links_resolve():
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 200
+    docs = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+    for doc in docs:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text(encoding="utf-8")):
+            if not target.startswith(("http://", "https://")):
+                assert (doc.parent / target).exists(), f"{doc.name}: broken link {target}"
+
+
+def test_no_issue_numbers_in_code_or_readme():
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in [README, *sorted((ROOT / "src").rglob("*.py"))]
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+            if re.search(r"\bissue [0-9]", line, re.I)]
+    assert hits == []

@@ -1,9 +1,9 @@
-"""The README's command reference, generated from the parser (so it cannot drift from the defaults).
+"""The command reference (``docs/cli.md``), generated from the parser (so it cannot drift from the defaults).
 
 Owns :func:`command_reference` (markdown: one section per command, one table per option group) and
-:func:`update_readme`. ``python -m evoprune.cli.docs`` rewrites the block between the
-``<!-- BEGIN command-reference -->`` / ``<!-- END command-reference -->`` markers of ``README.md``;
-``tests/test_docs.py`` fails when the README's block differs from what the parser says.
+:func:`update_reference`. ``python -m evoprune.cli.docs`` rewrites the block between the
+``<!-- BEGIN command-reference -->`` / ``<!-- END command-reference -->`` markers of ``docs/cli.md``;
+``tests/test_docs.py`` fails when that block differs from what the parser says.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["command_reference", "update_readme", "BEGIN", "END"]
+__all__ = ["command_reference", "update_reference", "BEGIN", "END"]
 
 BEGIN, END = "<!-- BEGIN command-reference -->", "<!-- END command-reference -->"
 
@@ -57,8 +57,8 @@ def command_reference(parser: argparse.ArgumentParser) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def update_readme(readme: Path) -> bool:
-    """Rewrite the command-reference block of ``readme``; returns whether it changed."""
+def update_reference(readme: Path) -> bool:
+    """Rewrite the command-reference block of the markdown file ``readme``; returns whether it changed."""
     from . import build_parser
 
     text = readme.read_text(encoding="utf-8")
@@ -70,5 +70,5 @@ def update_readme(readme: Path) -> bool:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[3] / "README.md"
-    print(f"{target}: {'updated' if update_readme(target) else 'already up to date'}")
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[3] / "docs" / "cli.md"
+    print(f"{target}: {'updated' if update_reference(target) else 'already up to date'}")

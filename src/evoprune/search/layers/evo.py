@@ -4,7 +4,7 @@ Owns :class:`Request`, :class:`EvoConfig` and :class:`EvoStrategy`. A
 (mu + lambda) evolution strategy in the spirit of EvoPress (Sieberling et al.,
 2024) and DarwinLM, built for fixed-``k`` layer dropping:
 
-- **Defaults** (issue 16): two stages (``tokens_per_stage="auto"``: 1/8 of the calibration
+- **Defaults** (measured in RESULTS, "Selection cost"): two stages (``tokens_per_stage="auto"``: 1/8 of the calibration
   tokens, at least 64, then all of them; survivors ``(6, 2)``), racing at the full stage (``race_margin``,
   :class:`~evoprune.fitness.racing.Race`) and, without ``--budget-token-layers``, a token-layer
   budget of ``budget_share`` x :func:`greedy_reference` (a naive full-fidelity greedy pass to

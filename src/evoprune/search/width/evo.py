@@ -24,7 +24,7 @@ partial loss is clearly worse than every population member's on the same batches
 population; it is told ``+inf``), see :class:`~evoprune.fitness.racing.Race`.
 
 Staged selection (``tokens_per_stage``, e.g. ``"auto"``: a first slice of 1/8 of the calibration tokens,
-then the whole set; issue 16): the probes are scored on the first slice; the initial population on the
+then the whole set): the probes are scored on the first slice; the initial population on the
 whole set; each later generation's children first on the first slice (stage 0, asked as
 :class:`~evoprune.search.staged.Request` objects) and only the best ``promote`` of them (ties: proposal
 order) on the whole set (the last stage, raced as above); only those compete for the population.
