@@ -35,7 +35,7 @@ from ..errors import UserError, user_input
 from ..files import atomic_dir
 from .base import Adapter, adapter_for_type, hf_classes
 
-__all__ = ["LoadedModel", "load_pretrained", "reload_export", "resolve_alias", "gguf_file", "hf_dir_of_gguf",
+__all__ = ["LoadedModel", "display_name", "load_pretrained", "reload_export", "resolve_alias", "gguf_file", "hf_dir_of_gguf",
            "converted_dir", "check_spec", "cache_dir", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -65,6 +65,12 @@ class LoadedModel:
     @property
     def n_layers(self) -> int:
         return self.adapter.n_layers(self.model)
+
+
+def display_name(spec: str) -> str:
+    """The model's own name for an alias (``smollm2-135m`` -> ``SmolLM2-135M-Instruct``), else ``spec``."""
+    alias = _ALIASES.get(str(spec))
+    return alias[3] if alias else str(spec)
 
 
 def cache_dir() -> Path:

@@ -364,9 +364,9 @@ def _scored(cands, evaluators, reuse: dict, exhausted, parts: dict, race_of, poo
 
 def _make_operator(cfg: SearchConfig, lm, run: RunDir, problem):
     """The LLM operator of a run whose strategy needs one, logging every call to ``RUN/llm_calls.jsonl``."""
+    from ..models.loading import display_name
     from ..search.llm.operator import LLMOperator
 
-    name = getattr(lm, "name", None) or cfg.model.model
-    name = {"smollm2-135m": "SmolLM2-135M-Instruct"}.get(name, name)
+    name = display_name(getattr(lm, "name", None) or cfg.model.model)
     return LLMOperator(cfg.operator, n_layers=problem.n, beta=problem.space.beta, model_name=name,
                        log_path=Path(run.path) / "llm_calls.jsonl", seed=cfg.seed)

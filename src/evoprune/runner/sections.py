@@ -25,10 +25,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 SAMPLINGS = ("random", "ccds")
 FITNESSES = ("nll", "kl")
 REPORT_TO = ("tensorboard", "wandb", "none")  # --report-to: Hugging Face Trainer's report_to names
-AUTO_CACHE_MB = 1024.0  # --cache-mb auto. Width / levels: the block-prefix states of ~29 SmolLM2 candidates at
-# 512 tokens; a model whose entries are larger keeps fewer positions per candidate (fitness.block_prefix.auto_every).
-# Layers: k=6 of 30, 4 x 512 tokens, seed 0, evo at its default budget: 4.6535 with it vs 4.7009 without (176 vs 123
-# evaluations; docs/RESULTS.md, search-cost-16)
+from ..search.defaults import AUTO_CACHE_MB  # noqa: E402  (re-exported: benchmarks read it here)
 
 
 # torch device types a model can run on; availability is checked before a model loads (models.preflight)

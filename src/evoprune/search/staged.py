@@ -30,14 +30,14 @@ from typing import Any, ClassVar, Sequence
 from ..options import opt
 from ..spaces import SearchError
 from .base import Strategy, decode_fitness, encode_fitness
+from .defaults import AUTO_SHARE, START_SHARE
 
 __all__ = ["AUTO", "Request", "StagedOptions", "StagedStrategy", "SwapEvoOptions", "stage_tokens_option", "START_FROM",
-           "START_SHARE", "BlockStart", "check_start"]
+           "BlockStart", "check_start"]
 
 # ``tokens_per_stage="auto"``: two stages, a cheap first slice the runner derives from the calibration
 # set's shape (:func:`evoprune.runner.problems.common.stage_slices`) and the whole set
 AUTO = "auto"
-AUTO_SHARE = 8  # tokens_per_stage="auto": the first stage has 1/AUTO_SHARE of the calibration tokens (runner/problems)
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,6 @@ class SwapEvoOptions(StagedOptions):
 
 
 START_FROM = ("layers", "none")  # a finer space's start: the block search's answer at the same budget, or none
-START_SHARE = 2  # a finer search that starts from the block search spends about as much again: 2x its token-layers
 
 
 def check_start(config) -> None:

@@ -9,12 +9,10 @@ whole calibration set (``T = n_samples * seqlen``). No ``tokens_per_stage``: one
 from __future__ import annotations
 
 from ...errors import UserError
-from ...search.staged import AUTO_SHARE
+from ...search.defaults import AUTO_MIN_TOKENS, AUTO_SHARE
 
 __all__ = ["stage_slices", "stage_tokens", "check_stages", "auto_first_stage", "batch_prefix", "stage_links"]
 
-AUTO_MIN_TOKENS = 64  # tokens_per_stage="auto": the first stage has 1/AUTO_SHARE of the tokens, but at least this
-# many (or half the set)
 
 
 def stage_tokens(method_options) -> tuple[int, ...] | None:

@@ -82,12 +82,11 @@ import numpy as np
 from ...options import opt
 from ...spaces import DropPattern, SearchError
 from ..registry import register
-from ..staged import AUTO_SHARE, Request, StagedStrategy, SwapEvoOptions
+from ..defaults import AUTO_SHARE, BUDGET_SHARE, GREEDY_PROMOTE, RACE_MARGIN
+from ..staged import Request, StagedStrategy, SwapEvoOptions
 
 __all__ = ["EvoConfig", "EvoStrategy", "Request", "greedy_reference"]
 
-RACE_MARGIN = 0.05
-BUDGET_SHARE = 0.135
 
 
 def greedy_reference(n_layers: int, n_droppable: int, k: int, n_tokens: int) -> int:
@@ -110,7 +109,7 @@ class EvoConfig(SwapEvoOptions):
     budget_share: float = opt(BUDGET_SHARE, "no --budget-token-layers: budget = this x a naive greedy pass's "
                                             "token-layers (see the method docs; 0: none)", legacy=0.0)
     greedy_seed: bool = opt(True, "multi-stage runs: start with a SLEB-like greedy pass on the cheapest stage")
-    greedy_promote: int = opt(6, "greedy seeding: stage-0 candidates per step re-scored at full fidelity", legacy=4)
+    greedy_promote: int = opt(GREEDY_PROMOTE, "greedy seeding: stage-0 candidates per step re-scored at full fidelity", legacy=4)
     greedy_screen: float = opt(0.5, "greedy steps after the first score only this share of the first step's "
                                     "stage-0 ranking, plus the neighbours of dropped blocks (1: every block)",
                                legacy=1.0)

@@ -52,6 +52,7 @@ from typing import ClassVar
 
 from ...options import opt
 from ...spaces import LevelVector, SearchError
+from ..defaults import BUDGET_EVALS, RACE_MARGIN
 from ..registry import register
 from ..staged import AUTO, START_FROM, BlockStart, StagedOptions, StagedStrategy, check_start
 
@@ -67,14 +68,14 @@ class DarwinLMConfig(StagedOptions):
                                         "one-shot until the budget)")
     offspring: int = opt(8, "candidates per generation")
     max_flips: int = opt(3, "most level switches per mutation")
-    budget_evals: float = opt(35.0, "one-shot runs without --budget-token-layers: budget = this many whole-set "
+    budget_evals: float = opt(BUDGET_EVALS, "one-shot runs without --budget-token-layers: budget = this many whole-set "
                                     "evaluations of the dense model (0: none)", legacy=0.0)
     trains: bool = field(default=False, metadata={"cli": False})  # runner input: training-aware selection?
     tokens_per_stage: tuple | str | None = opt(
         AUTO, "fitness tokens per selection stage, e.g. 512,2048 (the last = the whole calibration set; auto: "
               "1/8 of the set, >= 64 tokens, then the whole set)", aliases=("fitness_tokens_per_stage",), kind="stages")
-    race_margin: float = opt(0.05, "racing: stop a last-stage child once it trails every parent by more than this "
-                                   "many nats per token still to score (0: off)", legacy=0.0)
+    race_margin: float = opt(RACE_MARGIN, "racing: stop a last-stage child once it trails every parent by more "
+                                          "than this many nats per token still to score (0: off)", legacy=0.0)
     start_from: str = opt("layers", "also start from the block search's answer at the same budget, mapped onto the "
                                     "ladders, and (one-shot) spend about as much again (layers), or from the uniform "
                                     "vector alone (none)", choices=START_FROM, legacy="none")

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from ...options import opt
 from ...spaces import RateVector, SearchError
 from ..base import Strategy, decode_fitness, encode_fitness
+from ..defaults import RACE_MARGIN
 from ..registry import register
 from ..staged import AUTO, Request, stage_tokens_option
 from .oneshot import owl_rates
@@ -58,8 +59,8 @@ class WidthEvoConfig:
     step: float = opt(0.05, "largest rate moved between two layers per mutation")
     scores: tuple | None = opt(None, "OWL outlier ratio per layer (supplied by the runner)", cli=False)
     lam: float = opt(0.08, "OWL rate spread lambda of the initial OWL vector", flag="owl_lambda")
-    race_margin: float = opt(0.05, "racing: stop a child once it trails every population member by more than this "
-                                   "many nats per token still to score (0: off)", legacy=0.0)
+    race_margin: float = opt(RACE_MARGIN, "racing: stop a child once it trails every population member by more "
+                                          "than this many nats per token still to score (0: off)", legacy=0.0)
     tokens_per_stage: tuple | str | None = opt(
         "auto", "fitness tokens of a screening stage for the probes and children and of the whole set, e.g. 64,512 "
                 "(auto: 1/8 of the set, >= 64 tokens, then the whole set; none: everything on the whole set)",
