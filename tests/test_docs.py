@@ -40,3 +40,17 @@ def test_no_issue_numbers_in_code_or_readme():
             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
             if re.search(r"\bissue [0-9]", line, re.I)]
     assert hits == []
+
+
+def test_search_help_shows_what_a_user_sets_and_help_all_the_rest(capsys):
+    from evoprune.cli import main
+
+    for flag, most in (("--help", 40), ("--help-all", None)):
+        assert main(["search", flag]) == 0
+        shown = [ln.split()[0] for ln in capsys.readouterr().out.splitlines() if ln.startswith("  -")]
+        if most:
+            assert len(shown) <= most and "--race-margin" not in shown and "--sparsity" in shown
+        else:
+            assert "--race-margin," not in shown and "--race-margin" in shown and len(shown) > 90
+    ns = build_parser().parse_args(["search", "--race-margin", "0.1", "--out", "x"])  # an expert flag still parses
+    assert ns.race_margin == 0.1

@@ -35,6 +35,8 @@ def _help(action: argparse.Action) -> str:
     text = (action.help or "").replace("%(default)s", str(action.default)).replace("|", "\\|")
     if action.required and action.option_strings:
         text = "(required) " + text
+    if getattr(action, "expert", False):
+        text = "*(expert: `--help-all`, recipe files)* " + text
     return re.sub(r"\s+", " ", text).strip()
 
 

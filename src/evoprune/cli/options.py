@@ -27,7 +27,8 @@ from ..options import (
     parse_stages,
 )
 
-__all__ = ["add_options", "add_search_options", "given", "flag_name", "BoolFlag"]
+__all__ = ["add_options", "add_search_options", "given", "flag_name", "BoolFlag", "UserHelpFormatter", "HelpAll",
+           "mark_expert"]
 
 
 def flag_name(name: str) -> str:
@@ -51,6 +52,40 @@ class BoolFlag(argparse.Action):
             setattr(namespace, self.dest, True if values is None else parse_bool(values))
         except ValueError as e:
             parser.error(f"{option_string}: {e}")
+
+
+class UserHelpFormatter(argparse.HelpFormatter):
+    """``--help`` that leaves out the actions marked ``expert`` (:func:`mark_expert`), in the usage line too."""
+
+    def add_usage(self, usage, actions, groups, prefix=None):
+        super().add_usage(usage, [a for a in actions if not getattr(a, "expert", False)], groups, prefix)
+
+    def add_argument(self, action):
+        if not getattr(action, "expert", False):
+            super().add_argument(action)
+
+
+class HelpAll(argparse.Action):
+    """``--help-all``: the help with every option, the expert ones included, then exit."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show every option, the expert knobs included (they also work in recipe files)")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for a in parser._actions:
+            a.expert = False
+        parser.print_help()
+        parser.exit()
+
+
+def mark_expert(parser: argparse.ArgumentParser, shown: Iterable[str]) -> None:
+    """Mark every option of ``parser`` whose dest is not in ``shown`` as expert: left out of ``--help``
+    (:class:`UserHelpFormatter`), listed by ``--help-all``, parsed as always."""
+    shown = set(shown)
+    for a in parser._actions:
+        a.expert = bool(a.option_strings) and a.dest not in shown and not isinstance(a, (argparse._HelpAction,
+                                                                                        HelpAll))
 
 
 def _type(o: Option):

@@ -109,10 +109,25 @@ def cmd_resume(args) -> int:
     return 0
 
 
+# what a user sets, shown by ``search --help``; every other option is an expert knob: parsed as a flag and read
+# from recipe files as always, listed by ``--help-all`` and in docs/cli.md
+USER_OPTIONS = frozenset({
+    "space", "method", "seed", "config", "out", "model", "device", "dtype", "calib", "sampling", "nsamples", "seqlen",
+    "calib_from", "sparsity", "drop_count", "budget_token_layers", "fitness", "cache_mb", "protect_ends",
+    "importance", "reconstruct", "operator_url", "operator_model", "training_aware", "train_data", "start_from",
+    "generations", "population", "budget", "workers", "ray_address", "device_map", "report_to"})
+
+
 def add_parsers(sub) -> None:
+    from .options import HelpAll, UserHelpFormatter, mark_expert
+
     p = sub.add_parser("search", help="search for a pruning pattern (writes a resumable run directory)",
+                       formatter_class=UserHelpFormatter,
                        description="Search for what to prune. Every option has one default, owned by the config "
-                                   "class it belongs to; method options apply to the methods their help names.")
+                                   "class it belongs to; method options apply to the methods their help names. "
+                                   "This help shows what a user sets; --help-all adds the expert knobs, which "
+                                   "recipe files (--config) take as well.")
+    p.add_argument("--help-all", action=HelpAll)
     p.add_argument("--space", default=argparse.SUPPRESS, help="layers (drop whole blocks) | width (per-layer head/"
                    "channel rates, Self-Pruner) | levels (attention and MLP compression levels, DarwinLM) "
                    "(default: layers)")
@@ -125,6 +140,7 @@ def add_parsers(sub) -> None:
                    help="random: use the evaluation count of this finished run as --budget")
     p.add_argument("--out", required=True, help="run directory (resumed if it holds the same search)")
     add_search_options(p, sections=search_sections(), methods=search_methods())
+    mark_expert(p, USER_OPTIONS)
     p.set_defaults(func=cmd_search)
 
     from ..runner.sections import ExecutionOptions
