@@ -258,6 +258,8 @@ class SearchConfig:
                 for f in dataclasses.fields(sec):
                     if "legacy" in f.metadata and f.name not in values[name]:
                         values[name][f.name] = f.metadata["legacy"]
+        for key, value in get_strategy(method, space).calibration.items():
+            values["calibration"].setdefault(key, value)
         return cls._from_values(space, method, top.get("seed", 0), values)
 
     @staticmethod

@@ -96,6 +96,9 @@ class Strategy:
     inputs: ClassVar[tuple[str, ...]] = ()
     needs: ClassVar[frozenset[str]] = frozenset()
     round_name: ClassVar[str] = "generation"
+    # calibration options the method was published with, used where the user sets none (``CalibOptions``
+    # holds the defaults every other method was measured with)
+    calibration: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, space, rng: np.random.Generator, **options: Any) -> None:
         if getattr(space, "kind", None) != self.space_kind:

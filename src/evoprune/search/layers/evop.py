@@ -92,6 +92,7 @@ class EvopStrategy(Strategy):
 
     config_cls = EvopConfig
     config: EvopConfig
+    calibration = {"sampling": "ccds", "seqlen": 2048}  # the paper's CCDS: 5 clusters x 1 sample of 2048 tokens
 
     def __init__(self, space, rng, **options) -> None:
         super().__init__(space, rng, **options)
