@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -12,9 +10,22 @@ from transformers import GPT2Config
 
 
 def run(*args, env=None):
-    e = {**os.environ, "EVOPRUNE_NO_PROGRESS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "evoprune.cli", *args], capture_output=True, text=True, env=e,
-                          timeout=300)
+    """``evoprune ARGS`` in this process (``main``), its exit code and what it printed."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from evoprune.cli import main
+
+    out, err, saved = io.StringIO(), io.StringIO(), dict(os.environ)
+    os.environ.update({"EVOPRUNE_NO_PROGRESS": "1", **(env or {})})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def _one_error_line(r, needle):
