@@ -215,3 +215,16 @@ def test_no_private_names_cross_modules():
 
 def test_modules_and_functions_stay_short():
     assert too_long() == []
+
+
+def test_the_runner_reads_no_method_option():
+    """The loop and the problems learn what they need of a method (stages, survivors, racing) from its typed
+    ``Strategy.selection``; they may hand the options to the strategy, never read a field of them."""
+    import re
+
+    bad = []
+    for path in [SRC / "runner" / "loop.py", *sorted((SRC / "runner" / "problems").glob("*.py"))]:
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"method_options\.\w|getattr\([^)]*method_options", line):
+                bad.append(f"{path.name}:{i}: {line.strip()}")
+    assert bad == []

@@ -71,7 +71,7 @@ def _shape(lm) -> dict:
 def _stages(cfg, n: int, t: int) -> list[tuple[int, int]]:
     from ..runner.problems.common import stage_slices, stage_tokens
 
-    return stage_slices(stage_tokens(cfg.method_options), n, t)
+    return stage_slices(stage_tokens(cfg), n, t)
 
 
 def _hessian_passes(cfg, sh: dict, n_tokens: int) -> int:

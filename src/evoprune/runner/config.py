@@ -138,7 +138,7 @@ class SearchConfig:
         for name in ("operator", "training"):
             if name not in sections and getattr(self, name) is not None:
                 raise UserError(f"--method {method} (--space {self.space}) has no {name} options")
-        check_stages(self.method_options)
+        check_stages(self)
         PROBLEMS[self.space].check_config(self)
         if "operator" in self.requirements and (self.operator.url is None or self.operator.model is None):
             raise UserError(f"--method {method} needs --operator-url and --operator-model (an OpenAI-compatible "
@@ -155,6 +155,11 @@ class SearchConfig:
     def requirements(self) -> frozenset[str]:
         """What the strategy needs for these options (see :attr:`evoprune.search.base.Strategy.needs`)."""
         return self.strategy_cls.requirements(self.method_options)
+
+    @property
+    def selection(self):
+        """The method's :class:`~evoprune.search.base.Selection` (stages, survivors, racing)."""
+        return self.strategy_cls.selection(self.method_options)
 
     @property
     def distributed(self) -> bool:

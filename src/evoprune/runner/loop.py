@@ -177,7 +177,7 @@ def _loop(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, reu
     evaluators, given = problem.evaluators, cfg.budget.budget_token_layers
     budget = given if given is not None else strategy.default_budget(tuple(e.calib.n_tokens for e in evaluators))
     counters["budget_token_layers"] = budget
-    races = bool(getattr(cfg.method_options, "race_margin", 0))
+    races = cfg.selection.races
     links = _links(evaluators)
 
     def exhausted(extra: int = 0) -> bool:

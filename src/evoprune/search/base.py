@@ -54,7 +54,20 @@ import numpy as np
 
 from ..spaces import SearchError
 
-__all__ = ["Strategy", "NoOptions", "OneShot", "drive", "encode_fitness", "decode_fitness"]
+__all__ = ["Strategy", "NoOptions", "OneShot", "Selection", "drive", "encode_fitness", "decode_fitness"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """How a method's candidates are selected, as the runner needs to know it (read by the method from its own
+    options, :meth:`Strategy.selection`): the fidelity stages (``tokens_per_stage``: ``None`` for one stage,
+    ``"auto"`` or tokens per stage), the survivors of each stage (``None``: the method has none), how many
+    stages its training data must match, and whether full-fidelity candidates are raced."""
+
+    tokens_per_stage: tuple | str | None = None
+    survivors: tuple[int, ...] | None = None
+    n_stages: int = 1
+    races: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +139,15 @@ class Strategy:
     @classmethod
     def check(cls, space, config) -> None:
         """Raise :class:`SearchError` for a configuration that cannot run on ``space``, before any setup."""
+
+    @classmethod
+    def selection(cls, config) -> Selection:
+        """The :class:`Selection` of options ``config`` (default: the staged options' names where the method
+        has them; a method whose options mean something else overrides this)."""
+        stages = getattr(config, "tokens_per_stage", None)
+        n = getattr(config, "n_stages", None)
+        return Selection(tokens_per_stage=stages, survivors=getattr(config, "survivors", None),
+                         n_stages=n if isinstance(n, int) else 1, races=bool(getattr(config, "race_margin", 0)))
 
     def result_extras(self) -> dict:
         """Fields this method adds to ``result.json`` (default: none)."""

@@ -15,15 +15,15 @@ __all__ = ["stage_slices", "stage_tokens", "check_stages", "auto_first_stage", "
 
 
 
-def stage_tokens(method_options) -> tuple[int, ...] | None:
-    """The ``tokens_per_stage`` of a staged method's options (``None`` for one stage or an unstaged method)."""
-    return getattr(method_options, "tokens_per_stage", None)
+def stage_tokens(cfg) -> tuple[int, ...] | str | None:
+    """The ``tokens_per_stage`` of a search's method (``None`` for one stage or an unstaged method)."""
+    return cfg.selection.tokens_per_stage
 
 
-def check_stages(method_options) -> None:
+def check_stages(cfg) -> None:
     """A staged method's survivors need one fitness slice per stage: several stages need ``tokens_per_stage``."""
-    surv = getattr(method_options, "survivors", None)
-    if surv is not None and stage_tokens(method_options) is None and len(surv) != 1:
+    sel = cfg.selection
+    if sel.survivors is not None and sel.tokens_per_stage is None and len(sel.survivors) != 1:
         raise UserError("several --survivors-per-stage entries need --tokens-per-stage")
 
 

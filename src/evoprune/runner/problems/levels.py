@@ -63,7 +63,7 @@ def train_tokens(cfg, n_samples: int, seqlen: int) -> list[int] | None:
         return None
     if cfg.training.tokens_per_stage is not None:
         return list(cfg.training.tokens_per_stage)
-    return [m * t for m, t in stage_slices(stage_tokens(cfg.method_options), n_samples, seqlen)]
+    return [m * t for m, t in stage_slices(stage_tokens(cfg), n_samples, seqlen)]
 
 
 class LevelProblem:
@@ -81,7 +81,7 @@ class LevelProblem:
                             "to remove), not --drop-count")
         training = cfg.training
         if training is not None and training.tokens_per_stage is not None:
-            n_stages = getattr(cfg.method_options, "n_stages", 1)
+            n_stages = cfg.selection.n_stages
             if len(training.tokens_per_stage) != n_stages:
                 raise UserError(f"--train-tokens-per-stage needs one entry per selection stage ({n_stages}), "
                                 f"got {len(training.tokens_per_stage)}")
@@ -148,7 +148,7 @@ class LevelProblem:
         cfg = self.cfg
         spent = self._database(calib, run, fresh)
         applied = AppliedLevels(self.lm, self.db)
-        slices = stage_slices(stage_tokens(cfg.method_options), calib.n_samples, calib.seqlen)
+        slices = stage_slices(stage_tokens(cfg), calib.n_samples, calib.seqlen)
         train = train_tokens(cfg, calib.n_samples, calib.seqlen)
         pool = self._train_pool(calib) if train else None
         self.evaluators = []

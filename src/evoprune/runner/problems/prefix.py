@@ -59,7 +59,7 @@ def prefix_evaluators(cfg, lm, calib, run, *, sublayers: bool) -> list:
     """One prefix-cached evaluator per fidelity stage of ``cfg`` (see the module docstring); not prepared."""
     from ...fitness.evaluator import NLLEvaluator
 
-    slices = stage_slices(stage_tokens(cfg.method_options), calib.n_samples, calib.seqlen)
+    slices = stage_slices(stage_tokens(cfg), calib.n_samples, calib.seqlen)
     whole = (calib.n_samples, calib.seqlen)
 
     def build(every: int, lru_mb: float) -> list:

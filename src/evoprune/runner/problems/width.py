@@ -96,7 +96,7 @@ class WidthProblem:
             self.importance.save(path)
         if not fresh:
             spent = 0  # counted by the run that computed it
-        slices = stage_slices(stage_tokens(cfg.method_options), calib.n_samples, calib.seqlen)
+        slices = stage_slices(stage_tokens(cfg), calib.n_samples, calib.seqlen)
         whole = (calib.n_samples, calib.seqlen)
         recon = None
         if o.reconstruct == "ls":  # the dense model's output-projection Hessians, over the whole calibration set
