@@ -53,6 +53,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -150,8 +151,8 @@ def _run_search(cfg: SearchConfig, out, resume: bool, progress: bool, operator, 
     parts, links = {}, _links(problem.evaluators)
     for r in committed:  # the LRUs' bookkeeping and race references, as the uninterrupted run left them
         stage = r.get("stage")
-        _reused(problem.evaluators[-1 if stage is None else stage], problem.space.from_key(r["pattern"]), r,
-                _continued(r["pattern"], stage, links, parts))
+        _reused(Job(None, stage, problem.space.from_key(r["pattern"]), problem.evaluators[-1 if stage is None else
+                    stage], r, None, _continued(r["pattern"], stage, links, parts)))
         if not r.get("raced") and "batch_losses" in r:
             parts[(r["pattern"], stage)] = tuple(r["batch_losses"])
     prev_wall = (state or {}).get("wall_s", 0.0)
@@ -194,28 +195,27 @@ def _loop(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, reu
         while not strategy.done and not stopped:
             cands = strategy.ask()
             fits = []
-            for c, stage, genome, loss, tokens, tl, batch_losses, complete in _scored(
-                    cands, evaluators, reuse, exhausted, parts, strategy.race_of, pool, links):
+            for s in _scored(cands, evaluators, reuse, exhausted, parts, strategy.race_of, pool, links):
                 counters["evaluations"] += 1
-                counters["token_layers"] += tl
-                row = {"eval": counters["evaluations"], "generation": counters["generation"], "pattern": c.key,
-                       **problem.row(genome), "loss": loss, "tokens": tokens, "eval_token_layers": tl,
-                       "token_layers": counters["token_layers"]}
-                if stage is not None:
-                    row["stage"] = stage
-                if (races and len(batch_losses) > 1) or links or not complete:  # race refs, continuations
-                    row["batch_losses"] = list(batch_losses)
-                if not complete:
+                counters["token_layers"] += s.token_layers
+                row = {"eval": counters["evaluations"], "generation": counters["generation"],
+                       "pattern": s.candidate.key, **problem.row(s.genome), "loss": s.loss, "tokens": s.tokens,
+                       "eval_token_layers": s.token_layers, "token_layers": counters["token_layers"]}
+                if s.stage is not None:
+                    row["stage"] = s.stage
+                if (races and len(s.batch_losses) > 1) or links or not s.complete:  # race refs, continuations
+                    row["batch_losses"] = list(s.batch_losses)
+                if not s.complete:
                     row["raced"] = True
                 else:
-                    parts[(c.key, stage)] = tuple(batch_losses)
-                origin = strategy.origin_of(genome)
+                    parts[(s.candidate.key, s.stage)] = tuple(s.batch_losses)
+                origin = strategy.origin_of(s.genome)
                 if origin is not None:
                     row["origin"] = origin
                 run.append_history(row)
-                fits.append(loss if complete else math.inf)
-                if complete and (stage is None or stage == len(evaluators) - 1):
-                    best_seen = min(best_seen, loss)
+                fits.append(s.loss if s.complete else math.inf)
+                if s.complete and (s.stage is None or s.stage == len(evaluators) - 1):
+                    best_seen = min(best_seen, s.loss)
                 display.update(counters["generation"], best_seen, counters["evaluations"], counters["token_layers"])
             stopped = len(fits) < len(cands)  # only the budget ends a batch early
             if fits:
@@ -298,22 +298,51 @@ def _continued(key: str, stage, links: dict, parts: dict) -> tuple:
     return ()
 
 
-def _reused(ev, genome, r: dict, done: tuple = ()) -> tuple:
+class Job(NamedTuple):
+    """One candidate to score, as planned for the sequential loop and for a wave of workers alike: its
+    ``stage`` (``None``: one stage), ``genome``, the stage's ``evaluator``, the history row it replays
+    (``reused``, else ``None``), its ``race`` and the batch losses it continues from (``done``)."""
+
+    candidate: Any
+    stage: int | None
+    genome: Any
+    evaluator: Any
+    reused: dict | None
+    race: Any
+    done: tuple
+
+
+class Scored(NamedTuple):
+    """A scored candidate, in ask order: loss, tokens and token-layers spent, per-batch losses, and whether
+    every batch was scored (``complete``; a raced candidate stops early)."""
+
+    candidate: Any
+    stage: int | None
+    genome: Any
+    loss: float
+    tokens: int
+    token_layers: int
+    batch_losses: tuple
+    complete: bool
+
+
+def _reused(job: Job) -> Scored:
+    r = job.reused
     raced = bool(r.get("raced"))
-    batches = len(r["batch_losses"]) if raced else None
-    ev.replay(genome, batches, len(done))
-    return r["loss"], r["tokens"], r["eval_token_layers"], tuple(r.get("batch_losses", ())), not raced
+    job.evaluator.replay(job.genome, len(r["batch_losses"]) if raced else None, len(job.done))
+    return Scored(job.candidate, job.stage, job.genome, r["loss"], r["tokens"], r["eval_token_layers"],
+                  tuple(r.get("batch_losses", ())), not raced)
 
 
 def _scored(cands, evaluators, reuse: dict, exhausted, parts: dict, race_of, pool=None, links=None):
-    """``(candidate, stage, genome, loss, tokens, token_layers, batch losses, complete)`` of ``cands``, in order.
+    """The :class:`Scored` of ``cands``, in order.
 
     Stops before the first candidate at which ``exhausted()`` (the budget is spent; the caller updates
     its running total between items; ``exhausted(extra)``: would it be after ``extra`` more). Rows of
     ``reuse`` (logged after the last saved state) are replayed, not evaluated. A request with race
     references is raced against their batch losses in ``parts`` (``(key, stage)`` -> per-batch loss
     totals of complete evaluations). With a :class:`~evoprune.runner.distributed.WorkerPool` the
-    candidates are evaluated in parallel in waves: a wave holds the next candidates that are sure to
+    candidates are evaluated in parallel in waves: a wave holds the next :class:`Job` s that are sure to
     come before the budget's stop (counting each at its evaluator's ``dense_token_layers``, an upper
     bound; a raced one's cost is only known once it ran); its results are replayed in order through
     the driver's evaluators (the LRU bookkeeping gives the sequential run's token-layers, hence the
@@ -321,7 +350,7 @@ def _scored(cands, evaluators, reuse: dict, exhausted, parts: dict, race_of, poo
     stop is dispatched. A candidate whose lower stage scored the first batches of its stage's data
     continues from them (``links``, :func:`_continued`).
     """
-    plan = []
+    plan: list[Job] = []
     for c in cands:
         if pool is None and exhausted():
             return
@@ -330,36 +359,35 @@ def _scored(cands, evaluators, reuse: dict, exhausted, parts: dict, race_of, poo
         ev = evaluators[-1 if stage is None else stage]
         r = reuse.pop((c.key, stage), None)
         done = _continued(c.key, stage, links or {}, parts)
+        race = None if r is not None else _race(race_of(c), stage, ev, parts)
+        job = Job(c, stage, genome, ev, r, race, done)
         if pool is not None:
-            race = None if r is not None else _race(race_of(c), stage, ev, parts)
-            plan.append((c, stage, genome, ev, r, race, done))
-            continue
-        if r is not None:
-            yield (c, stage, genome, *_reused(ev, genome, r, done))
-            continue
-        if _EVAL_DELAY:
-            time.sleep(_EVAL_DELAY)
-        race = _race(race_of(c), stage, ev, parts)
-        e = ev.evaluate(genome, race=race, done=done)
-        yield c, stage, genome, e.loss, e.tokens, e.token_layers, e.batch_losses, e.complete
+            plan.append(job)
+        elif r is not None:
+            yield _reused(job)
+        else:
+            if _EVAL_DELAY:
+                time.sleep(_EVAL_DELAY)
+            e = ev.evaluate(genome, race=race, done=done)
+            yield Scored(c, stage, genome, e.loss, e.tokens, e.token_layers, tuple(e.batch_losses), e.complete)
     i = 0
     while i < len(plan):
         wave, ahead = [], 0
         while i < len(plan) and not exhausted(ahead):
-            wave.append(plan[i])
-            ahead += plan[i][4]["eval_token_layers"] if plan[i][4] is not None else plan[i][3].dense_token_layers
+            job = plan[i]
+            wave.append(job)
+            ahead += job.reused["eval_token_layers"] if job.reused is not None else job.evaluator.dense_token_layers
             i += 1
         if not wave:
             return
-        results = pool.imap([(genome, stage, race, done) for _, stage, genome, _, r, race, done in wave if r is None])
-        for c, stage, genome, ev, r, _, done in wave:
-            if r is not None:
-                yield (c, stage, genome, *_reused(ev, genome, r, done))
+        results = pool.imap([(j.genome, j.stage, j.race, j.done) for j in wave if j.reused is None])
+        for job in wave:
+            if job.reused is not None:
+                yield _reused(job)
                 continue
             loss, tokens, _, batch_losses, complete = next(results)
-            batches = None if complete else len(batch_losses)
-            tl = ev.replay(genome, batches, len(done))
-            yield c, stage, genome, loss, tokens, tl, batch_losses, complete
+            tl = job.evaluator.replay(job.genome, None if complete else len(batch_losses), len(job.done))
+            yield Scored(job.candidate, job.stage, job.genome, loss, tokens, tl, tuple(batch_losses), complete)
 
 
 def _make_operator(cfg: SearchConfig, lm, run: RunDir, problem):
