@@ -228,3 +228,19 @@ def test_the_runner_reads_no_method_option():
             if re.search(r"method_options\.\w|getattr\([^)]*method_options", line):
                 bad.append(f"{path.name}:{i}: {line.strip()}")
     assert bad == []
+
+
+def test_problems_and_evaluators_meet_the_typed_contract():
+    from evoprune.fitness.evaluator import NLLEvaluator
+    from evoprune.fitness.levels import LevelEvaluator
+    from evoprune.fitness.whole_model import WidthEvaluator
+    from evoprune.runner.problems import PROBLEMS, Evaluator, Problem
+
+    def methods(proto):
+        return [n for n, v in vars(proto).items() if callable(v) and not n.startswith("_")]
+
+    assert methods(Problem) == ["prepare", "row", "result", "summary"]
+    for cls in PROBLEMS.values():
+        assert all(callable(getattr(cls, m, None)) for m in methods(Problem)) and cls.kind and cls.options_cls
+    for cls in (NLLEvaluator, WidthEvaluator, LevelEvaluator):
+        assert all(callable(getattr(cls, m, None)) for m in methods(Evaluator)), cls

@@ -65,6 +65,7 @@ from .config import SearchConfig
 from .display import Display
 from .reporting import generation_metrics, reporters
 from .opening import open_run, opened, preflight
+from .problems.contract import Evaluator, Problem
 from .rundir import RunDir
 
 __all__ = ["run_search"]
@@ -171,8 +172,8 @@ def _run_search(cfg: SearchConfig, out, resume: bool, progress: bool, operator, 
     return _finish(cfg, run, problem, strategy, counters, calib, stopped, prev_wall + time.time() - t0, progress)
 
 
-def _loop(cfg: SearchConfig, run: RunDir, problem, strategy, counters: dict, reuse: dict, save_state, progress: bool,
-          t0: float, parts: dict, reporter) -> bool:
+def _loop(cfg: SearchConfig, run: RunDir, problem: Problem, strategy, counters: dict, reuse: dict, save_state,
+          progress: bool, t0: float, parts: dict, reporter) -> bool:
     """Ask, evaluate, log, tell until the strategy is done or the budget stops it; returns whether it stopped.
     ``parts``: batch losses of the complete evaluations so far (race references), extended here."""
     evaluators, given = problem.evaluators, cfg.budget.budget_token_layers
@@ -299,14 +300,13 @@ def _continued(key: str, stage, links: dict, parts: dict) -> tuple:
 
 
 class Job(NamedTuple):
-    """One candidate to score, as planned for the sequential loop and for a wave of workers alike: its
-    ``stage`` (``None``: one stage), ``genome``, the stage's ``evaluator``, the history row it replays
-    (``reused``, else ``None``), its ``race`` and the batch losses it continues from (``done``)."""
+    """A candidate to score, planned alike for the sequential loop and a wave of workers: ``stage`` (``None``:
+    one), the stage's ``evaluator``, the row it replays (``reused``), its ``race``, the losses it continues."""
 
     candidate: Any
     stage: int | None
     genome: Any
-    evaluator: Any
+    evaluator: Evaluator
     reused: dict | None
     race: Any
     done: tuple
@@ -334,7 +334,7 @@ def _reused(job: Job) -> Scored:
                   tuple(r.get("batch_losses", ())), not raced)
 
 
-def _scored(cands, evaluators, reuse: dict, exhausted, parts: dict, race_of, pool=None, links=None):
+def _scored(cands, evaluators: list[Evaluator], reuse: dict, exhausted, parts: dict, race_of, pool=None, links=None):
     """The :class:`Scored` of ``cands``, in order.
 
     Stops before the first candidate at which ``exhausted()`` (the budget is spent; the caller updates

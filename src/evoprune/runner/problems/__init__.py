@@ -15,14 +15,16 @@ A problem (``PROBLEMS[kind](cfg, lm)``) supplies
 - ``row(genome)`` / ``result(genome)`` / ``summary(genome)``: the space's fields of a history row, of
   ``result.json`` and of the closing line.
 
-Torch is imported only inside the problems' methods.
+Torch is imported only inside the problems' methods. The typed contract: :mod:`.contract` (``Problem``,
+``Evaluator``).
 """
+from .contract import Evaluator, Problem
 from .layers import LayerProblem, LayersOptions
 from .levels import LevelProblem, LevelsOptions
 from .sublayers import SublayerProblem, SublayersOptions
 from .width import WidthOptions, WidthProblem
 
-__all__ = ["PROBLEMS", "LayerProblem", "LayersOptions", "LevelProblem", "LevelsOptions", "SublayerProblem",
+__all__ = ["PROBLEMS", "Problem", "Evaluator", "LayerProblem", "LayersOptions", "LevelProblem", "LevelsOptions", "SublayerProblem",
            "SublayersOptions", "WidthOptions", "WidthProblem"]
 
 PROBLEMS = {p.kind: p for p in (LayerProblem, SublayerProblem, WidthProblem, LevelProblem)}
