@@ -218,3 +218,22 @@ def test_bench_llama_cpp_engine(tiny_dirs, tmp_path):
     assert out["engine"] == "llama.cpp" and out["rows"][1]["layers"] == 4 and out["outtype"] == "f16"
     r = _cli("bench", str(tiny_dirs["llama"]), "--drop", "1", "--engine", "llama.cpp", "--batch", "2")
     assert r.returncode == 2 and "--batch must be 1" in r.stderr
+
+
+def test_smollm2_levels_result_exports_f32_and_q8_0(tmp_path):
+    """A real level run (uniform structured OBS, 30%, 2 x 64 calibration tokens): OBS-updated weights, per-layer
+    widths from the level ladders, as deci."""
+    from evoprune.runner.config import SearchConfig
+    from evoprune.runner.loop import run_search
+
+    cfg = SearchConfig.build(model="smollm2-135m", calib="wikitext2", sampling="random", nsamples=2, seqlen=64,
+                             space="levels", method="uniform", sparsity=0.3)
+    run_search(cfg, tmp_path / "run", progress=False)
+    lm = load_model(str(tmp_path / "run"), progress=False)
+    src = gguf_file("smollm2-135m")
+    f32 = export_gguf(lm, tmp_path / "f32", outtype="f32", check_seqlen=128, gguf_source=src)
+    q8 = export_gguf(lm, tmp_path / "q8", outtype="q8_0", check_seqlen=128, gguf_source=src)
+    assert f32["architecture"] == "deci" and abs(f32["ppl_ratio"] - 1) < 1e-3
+    # OBS-updated weights from 128 tokens damage the model more than a search's (ppl ~2000 on the check tokens):
+    # the logits agree to 2e-3 x std, and q8_0's rounding moves its perplexity by a few percent either way
+    assert f32["mean_abs_dlogit"] < 2e-3 * f32["logit_std"] and 0.95 < q8["ppl_ratio"] < 1.05
