@@ -130,6 +130,31 @@ def _both(r: dict) -> float:
     return math.sqrt(r["h"]["wikitext2"] * r["h"]["c4"])
 
 
+def seeds_summary(rows: list[dict], args) -> str:
+    """Per budget and case, over the seeds: mean (each seed) of calib loss, held-out ppl, both and token-layers,
+    cases ranked by their mean of both."""
+    cases: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cases.setdefault((r["budget"], r["case"]), []).append(r)
+
+    def cell(vals, fmt):
+        return f"{fmt.format(sum(vals) / len(vals))} ({' / '.join(fmt.format(v) for v in vals)})"
+
+    table = []
+    for (budget, case), rs in sorted(cases.items(), key=lambda kv: (kv[0][0], sum(map(_both, kv[1])) / len(kv[1]))):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        table.append([f"{round(100 * budget)}%", rs[0]["space"], LABELS[case], ", ".join(str(r["seed"]) for r in rs),
+                      cell([r["res"]["calib_loss"] for r in rs], "{:.4f}"),
+                      cell([r["h"]["wikitext2"] for r in rs], "{:.2f}"), cell([r["h"]["c4"] for r in rs], "{:.2f}"),
+                      cell([_both(r) for r in rs], "{:.2f}"),
+                      cell([r["tl"] for r in rs], "{:.3g}")])
+    return (f"Seeds {args.seeds}: each seed draws its own calibration set (4 x 512 wikitext2 valid); held-out "
+            f"wikitext2 test / c4, {args.heldout_windows} x 512 tokens each, the same for every row; cases ranked "
+            "by their mean of both (the geometric mean of the two perplexities); cells: mean (each seed).\n\n"
+            + md_table(["budget", "space", "method (defaults)", "seeds", "calib loss", "wikitext2 ppl", "c4 ppl",
+                        "both", "token-layers"], table))
+
+
 def _record(cfg: SearchConfig | dict) -> dict:
     """What makes two runs the same case: all but execution options and the operator's address (a free port)."""
     d = {k: v for k, v in (cfg if isinstance(cfg, dict) else cfg.to_dict()).items() if k not in ("execution",
@@ -177,6 +202,8 @@ def main() -> None:
                     "model, LoRA defaults, --recover-steps x 256 tokens), e.g. 0.3")
     ap.add_argument("--recover-steps", type=int, default=100)
     ap.add_argument("--write", action="store_true", help="write the section into docs/RESULTS.md and the figure")
+    ap.add_argument("--section", default="leaderboard", help="another name writes only a per-case summary over "
+                    "the seeds (mean, then each seed) into that RESULTS section, e.g. leaderboard-seeds")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(args.work)
@@ -229,6 +256,12 @@ def main() -> None:
                 ppl_map[str(link)] = {k: v for k, v in h.items() if k in ("wikitext2", "c4", "decode tok/s")}
                 runs.append(str(link))
     servers.close()
+    if args.section != "leaderboard":
+        body = seeds_summary(rows, args)
+        print(body)
+        if args.write:
+            write_section(args.section, body)
+        return
     table, best = [], {}
     for r in sorted(rows, key=lambda r: (r["budget"], _both(r))):
         res = r["res"]
