@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..export.gguf import check_outtype, gguf_of
-from ..models.gguf import gguf_model
+from ..models.gguf import gguf_arch
 from .flops import ideal_speedup
 from .llamacpp import open_gguf, require_llama_cpp
 
@@ -37,7 +37,7 @@ def bench_llama_cpp(models: dict, *, outtype: str = "f16", seqlen: int = 512, de
     check_outtype(outtype)
     require_llama_cpp()
     for lm in models.values():
-        gguf_model(lm.model)  # what llama.cpp cannot express is refused before anything is written
+        gguf_arch(lm.model)  # what llama.cpp cannot express is refused before anything is written (no copies)
     threads = int(threads or os.cpu_count() or 1)
     n_ctx = max(seqlen, prompt_tokens + decode_tokens) + 8
     rows = []

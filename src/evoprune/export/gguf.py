@@ -11,8 +11,8 @@ evoprune's tokenizer; evoprune's in-memory model evaluates the same ids. f32 / f
 (mean ``|dlogit|`` relative to the logits' standard deviation: the largest single difference grows with
 position in a badly damaged model, where two summation orders drift apart) and in mean NLL; quantized types
 in perplexity, within a stated ratio (:data:`TOLERANCES`). A failed check, like any error, leaves nothing
-behind (the directory is built in a temporary sibling and moved into place). Written: ``model-<outtype>.gguf``, ``pruning.json``
-(what was removed, the layer sizes, the checks) and an Ollama ``Modelfile``.
+behind (the directory is built in a temporary sibling and moved into place). Written: ``model-<outtype>.gguf``,
+``pruning.json`` (what was removed, the layer sizes, the checks) and an Ollama ``Modelfile``.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from ..models.hooks import model_device
 from ..version import __version__
 from .checked import ExportError, check_out_dir, n_params
 
-__all__ = ["OUTTYPES", "TOLERANCES", "export_gguf", "check_outtype", "write_gguf", "quantize", "gguf_of"]
+__all__ = ["OUTTYPES", "TOLERANCES", "export_gguf", "check_outtype", "write_gguf", "quantize", "gguf_of", "ff_multiple"]
 
 # --outtype -> llama.cpp's llama_ftype (include/llama.h)
 OUTTYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15}
@@ -156,9 +156,16 @@ def quantize(src: Path, dst: Path, outtype: str, threads: int | None = None) -> 
     log.unlink()
 
 
-def gguf_of(lm, path: Path, outtype: str, *, gguf_source: Path | None = None, threads: int | None = None) -> Path:
-    """``lm`` written to ``path`` as an unchecked ``outtype`` GGUF (for a benchmark); returns ``path``."""
-    gm = gguf_model(lm.model, 1 if outtype in ("f32", "f16") else QUANT_BLOCK)
+def ff_multiple(outtype: str) -> int:
+    """What MLP widths are rounded up to for ``outtype``: a quantizer block, or 1 for float types."""
+    return 1 if outtype in ("f32", "f16") else QUANT_BLOCK
+
+
+def gguf_of(lm, path: Path, outtype: str, *, gguf_source: Path | None = None, threads: int | None = None,
+            gm: GGUFModel | None = None) -> Path:
+    """``lm`` (or its already built ``gm``) written to ``path`` as an unchecked ``outtype`` GGUF: f32 by the
+    ``gguf`` package, other types through llama.cpp's quantizer from a temporary f32 file; returns ``path``."""
+    gm = gm if gm is not None else gguf_model(lm.model, ff_multiple(outtype))
     name = f"{Path(str(lm.name or 'model')).name} (evoprune)"
     if outtype == "f32":
         write_gguf(gm, path, name=name, tokenizer=lm.tokenizer, gguf_source=gguf_source)
@@ -207,18 +214,13 @@ def export_gguf(lm, out: str | Path, *, outtype: str = "f16", overwrite: bool = 
     out = check_out_dir(out, overwrite)
     require_llama_cpp()
     # refuses what llama.cpp cannot express, before any file is written
-    gm = gguf_model(lm.model, 1 if outtype in ("f32", "f16") else QUANT_BLOCK)
+    gm = gguf_model(lm.model, ff_multiple(outtype))
     check_seqlen = min(check_seqlen, gm.hparams["context_length"])
     wins = _windows(lm, dataset, check_seqlen)
     ref_logits, ref_nll = _reference(lm.model, wins)
-    name = f"{Path(str(lm.name or 'model')).name} (evoprune)"
     fname = f"model-{outtype}.gguf"
     with user_input("--out directory", out, formats=False), atomic_dir(out) as tmp:
-        f32 = tmp / ("model-f32.gguf" if outtype == "f32" else ".model-f32.gguf")
-        write_gguf(gm, f32, name=name, tokenizer=lm.tokenizer, gguf_source=gguf_source)
-        if outtype != "f32":
-            quantize(f32, tmp / fname, outtype, threads)
-            f32.unlink()
+        gguf_of(lm, tmp / fname, outtype, gguf_source=gguf_source, threads=threads, gm=gm)
         with open_gguf(tmp / fname, n_ctx=check_seqlen, threads=threads) as cpp:
             got_logits = cpp.logits(wins[0].tolist())
             got_nll = cpp.nll(wins.numpy())

@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import UserError
 from .base import family, get_adapter
 
-__all__ = ["GGUFModel", "GGUFLayer", "GGUF_FAMILIES", "gguf_model", "layer_sizes"]
+__all__ = ["GGUFModel", "GGUFLayer", "GGUF_FAMILIES", "gguf_model", "gguf_arch", "layer_sizes"]
 
 
 @dataclass(frozen=True)
@@ -217,6 +217,25 @@ def _mlp_tensors(j: int, block, ff: int, adapter, hidden: int) -> dict[str, np.n
             f"blk.{j}.ffn_down.weight": np.concatenate([down, rows.T], axis=1)}
 
 
+def _layout(model: nn.Module) -> tuple[_Family, str, list[int], list[GGUFLayer]]:
+    """(family, llama.cpp architecture, kept block indices, their sizes); :class:`UserError` for what llama.cpp
+    cannot express. Reads shapes only: no tensor is copied."""
+    fam = _check(model)
+    adapter = get_adapter(model)
+    sizes = layer_sizes(model)
+    keep = [i for i, s in enumerate(sizes) if s.heads or s.ff]  # an empty block is the identity: left out
+    if not keep:
+        raise UserError("--format gguf: every block is empty; nothing for llama.cpp to run")
+    blocks = [adapter.get_blocks(model)[i] for i in keep]
+    sizes = [sizes[i] for i in keep]
+    return fam, fam.arch if _refuse_mixed(model, fam, sizes, keep, blocks, adapter) else "deci", keep, sizes
+
+
+def gguf_arch(model: nn.Module) -> str:
+    """The llama.cpp architecture ``model`` is written as; :class:`UserError` when it cannot be (no copies)."""
+    return _layout(model)[1]
+
+
 @torch.no_grad()
 def gguf_model(model: nn.Module, ff_multiple: int = 1) -> GGUFModel:
     """The in-memory ``model`` (any pruning applied) as llama.cpp tensors and hyper-parameters.
@@ -228,16 +247,10 @@ def gguf_model(model: nn.Module, ff_multiple: int = 1) -> GGUFModel:
     tensor is copied) when llama.cpp cannot express the model: an unsupported family or rope scaling, or
     blocks of different sizes in a family ``deci`` cannot run.
     """
-    fam = _check(model)
+    fam, arch, keep, sizes = _layout(model)
     adapter = get_adapter(model)
     c, hd, h = model.config, _head_dim(model), int(model.config.hidden_size)
-    sizes = layer_sizes(model)
-    keep = [i for i, s in enumerate(sizes) if s.heads or s.ff]  # an empty block is the identity: left out
-    if not keep:
-        raise UserError("--format gguf: every block is empty; nothing for llama.cpp to run")
     blocks = [adapter.get_blocks(model)[i] for i in keep]
-    sizes = [sizes[i] for i in keep]
-    arch = fam.arch if _refuse_mixed(model, fam, sizes, keep, blocks, adapter) else "deci"
     pad_attn = [0] if arch == "deci" and not sizes[0].heads else []
     per_group = max((s.heads // s.kv_heads for s in sizes if s.kv_heads), default=1)
     written = [GGUFLayer(s.heads or (per_group if j in pad_attn else 0), s.kv_heads or (1 if j in pad_attn else 0),

@@ -14,7 +14,6 @@ from ...search.defaults import AUTO_MIN_TOKENS, AUTO_SHARE
 __all__ = ["stage_slices", "stage_tokens", "check_stages", "auto_first_stage", "batch_prefix", "stage_links"]
 
 
-
 def stage_tokens(cfg) -> tuple[int, ...] | str | None:
     """The ``tokens_per_stage`` of a search's method (``None`` for one stage or an unstaged method)."""
     return cfg.selection.tokens_per_stage
