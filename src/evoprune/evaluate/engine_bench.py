@@ -56,8 +56,7 @@ def bench_llama_cpp(models: dict, *, outtype: str = "f16", seqlen: int = 512, de
         for rep in range(repeats + 1):  # repeat 0 is the warm-up
             for row in rows:
                 with open_gguf(files[row["name"]], n_ctx=n_ctx, threads=threads) as cpp:
-                    pre = cpp.speed(ids, 0, repeats=1)["prefill tok/s"]
-                    dec = cpp.speed(prompt, decode_tokens, repeats=1)["decode tok/s"]
+                    pre, dec = cpp.prefill_tok_s(ids), cpp.decode_tok_s(prompt, decode_tokens)
                 if rep:
                     row["prefill_tok_s_all"].append(round(pre, 3))
                     row["decode_tok_s_all"].append(round(dec, 3))

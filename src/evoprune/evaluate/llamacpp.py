@@ -3,7 +3,7 @@
 Owns :func:`open_gguf` (a loaded :class:`LlamaCpp`, freed on exit), :meth:`LlamaCpp.logits` (every
 position's logits for given token ids, from an empty context), :meth:`LlamaCpp.nll` (mean next-token NLL
 over windows of ids, as :func:`evoprune.evaluate.perplexity.perplexity` counts it) and
-:meth:`LlamaCpp.speed` (prefill and decode tokens/s). Token ids come from evoprune's tokenizer, so a
+:meth:`LlamaCpp.prefill_tok_s` / :meth:`LlamaCpp.decode_tok_s`. Token ids come from evoprune's tokenizer, so a
 comparison with evoprune's model is a comparison of the models, not of two tokenizers.
 """
 from __future__ import annotations
@@ -93,22 +93,23 @@ class LlamaCpp:
             total, n = total + float(nll.sum()), n + len(nll)
         return total / n
 
-    def speed(self, prompt: Sequence[int], decode: int, repeats: int = 3) -> dict:
-        """Prefill tokens/s of ``prompt`` and decode tokens/s of ``decode`` greedy tokens after it (medians)."""
-        pre, dec = [], []
-        for _ in range(repeats):
-            self.llm.reset()
-            t = time.perf_counter()
-            self.llm.eval(list(map(int, prompt)))
-            pre.append(len(prompt) / (time.perf_counter() - t))
-            tok = int(np.argmax(self.llm.scores[len(prompt) - 1]))
-            t = time.perf_counter()
-            for _ in range(decode):
-                self.llm.eval([tok])
-                tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-            dec.append(decode / (time.perf_counter() - t))
-        return {"prefill tok/s": float(np.median(pre)), "decode tok/s": float(np.median(dec)),
-                "threads": self.threads}
+    def prefill_tok_s(self, ids: Sequence[int]) -> float:
+        """Tokens/s of evaluating ``ids`` from an empty context."""
+        self.llm.reset()
+        t = time.perf_counter()
+        self.llm.eval(list(map(int, ids)))
+        return len(ids) / (time.perf_counter() - t)
+
+    def decode_tok_s(self, prompt: Sequence[int], n: int) -> float:
+        """Tokens/s of ``n`` greedy tokens, one at a time, after ``prompt`` (whose prefill is not timed)."""
+        self.llm.reset()
+        self.llm.eval(list(map(int, prompt)))
+        tok = int(np.argmax(self.llm.scores[len(prompt) - 1]))
+        t = time.perf_counter()
+        for _ in range(n):
+            self.llm.eval([tok])
+            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return n / (time.perf_counter() - t)
 
 
 @contextlib.contextmanager
