@@ -3,8 +3,8 @@
 For the leaderboard's runs (SmolLM2-135M, seed 0) — layers ``evo`` at 20% and 30%, sub-layers ``evo`` at 20% (an
 attention-free and an MLP-free block) and 30%, width ``evo`` and levels ``darwinlm`` at 30% — this script:
 
-1. exports each with ``evoprune export RUN --format gguf --outtype f32`` and ``q8_0``: the checked export, whose
-   record holds llama.cpp's and evoprune's perplexity on the same 2 x 256 held-out wikitext2 tokens;
+1. exports each with ``evoprune export RUN --format gguf --outtype f32``, ``q8_0`` and ``q4_k_m``: the checked
+   export, whose record holds llama.cpp's and evoprune's perplexity on the same 2 x 256 held-out wikitext2 tokens;
 2. times each against the dense model in llama.cpp, ``evoprune bench RUN --engine llama.cpp --outtype T`` at f16 and
    q8_0 (512-token prefill, 32 decoded tokens, median of ``--repeats``, ``--threads`` threads);
 3. puts the speedups beside ``evoprune bench RUN`` (transformers on CPU; the leaderboard's measurement where it has
@@ -56,7 +56,7 @@ def main() -> None:
     for space, budget, name in RUNS:
         run = runs / name
         exp = {}
-        for t in ("f32", "q8_0"):
+        for t in ("f32", "q8_0", "q4_k_m"):
             d = work / "export" / f"{name}_{t}"
             exp[t] = _cli(work / "export" / f"{name}_{t}.json", "export", str(run), "--format", "gguf", "--outtype",
                           t, "--out", str(d), "--overwrite")
@@ -64,7 +64,7 @@ def main() -> None:
         checks.append([f"{round(100 * budget)}%", space, exp["f32"]["architecture"], str(exp["f32"]["n_layers"]),
                        f"{exp['f32']['evoprune_ppl']:.3f}", f"{exp['f32']['llama_cpp_ppl']:.3f}",
                        f"{exp['f32']['mean_abs_dlogit']:.2e}", f"{exp['q8_0']['llama_cpp_ppl']:.3f}",
-                       f"{exp['q8_0']['ppl_ratio']:.4f}",
+                       f"{exp['q8_0']['ppl_ratio']:.4f}", f"{exp['q4_k_m']['ppl_ratio']:.4f}",
                        ", ".join(map(str, exp["q8_0"]["mlp_padded_layers"])) or "-"])
         cpp = {t: _cli(work / "bench" / f"{name}_{t}_t{args.threads}.json", "bench", str(run), "--engine", "llama.cpp",
                        "--outtype", t, "--repeats", str(args.repeats), "--threads", str(args.threads))
@@ -81,7 +81,8 @@ def main() -> None:
             "llama.cpp and scores the same 2 x 256 held-out wikitext2 token ids as evoprune (f32: mean |dlogit| as "
             "well); q8_0 MLP widths are rounded up to multiples of 32 with zero channels.\n\n"
             + md_table(["budget", "space", "GGUF arch", "blocks", "evoprune ppl", "llama.cpp f32 ppl",
-                        "f32 mean abs dlogit", "llama.cpp q8_0 ppl", "q8_0 / evoprune", "q8_0 padded MLPs"], checks)
+                        "f32 mean abs dlogit", "llama.cpp q8_0 ppl", "q8_0 / evoprune", "q4_k_m / evoprune",
+                        "q8_0 padded MLPs"], checks)
             + f"\n\nSpeedup pruned / dense (prefill / decode tokens/s; 512-token prefill, 32 decoded tokens after a "
             f"16-token prompt, median of {args.repeats} after a warm-up; llama.cpp {args.threads} threads, "
             "transformers as `evoprune bench` defaults):\n\n"
