@@ -244,3 +244,26 @@ def test_problems_and_evaluators_meet_the_typed_contract():
         assert all(callable(getattr(cls, m, None)) for m in methods(Problem)) and cls.kind and cls.options_cls
     for cls in (NLLEvaluator, WidthEvaluator, LevelEvaluator):
         assert all(callable(getattr(cls, m, None)) for m in methods(Evaluator)), cls
+
+
+def test_one_staging_implementation():
+    """Every method whose options have fidelity stages selects through :class:`StagedStrategy`, and no module but
+    ``search/staged.py`` keeps a per-stage fitness memo of its own."""
+    import dataclasses
+    import re
+
+    from evoprune.search.registry import SPACE_KINDS, get_strategy, methods
+    from evoprune.search.staged import StagedStrategy
+
+    staged = []
+    for space in SPACE_KINDS:
+        for name in methods(space):
+            cls = get_strategy(name, space)
+            if "tokens_per_stage" in {f.name for f in dataclasses.fields(cls.config_cls)}:
+                staged.append(f"{space}:{name}")
+                assert issubclass(cls, StagedStrategy), f"{space}:{name}"
+    assert {"layers:evo", "sublayers:evo", "width:evo", "width:self-pruner", "levels:darwinlm"} <= set(staged)
+    bad = [f"{p.relative_to(SRC)}:{i}" for p in sorted((SRC / "search").rglob("*.py")) if p.name != "staged.py"
+           for i, line in enumerate(p.read_text().splitlines(), 1)
+           if re.search(r"self\._low\s*(:[^=]*)?=|_screening", line)]
+    assert bad == []

@@ -1,4 +1,5 @@
-"""Multi-stage (mu + lambda) selection shared by ``evo`` (layer dropping) and ``darwinlm`` (levels).
+"""Multi-stage (mu + lambda) selection: the one staging implementation of every staged strategy (``evo`` of each
+space, ``self-pruner``, ``darwinlm``).
 
 Owns :class:`Request` and :class:`StagedStrategy`, the ask/tell machinery of a
 generation scored stage by stage (EvoPress / DarwinLM selection):
@@ -18,6 +19,10 @@ generation scored stage by stage (EvoPress / DarwinLM selection):
   search ends after ``generations`` cohorts, or when a cohort comes out empty.
   ``best`` is the lowest last-stage fitness seen.
 
+Subclass hooks beyond the cohorts: the stage a cohort enters at (:meth:`StagedStrategy._entry_stage`, e.g. a
+population scored on the whole set at once), the survivors and elitism when the options name them otherwise,
+what happens once parents are chosen, and what :meth:`ask` hands the runner (bare genomes in a one-stage run).
+
 The subclass's ``config`` is a :class:`StagedOptions` (``generations``,
 ``offspring``, ``survivors`` per stage, ``tokens_per_stage``, ``elitism``). Torch-free.
 """
@@ -30,7 +35,7 @@ from typing import Any, ClassVar, Sequence
 from ..options import opt
 from ..spaces import SearchError
 from .base import Strategy, decode_fitness, encode_fitness
-from .defaults import AUTO_SHARE, START_SHARE
+from .defaults import START_SHARE
 
 __all__ = ["AUTO", "Request", "StagedOptions", "StagedStrategy", "SwapEvoOptions", "stage_tokens_option", "START_FROM",
            "BlockStart", "check_start"]
@@ -231,7 +236,8 @@ class StagedStrategy(Strategy):
 
     def __init__(self, space, rng, **options) -> None:
         super().__init__(space, rng, **options)
-        self.last = len(self.config.survivors) - 1
+        self.survivors: tuple[int, ...] = self._survivors()
+        self.last = len(self.survivors) - 1
         self.parents: list = []
         self._low: dict[str, float] = {}  # "key@stage" -> fitness, stages < last
         self.stage = 0
@@ -240,8 +246,8 @@ class StagedStrategy(Strategy):
         self.active: list = []
 
     def _start(self, cohort: list) -> None:
-        """Begin scoring ``cohort`` at stage 0 (an empty cohort ends the search)."""
-        self.cohort, self.active, self.stage = list(cohort), list(cohort), 0
+        """Begin scoring ``cohort`` at its :meth:`_entry_stage` (an empty cohort ends the search)."""
+        self.cohort, self.active, self.stage = list(cohort), list(cohort), self._entry_stage(cohort)
         if not self.cohort:
             self._done = True
 
@@ -261,7 +267,7 @@ class StagedStrategy(Strategy):
         candidate clearly worse than every kept parent cannot become one."""
         m = self.config.race_margin
         refs = tuple(p.key for p in self.parents if math.isfinite(self._memo.get(p.key, math.inf)))
-        if not m or stage != self.last or not self.config.elitism or len(refs) < self.config.survivors[-1]:
+        if not m or stage != self.last or not self.elitism or len(refs) < self.survivors[-1]:
             return {}
         return {"refs": refs, "rank": len(refs), "margin": m}
 
@@ -273,7 +279,7 @@ class StagedStrategy(Strategy):
                 self._requests = fresh
             else:
                 self._complete_stage()
-        return list(self._requests)
+        return self._handed(self._requests)
 
     def tell(self, candidates: Sequence[Request], fitnesses: Sequence[float]) -> None:
         self._requests = self._tell_requests(candidates, fitnesses, self._requests, self.last, self._low,
@@ -291,18 +297,19 @@ class StagedStrategy(Strategy):
 
     def _complete_stage(self) -> None:
         if self.stage < self.last:
-            kept = self._ranked(self.active, self.stage)[: self.config.survivors[self.stage]]
+            kept = self._ranked(self.active, self.stage)[: self.survivors[self.stage]]
             pinned = self._pinned()
             self.active = kept + [p for p in self.active if p.key in pinned and p not in kept]
             self.stage += 1
             return
         self.generation += 1
         pool, seen = [], set()
-        for p in (self.parents if self.config.elitism else []) + self.active:
+        for p in (self.parents if self.elitism else []) + self.active:
             if p.key not in seen:
                 seen.add(p.key)
                 pool.append(p)
-        self.parents = self._ranked(pool, self.last)[: self.config.survivors[-1]]
+        self.parents = self._ranked(pool, self.last)[: self.survivors[-1]]
+        self._parents_chosen()
         if self.generation >= self.max_generations:
             self._done = True
             return
@@ -317,6 +324,26 @@ class StagedStrategy(Strategy):
         raise NotImplementedError
 
     # -- subclass hooks ----------------------------------------------------------------
+
+    def _survivors(self) -> tuple[int, ...]:
+        """Candidates kept after each stage, the last = parents kept (default: ``config.survivors``)."""
+        return self.config.survivors
+
+    @property
+    def elitism(self) -> bool:
+        """Do the parents compete with their offspring (default: ``config.elitism``)?"""
+        return self.config.elitism
+
+    def _entry_stage(self, cohort: list) -> int:
+        """The stage a new cohort is first scored at (default: 0, the cheapest)."""
+        return 0
+
+    def _parents_chosen(self) -> None:
+        """Called once the next parents are chosen from the old ones and the cohort (default: nothing)."""
+
+    def _handed(self, requests: list[Request]) -> list:
+        """What :meth:`ask` hands the runner for ``requests`` (default: the requests themselves)."""
+        return list(requests)
 
     def _initial_cohort(self) -> list:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -28,7 +28,8 @@ then the whole set): the probes are scored on the first slice; the initial popul
 whole set; each later generation's children first on the first slice (stage 0, asked as
 :class:`~evoprune.search.staged.Request` objects) and only the best ``promote`` of them (ties: proposal
 order) on the whole set (the last stage, raced as above); only those compete for the population.
-``tokens_per_stage=None``: one stage, every candidate (probes included) on the whole set.
+``tokens_per_stage=None``: one stage, every candidate (probes included) on the whole set. The stages,
+promotion and racing are :class:`~evoprune.search.staged.StagedStrategy`'s, the one staging implementation.
 
 Torch-free; randomness only from the given generator.
 """
@@ -38,10 +39,9 @@ from dataclasses import dataclass
 
 from ...options import opt
 from ...spaces import RateVector, SearchError
-from ..base import Strategy, decode_fitness, encode_fitness
-from ..defaults import RACE_MARGIN
+from ..defaults import PROBE_GAIN, RACE_MARGIN
 from ..registry import register
-from ..staged import AUTO, Request, stage_tokens_option
+from ..staged import AUTO, Request, StagedStrategy, stage_tokens_option
 from .oneshot import owl_rates
 from .sensitivity import commit, probe_of
 
@@ -70,8 +70,8 @@ class WidthEvoConfig:
     probe: float = opt(1.0, "sensitivity rounds: how far a probe lowers one layer's rate (capped at the rate: 1 keeps "
                             "that layer whole; 0: no rounds)", legacy=0.0)
     probe_rounds: int = opt(4, "sensitivity rounds at most (each probes every layer not moved yet and moves the best)")
-    probe_gain: float = opt(0.05, "a round moves a layer only when its probe beats the current vector by more than this "
-                                  "many nats per token")
+    probe_gain: float = opt(PROBE_GAIN, "a round moves a layer only when its probe beats the current vector by more "
+                                        "than this many nats per token")
 
     def __post_init__(self) -> None:
         for name in ("population", "generations"):
@@ -111,8 +111,14 @@ class WidthEvoConfig:
 
 
 @register("evo", space="width", default=True)
-class WidthEvoStrategy(Strategy):
+class WidthEvoStrategy(StagedStrategy):
     """Population search over rate vectors; subclasses replace the operators (``self-pruner``).
+
+    The stages, promotion and racing are :class:`~evoprune.search.staged.StagedStrategy`'s: the parents are
+    the population (``survivors`` = (``promote``, K) with a screening stage, else (K,)), always with elitism;
+    the sensitivity rounds are cohorts scored on the first stage only, and the initial population (and a
+    generation of no more than ``promote`` children) starts at the whole set. A one-stage run hands the
+    runner bare genomes, not requests.
 
     Every candidate has an *origin* (:meth:`origin_of`: ``init``, ``mutation`` or ``crossover``; the
     subclass adds its own), and :attr:`origin_stats` counts per origin the candidates ``evaluated``, those
@@ -126,18 +132,19 @@ class WidthEvoStrategy(Strategy):
 
     def __init__(self, space, rng, **options) -> None:
         super().__init__(space, rng, **options)
-        self.population: list[RateVector] = []  # best first
-        self._cohort: list[str] = []  # keys proposed this round
         self._origin: dict[str, str] = {}  # key -> origin, for the current cohort
         self.origin_stats: dict[str, dict[str, int]] = {}
-        self.last = self.config.n_stages - 1  # the whole-set stage
-        self._low: dict[str, float] = {}  # key -> screening-stage fitness (staged runs)
-        self._screening = False  # staged: the current round scores the children at stage 0
         # sensitivity rounds: the current vector, the layers moved so far, rounds done, and whether they are over
         self._base: RateVector | None = None
         self._moved: list[int] = []
         self._rounds = 0
         self._probing = bool(self.config.probe)
+        self._due = True  # the next cohort is made by the next ask() (the first: once the LLM operator is attached)
+
+    @property
+    def population(self) -> list[RateVector]:
+        """The current population, best first (the staged selection's parents)."""
+        return self.parents
 
     # -- operators (overridden by the LLM-driven subclass) ---------------------------
     def _initial(self, k: int) -> list[RateVector]:
@@ -162,7 +169,8 @@ class WidthEvoStrategy(Strategy):
                           origin="crossover")
 
     def _fill(self, out: list[RateVector], n: int, draw, seen: set | None = None, *, origin: str) -> list[RateVector]:
-        """``out`` topped up to ``n`` distinct vectors not in ``seen`` / the memo with ``draw()``, all of ``origin``."""
+        """``out`` topped up to ``n`` distinct vectors not in ``seen`` / already scored with ``draw()``, all of
+        ``origin``."""
         seen = set() if seen is None else seen
         keep = []
         for g in out:
@@ -179,6 +187,11 @@ class WidthEvoStrategy(Strategy):
         for g in keep[:n]:
             self._origin.setdefault(g.key, origin)
         return keep[:n]
+
+    def _scored(self, key: str) -> bool:
+        """Already scored where it would be asked: the whole set (the initial population, whose first member
+        may be the sensitivity rounds' vector, scored on the first stage), or any stage (a child)."""
+        return key in self._memo or (self.generation > 0 and f"{key}@0" in self._low)
 
     # -- origins -----------------------------------------------------------------------
     def origin_of(self, genome) -> str | None:
@@ -199,57 +212,90 @@ class WidthEvoStrategy(Strategy):
     def result_extras(self) -> dict:
         return {"origins": {k: dict(v) for k, v in sorted(self.origin_stats.items())}}
 
-    def race_of(self, genome) -> dict | None:
-        """Children (generation >= 1) race the population on the whole set: one clearly worse than every
-        member cannot enter it (a screening-stage request is never raced)."""
-        m, k = float(self.config.race_margin), int(self.config.population)
-        refs = tuple(g.key for g in self.population if self._memo.get(g.key, float("inf")) < float("inf"))
-        if not m or self.generation == 0 or len(refs) < k or getattr(genome, "stage", self.last) != self.last:
-            return None
-        return {"refs": refs, "rank": len(refs), "margin": m}
+    # -- the staged selection's hooks ----------------------------------------------------
+    def _survivors(self) -> tuple[int, ...]:
+        k = int(self.config.population)
+        return (int(self.config.promote), k) if self.config.n_stages == 2 else (k,)
 
-    # -- staged selection (see the module docstring) ------------------------------------
-    def _scored(self, key: str) -> bool:
-        """Already scored where it would be asked: the whole set (the initial population, whose first member
-        may be the sensitivity rounds' vector, scored on the first stage), or any stage (a child)."""
-        return key in self._memo or (self.generation > 0 and key in self._low)
+    @property
+    def elitism(self) -> bool:
+        return True
 
-    def _asked(self, kids: list, stage: int) -> list:
-        """``kids`` as the runner gets them: genomes in a one-stage run, else :class:`Request` objects."""
-        return list(kids) if not self.last else [Request(g, stage) for g in kids]
+    @property
+    def max_generations(self) -> int:
+        return int(self.config.generations) + 1  # the initial population is generation 0
+
+    def _entry_stage(self, cohort: list) -> int:
+        """Probes on the first stage; the initial population, and children no more than ``promote``, on the whole
+        set; other children are screened first."""
+        if self._probing:
+            return 0
+        return 0 if self.generation > 0 and len(cohort) > self.survivors[0] else self.last
+
+    def _cohort_of(self, kids: list[RateVector]) -> list[RateVector]:
+        self._origin = {g.key: self._origin[g.key] for g in kids}
+        return kids
+
+    def _initial_cohort(self) -> list[RateVector]:
+        if self._base is not None and self._base.key in self._memo and not self.parents:
+            # one stage: the rounds scored their vector on the whole set already; it joins the population
+            self.parents = [self._base]
+        return self._cohort_of(self._initial(int(self.config.population) - len(self.parents)))
+
+    def _offspring(self) -> list[RateVector]:
+        seen = {g.key for g in self.parents}
+        c = self.config
+        return self._cohort_of(self._mutants(int(c.mutations), seen) + self._crossovers(int(c.crossovers), seen))
+
+    def _parents_chosen(self) -> None:
+        kept = {g.key for g in self.parents}
+        for g in self.active:
+            if g.key in kept:
+                self._count(self._origin.get(g.key), "top_k")
+
+    def _next_cohort(self) -> list[RateVector]:
+        if self._probing:
+            return self._round()
+        return self._initial_cohort() if self.generation == 0 else self._offspring()
+
+    def _complete_stage(self) -> None:
+        if self._probing:  # a sensitivity round is scored (still generation 0)
+            self._end_round()
+            self._start(self._next_cohort())
+            return
+        super()._complete_stage()
+
+    def ask(self) -> list:
+        if self._due and not self._done:
+            self._due = False
+            self._start(self._next_cohort())
+        return super().ask()
+
+    def _handed(self, requests: list[Request]) -> list:
+        return list(requests) if self.last else [r.pattern for r in requests]
 
     def tell(self, candidates, fitnesses) -> None:
-        if not self.last:
-            return super().tell(candidates, fitnesses)
-        # screening fitnesses are keyed by the bare genome key (one screening stage)
-        self._pending = self._tell_requests(candidates, fitnesses, self._pending, self.last, self._low,
-                                            lambda r: r.key)
-        if not self._pending:
-            self._finish_round()
+        if not self.last:  # bare genomes: the one stage's requests
+            candidates = [c if isinstance(c, Request) else Request(c, 0) for c in candidates]
+        super().tell(candidates, fitnesses)
 
-    def _finish_round(self) -> None:
-        if self._probing:  # a sensitivity round is scored; still generation 0
-            self._end_round()
-            return
-        if self._screening:  # the children are screened: the best go on to the whole set, same generation
-            self._screening = False
-            return
-        super()._finish_round()
+    def race_of(self, candidate) -> dict | None:
+        """A child on the whole set races the population (see :meth:`StagedStrategy._race_refs`)."""
+        if not isinstance(candidate, Request):
+            candidate = next((r for r in self._requests if r.key == candidate.key), None)
+        return None if candidate is None else super().race_of(candidate)
 
-    def _fit(self, key: str, stage: int) -> float:
-        return self._memo[key] if stage == self.last else self._low[key]
-
+    # -- sensitivity rounds (see the module docstring) ------------------------------------
     def _end_round(self) -> None:
-        """Move the layer whose probe helped most (see the module docstring), or end the rounds."""
-        base, probes = self._cohort[0], self._cohort[1:]
+        """Move the layer whose probe helped most, or end the rounds."""
+        base, probes = self.cohort[0], self.cohort[1:]
         self._rounds += 1
-        self._cohort = []
-        gains = [(self._fit(k, 0) - self._fit(base, 0), i) for i, k in enumerate(probes)]
+        gains = [(self.stage_fitness(p, 0) - self.stage_fitness(base, 0), i) for i, p in enumerate(probes)]
         if not gains or min(gains)[0] >= -float(self.config.probe_gain):
             self._probing = False
             return
         _, j = min(gains)
-        probe = self.space.from_key(probes[j])
+        probe = probes[j]
         layer = next(i for i, (a, b) in enumerate(zip(probe.rates, self._base.rates)) if a != b)
         try:
             self._base = commit(self.space, probe, layer, self._moved)
@@ -259,79 +305,49 @@ class WidthEvoStrategy(Strategy):
         self._moved.append(layer)
         self._probing = self._rounds < int(self.config.probe_rounds)
 
-    def _round(self) -> list:
-        """The current vector and its probes, on the first stage."""
+    def _round(self) -> list[RateVector]:
+        """The current vector and its probes (scored on the first stage)."""
         if self._base is None:
             self._base = self.space.uniform()
         d = float(self.config.probe)
         probes = [p for i in range(self.space.n_layers) if i not in self._moved
                   and (p := probe_of(self.space, self._base, i, d)) is not None]
-        kids = [self._base] + probes
-        self._cohort = [g.key for g in kids]
         self._origin = {self._base.key: "init", **{g.key: "probe" for g in probes}}
-        # a vector scored at stage 0 before (a repeat) needs no request: it is filtered by the caller
-        return self._asked(kids, 0)
+        return [self._base] + probes
 
-    # -- Strategy hooks ----------------------------------------------------------------
-    def _propose(self) -> list:
-        c = self.config
-        if self.last and self.generation > 0 and self._cohort and all(k in self._low for k in self._cohort):
-            # the screened cohort: its best `promote` (ties: proposal order) on the whole set
-            order = sorted(range(len(self._cohort)), key=lambda i: (self._low[self._cohort[i]], i))
-            self._cohort = [self._cohort[i] for i in order[: int(c.promote)]]
-            return self._asked([self.space.from_key(k) for k in self._cohort], self.last)
-        if self._probing:
-            return self._round()
-        if self.generation == 0:
-            if self._base is not None and self._base.key in self._memo and not self.population:
-                # one stage: the rounds scored their vector on the whole set already; it joins the population
-                self.population = [self._base]
-            kids = self._initial(int(c.population) - len(self.population))
-        else:
-            seen = {g.key for g in self.population}
-            kids = self._mutants(int(c.mutations), seen) + self._crossovers(int(c.crossovers), seen)
-        if not kids:  # nothing new can be drawn: the search has converged
-            self._done = True
-        self._cohort = [g.key for g in kids]
-        self._origin = {g.key: self._origin[g.key] for g in kids}
-        self._screening = bool(self.last and self.generation > 0 and kids and int(c.promote) < len(kids))
-        return self._asked(kids, 0 if self._screening else self.last)
-
-    def _advance(self) -> None:
-        pool = {g.key: g for g in self.population}
-        for key in self._cohort:
-            pool.setdefault(key, self.space.from_key(key))
-        # stable sort: on equal fitness parents (inserted first) stay ahead of children
-        order = sorted(pool.values(), key=lambda g: self._memo[g.key])
-        self.population = order[: int(self.config.population)]
-        kept = {g.key for g in self.population}
-        for key in self._cohort:
-            if key in kept:
-                self._count(self._origin.get(key), "top_k")
-        self._cohort = []
-        if self.generation > int(self.config.generations):
-            self._done = True
-
+    # -- state -----------------------------------------------------------------------
     def _extra_state(self) -> dict:
-        out = {"population": [g.key for g in self.population], "cohort": list(self._cohort),
-               "origin": dict(self._origin), "origin_stats": {k: dict(v) for k, v in self.origin_stats.items()},
-               "probing": self._probing, "base": None if self._base is None else self._base.key,
-               "moved": list(self._moved), "rounds": self._rounds}
-        if self.last:
-            out.update(low={k: encode_fitness(v) for k, v in self._low.items()}, screening=self._screening,
-                       requests=[[r.key, r.stage] for r in self._pending])
-        return out
+        return {**super()._extra_state(), "origin": dict(self._origin),
+                "origin_stats": {k: dict(v) for k, v in self.origin_stats.items()}, "probing": self._probing,
+                "base": None if self._base is None else self._base.key, "moved": list(self._moved),
+                "rounds": self._rounds, "due": self._due}
 
     def _load_extra_state(self, d: dict) -> None:
-        self.population = [self.space.from_key(k) for k in d["population"]]
-        self._cohort = list(d.get("cohort", []))
-        self._origin = {str(k): str(v) for k, v in d.get("origin", {}).items()}
-        self.origin_stats = {str(k): {kk: int(vv) for kk, vv in v.items()} for k, v in d.get("origin_stats", {}).items()}
-        self._probing = bool(d.get("probing", False))
-        self._base = None if d.get("base") is None else self.space.from_key(d["base"])
-        self._moved = [int(i) for i in d.get("moved", [])]
-        self._rounds = int(d.get("rounds", 0))
-        if self.last:
-            self._low = {str(k): decode_fitness(v) for k, v in d["low"].items()}
-            self._screening = bool(d["screening"])
-            self._pending = [Request(self.space.from_key(k), int(st)) for k, st in d["requests"]]
+        if "population" in d:
+            d = self._staged_fields(d)
+        super()._load_extra_state(d)
+        self._origin = {str(k): str(v) for k, v in d["origin"].items()}
+        self.origin_stats = {str(k): {kk: int(vv) for kk, vv in v.items()} for k, v in d["origin_stats"].items()}
+        self._probing = bool(d["probing"])
+        self._base = None if d["base"] is None else self.space.from_key(d["base"])
+        self._moved = [int(i) for i in d["moved"]]
+        self._rounds = int(d["rounds"])
+        self._due = bool(d["due"])
+
+    def _staged_fields(self, d: dict) -> dict:
+        """A state saved in run format 2 by a width search that kept its own selection fields (``population``,
+        ``screening``, unprefixed screening fitnesses, one-stage candidates in ``pending``), in the staged selection's fields."""
+        cohort, low = list(d["cohort"]), {f"{k}@0": v for k, v in d.get("low", {}).items()}
+        screened = bool(cohort) and all(f"{k}@0" in low for k in cohort) and not any(k in self._memo for k in cohort)
+        # probes, children being screened, or children screened and not promoted yet: stage 0
+        at_first = d["probing"] or d.get("screening") or (self.last and self.generation > 0 and screened)
+        stage = 0 if at_first else self.last
+        asked = d["requests"] if self.last else [[p.key, 0] for p in self._pending]
+        self._pending = []
+        self.parents = [self.space.from_key(k) for k in d["population"]]
+        requests = []
+        for key, st in asked:
+            race = self._race_refs(int(st))
+            requests.append([key, int(st)] + ([list(race["refs"]), race["rank"], race["margin"]] if race else []))
+        return {**d, "parents": d["population"], "active": cohort, "stage": stage, "low": low, "requests": requests,
+                "due": not cohort}
