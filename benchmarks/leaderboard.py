@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -74,9 +75,17 @@ def config(case: str, sparsity: float, seed: int, operator: tuple[str, str] = ("
     return SearchConfig.build(**kw)
 
 
+def _stale(out: Path, run: Path) -> bool:
+    """``out`` (a measurement of ``run``'s model) is missing, or older than the run's result (the case re-ran; a
+    model that is no run, the dense one, never goes stale)."""
+    result = Path(run) / "result.json"
+    return not out.exists() or (result.exists() and out.stat().st_mtime < result.stat().st_mtime)
+
+
 def zeroshot(model: str, out: Path, limit: int) -> float:
-    """``evoprune eval MODEL --limit N`` over the seven local tasks (reused from ``out``): the mean accuracy."""
-    if not out.exists():
+    """``evoprune eval MODEL --limit N`` over the seven local tasks (reused from ``out`` unless stale): the mean
+    accuracy."""
+    if _stale(out, Path(model)):
         out.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "evoprune.cli", "eval", model, "--limit", str(limit), "--out", str(out)],
                        check=True, capture_output=True, env={**os.environ, "EVOPRUNE_NO_PROGRESS": "1"})
@@ -84,8 +93,8 @@ def zeroshot(model: str, out: Path, limit: int) -> float:
 
 
 def speed(run: Path, out: Path) -> dict:
-    """``evoprune bench RUN`` (reused from ``out`` when it exists): the pruned model's tok/s and speedups."""
-    if not out.exists():
+    """``evoprune bench RUN`` (reused from ``out`` unless stale): the pruned model's tok/s and speedups."""
+    if _stale(out, run):
         out.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "evoprune.cli", "bench", str(run), "--out", str(out)], check=True,
                        capture_output=True, env={**os.environ, "EVOPRUNE_NO_PROGRESS": "1"})
@@ -105,13 +114,16 @@ def recovery(args, work: Path, rows: list, heldout: Heldout) -> str:
             best.setdefault(r["space"], r)
         for space, r in sorted(best.items(), key=lambda kv: _both(kv[1])):
             out = work / "recovered" / f"{Path(r['run']).name}_{round(100 * b)}_{args.recover_steps}x256"
-            if not (out / "finetune.json").exists():
+            if _stale(out / "finetune.json", Path(r["run"])):
                 subprocess.run([sys.executable, "-m", "evoprune.cli", "finetune", r["run"], "--data", "wikitext2",
                                 "--steps", str(args.recover_steps), "--seqlen", "256", "--out", str(out),
                                 "--overwrite"], check=True, capture_output=True,
                                env={**os.environ, "EVOPRUNE_NO_PROGRESS": "1"})
-            stats = json.loads((out / "finetune.json").read_text())["stats"]
-            m = {**heldout.of(out, f"recovered:{out}:{args.heldout_windows}"), "loss": stats["loss"],
+            record = (out / "finetune.json").read_text()
+            stats = json.loads(record)["stats"]
+            # keyed by the finetune's record too: a re-run of a case's search re-trains into the same directory
+            tag = hashlib.sha1(record.encode()).hexdigest()[:12]
+            m = {**heldout.of(out, f"recovered:{out}:{tag}:{args.heldout_windows}"), "loss": stats["loss"],
                  "teacher": stats.get("teacher", "-"), "wall_s": stats["wall_s"]}
             print(f"  recovered {space} {LABELS[r['case']]}: {m}", file=sys.stderr, flush=True)
             after = math.sqrt(m["wikitext2"] * m["c4"])
@@ -156,11 +168,15 @@ def seeds_summary(rows: list[dict], args) -> str:
 
 
 def _record(cfg: SearchConfig | dict) -> dict:
-    """What makes two runs the same case: all but execution options and the operator's address (a free port)."""
+    """What makes two runs the same case: all but execution options, the operator's address (a free port) and
+    options without effect (the sensitivity rounds' threshold when there are none)."""
     d = {k: v for k, v in (cfg if isinstance(cfg, dict) else cfg.to_dict()).items() if k not in ("execution",
                                                                                                 "evoprune_run")}
     if d.get("operator"):
         d["operator"] = {**d["operator"], "url": None}
+    mo = d.get("method_options") or {}
+    if mo.get("probe") == 0 and "probe_gain" in mo:  # no sensitivity rounds: their threshold changes nothing
+        d["method_options"] = {**mo, "probe_gain": None}
     return d
 
 

@@ -8,9 +8,9 @@ wikitext2 test and c4, 8 x 512 tokens each; 30% of the blocks' attention + MLP p
   calibration tokens; measured here with a forward hook, evoprune does not ship it) and with the least-squares
   reconstruction (``ls``, :class:`~evoprune.prune.reconstruct.Reconstruction`) at several dampings, on the 4 x 512
   set and on a small 2 x 128 one (where dampening matters most);
-- ``--part searches``: ``evoprune search --space width`` at its defaults (``evo``; ``--reconstruct ls``) and with
-  ``--reconstruct none``, per seed; ``--space levels --method uniform`` (structured OBS) beside them. Held-out
-  perplexity of each run's model as ``evoprune ppl RUN`` loads it (reconstructed weights included).
+- ``--part searches``: ``evoprune search --space width`` at its defaults (``evo``; ``--reconstruct ls``), with
+  ``--reconstruct none`` and ``--space levels --method uniform`` (structured OBS), per seed. Held-out perplexity of
+  each run's model as ``evoprune ppl RUN`` loads it (reconstructed weights included).
 
 Finished run directories under ``--work`` are reused.
 
@@ -115,12 +115,15 @@ def searches(args, heldout) -> str:
     common = dict(model=MODEL, calib="wikitext2", sampling="random", nsamples=4, seqlen=512, sparsity=SPARSITY)
     cases = [("width evo, --reconstruct ls (default)", "width_ls", dict(space="width")),
              ("width evo, --reconstruct none", "width_none", dict(space="width", reconstruct="none"))]
+    cases += [(f"width evo, probe_gain {g}", f"width_ls_pg{g}", dict(space="width", probe_gain=float(g)))
+              for g in filter(None, args.probe_gains.split(","))]
     memo_path = work / "heldout.json"
     memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
     out: dict = {}
     seeds = [int(s) for s in args.seeds.split(",")]
     todo = [(label, f"{stem}_s{s}", kw, s) for label, stem, kw in cases for s in seeds]
-    todo.append(("levels uniform (structured OBS)", "levels_uniform_s0", dict(space="levels", method="uniform"), 0))
+    todo += [("levels uniform (structured OBS)", f"levels_uniform_s{s}", dict(space="levels", method="uniform"), s)
+             for s in seeds]
     for label, name, kw, seed in todo:
         t = time.time()
         res = run_search(SearchConfig.build(**common, **kw, seed=seed), work / name, progress=False)
@@ -156,6 +159,8 @@ def main() -> None:
     ap.add_argument("--part", choices=("variants", "searches"), required=True)
     ap.add_argument("--work", default="bench_runs/width_reconstruct")
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--probe-gains", default="", help="searches: also width evo (ls) with these probe_gain values")
+    ap.add_argument("--section", default=None, help="the RESULTS section to write (default: width-reconstruct-PART)")
     ap.add_argument("--heldout-windows", type=int, default=8)
     ap.add_argument("--heldout-seqlen", type=int, default=512)
     ap.add_argument("--write", action="store_true", help="write the section into docs/RESULTS.md")
@@ -166,7 +171,7 @@ def main() -> None:
     body = variants(args, lm, heldout) if args.part == "variants" else searches(args, heldout)
     print(body)
     if args.write:
-        write_section(f"width-reconstruct-{args.part}", body)
+        write_section(args.section or f"width-reconstruct-{args.part}", body)
 
 
 if __name__ == "__main__":
