@@ -94,3 +94,26 @@ def test_export_cli_round_trip(tiny_dirs, tmp_path):
     rec = json.loads(r.stdout.strip().splitlines()[-1])
     assert rec["max_abs_diff"] <= 1e-5 and rec["n_layers"] == 4
     assert (out / "tokenizer.json").is_file() and (out / "pruning.json").is_file()
+
+
+def test_demo_runs_the_leaderboards_default_beside_its_baseline(tiny_dirs, tmp_path, capsys):
+    """The tour end to end on a tiny model: the demo space's default search and its one-shot baseline on one
+    calibration set, held-out ppl of both on the same windows, the searched model exported and reload-checked."""
+    from evoprune import cli
+    from evoprune.cli.demo import BASELINES, SPACE
+
+    out = tmp_path / "demo"
+    argv = ["demo", "--model", str(tiny_dirs["llama"]), "--out", str(out), "--seqlen", "32", "--calib-seqlen", "32",
+            "--nsamples", "2", "--max-windows", "1"]
+    assert cli.main(argv) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    d = json.loads((out / "demo.json").read_text())
+    base = BASELINES[SPACE][0]
+    assert last["space"] == d["space"] == SPACE and d["search"]["space"] == d["baseline"]["space"] == SPACE
+    assert d["baseline"]["method"] == base and d["baseline"]["evaluations"] == 1 and d["search"]["evaluations"] > 1
+    assert d["search"]["calib"] == d["baseline"]["calib"]  # one calibration set
+    for ds in ("wikitext2", "c4"):
+        got = d["ppl"][ds]
+        assert got["evo"]["tokens"] == got[base]["tokens"] == got["dense"]["tokens"] > 0
+        assert last[f"{ds}_ppl"]["evo"] == round(got["evo"]["ppl"], 2)
+    assert d["export"]["max_abs_diff"] < 1e-4 and (out / "model" / "config.json").exists()
