@@ -160,7 +160,6 @@ def main() -> None:
     ap.add_argument("--work", default="bench_runs/width_reconstruct")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--probe-gains", default="", help="searches: also width evo (ls) with these probe_gain values")
-    ap.add_argument("--section", default=None, help="the RESULTS section to write (default: width-reconstruct-PART)")
     ap.add_argument("--heldout-windows", type=int, default=8)
     ap.add_argument("--heldout-seqlen", type=int, default=512)
     ap.add_argument("--write", action="store_true", help="write the section into docs/RESULTS.md")
@@ -171,7 +170,7 @@ def main() -> None:
     body = variants(args, lm, heldout) if args.part == "variants" else searches(args, heldout)
     print(body)
     if args.write:
-        write_section(args.section or f"width-reconstruct-{args.part}", body)
+        write_section(f"width-reconstruct-{args.part}", body)
 
 
 if __name__ == "__main__":

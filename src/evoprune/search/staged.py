@@ -20,8 +20,9 @@ generation scored stage by stage (EvoPress / DarwinLM selection):
   ``best`` is the lowest last-stage fitness seen.
 
 Subclass hooks beyond the cohorts: the stage a cohort enters at (:meth:`StagedStrategy._entry_stage`, e.g. a
-population scored on the whole set at once), the survivors and elitism when the options name them otherwise,
-what happens once parents are chosen, and what :meth:`ask` hands the runner (bare genomes in a one-stage run).
+population scored on the whole set at once), the survivors and elitism when the options name them otherwise and
+what happens once parents are chosen. With :attr:`StagedStrategy.bare_one_stage`, a one-stage run hands the runner
+bare genomes instead of requests (and takes them back in :meth:`tell` and :meth:`race_of`).
 
 The subclass's ``config`` is a :class:`StagedOptions` (``generations``,
 ``offspring``, ``survivors`` per stage, ``tokens_per_stage``, ``elitism``). Torch-free.
@@ -234,6 +235,8 @@ class Request:
 class StagedStrategy(Strategy):
     """Base class; subclasses supply :meth:`_initial_cohort` and :meth:`_offspring` (see the module doc)."""
 
+    bare_one_stage: ClassVar[bool] = False  # a one-stage run asks for bare genomes, not requests
+
     def __init__(self, space, rng, **options) -> None:
         super().__init__(space, rng, **options)
         self.survivors: tuple[int, ...] = self._survivors()
@@ -279,9 +282,21 @@ class StagedStrategy(Strategy):
                 self._requests = fresh
             else:
                 self._complete_stage()
-        return self._handed(self._requests)
+        if self.bare_one_stage and not self.last:
+            return [r.pattern for r in self._requests]
+        return list(self._requests)
+
+    def _request_of(self, candidate):
+        """The outstanding request of a bare genome handed out by :meth:`ask` (else ``candidate`` itself)."""
+        if isinstance(candidate, Request):
+            return candidate
+        return next((r for r in self._requests if r.key == candidate.key), candidate)
+
+    def race_of(self, candidate) -> dict | None:
+        return super().race_of(self._request_of(candidate))
 
     def tell(self, candidates: Sequence[Request], fitnesses: Sequence[float]) -> None:
+        candidates = [self._request_of(c) for c in candidates]
         self._requests = self._tell_requests(candidates, fitnesses, self._requests, self.last, self._low,
                                              lambda r: f"{r.key}@{r.stage}")
         if not self._requests:
@@ -340,10 +355,6 @@ class StagedStrategy(Strategy):
 
     def _parents_chosen(self) -> None:
         """Called once the next parents are chosen from the old ones and the cohort (default: nothing)."""
-
-    def _handed(self, requests: list[Request]) -> list:
-        """What :meth:`ask` hands the runner for ``requests`` (default: the requests themselves)."""
-        return list(requests)
 
     def _initial_cohort(self) -> list:  # pragma: no cover - abstract
         raise NotImplementedError

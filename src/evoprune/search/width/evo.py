@@ -41,7 +41,7 @@ from ...options import opt
 from ...spaces import RateVector, SearchError
 from ..defaults import PROBE_GAIN, RACE_MARGIN
 from ..registry import register
-from ..staged import AUTO, Request, StagedStrategy, stage_tokens_option
+from ..staged import AUTO, StagedStrategy, stage_tokens_option
 from .oneshot import owl_rates
 from .sensitivity import commit, probe_of
 
@@ -129,6 +129,7 @@ class WidthEvoStrategy(StagedStrategy):
     config_cls = WidthEvoConfig
     inputs = ("scores",)
     needs = frozenset({"scores"})
+    bare_one_stage = True
 
     def __init__(self, space, rng, **options) -> None:
         super().__init__(space, rng, **options)
@@ -271,20 +272,6 @@ class WidthEvoStrategy(StagedStrategy):
             self._start(self._next_cohort())
         return super().ask()
 
-    def _handed(self, requests: list[Request]) -> list:
-        return list(requests) if self.last else [r.pattern for r in requests]
-
-    def tell(self, candidates, fitnesses) -> None:
-        if not self.last:  # bare genomes: the one stage's requests
-            candidates = [c if isinstance(c, Request) else Request(c, 0) for c in candidates]
-        super().tell(candidates, fitnesses)
-
-    def race_of(self, candidate) -> dict | None:
-        """A child on the whole set races the population (see :meth:`StagedStrategy._race_refs`)."""
-        if not isinstance(candidate, Request):
-            candidate = next((r for r in self._requests if r.key == candidate.key), None)
-        return None if candidate is None else super().race_of(candidate)
-
     # -- sensitivity rounds (see the module docstring) ------------------------------------
     def _end_round(self) -> None:
         """Move the layer whose probe helped most, or end the rounds."""
@@ -336,7 +323,8 @@ class WidthEvoStrategy(StagedStrategy):
 
     def _staged_fields(self, d: dict) -> dict:
         """A state saved in run format 2 by a width search that kept its own selection fields (``population``,
-        ``screening``, unprefixed screening fitnesses, one-stage candidates in ``pending``), in the staged selection's fields."""
+        ``screening``, unprefixed screening fitnesses, one-stage candidates in ``pending``), in the staged
+        selection's fields."""
         cohort, low = list(d["cohort"]), {f"{k}@0": v for k, v in d.get("low", {}).items()}
         screened = bool(cohort) and all(f"{k}@0" in low for k in cohort) and not any(k in self._memo for k in cohort)
         # probes, children being screened, or children screened and not promoted yet: stage 0
